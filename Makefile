@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8501
+
+.PHONY: run test lint format test-backends bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Re-install only when the requirements change.
+$(VENV)/.installed-run: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(BIN)/streamlit run app.py --server.port $(PORT)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+# The training tests again on the JAX backend (CPU). Installs JAX into the venv on first use.
+test-backends: $(VENV)/.installed-dev
+	$(BIN)/python -c "import jax" 2>/dev/null || $(BIN)/pip install -q -r requirements-jax.txt
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m "not browser" tests/test_train.py tests/test_surgery.py tests/test_evaluate.py
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

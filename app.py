@@ -1,0 +1,37 @@
+"""Retrain Studio: the entry point (``streamlit run app.py``).
+
+Builds the navigation over pages/ and the shared sidebar. Imports no TensorFlow, so the
+first page renders in about a second.
+"""
+
+import streamlit as st
+
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, render_sidebar
+
+st.set_page_config(
+    page_title="Retrain Studio", page_icon=":material/model_training:", layout="wide"
+)
+ensure_session()
+
+steps = [
+    st.Page(PAGE_FILES["dataset"], title="1 · Dataset", icon=":material/folder_zip:", default=True),
+    st.Page(PAGE_FILES["model"], title="2 · Model", icon=":material/account_tree:"),
+    st.Page(PAGE_FILES["train"], title="3 · Train", icon=":material/monitoring:"),
+    st.Page(PAGE_FILES["evaluate"], title="4 · Evaluate", icon=":material/fact_check:"),
+    st.Page(PAGE_FILES["export"], title="5 · Export", icon=":material/download:"),
+]
+history = [st.Page(PAGE_FILES["runs"], title="Runs", icon=":material/history:")]
+page = st.navigation({"Retrain a model": steps, "History": history})
+
+with st.sidebar:
+    st.markdown("### Retrain Studio")
+    st.caption("Retrain a Keras image classifier on your own images.")
+if demo_mode():
+    st.info(
+        "**Demo:** retrains a small digit classifier (trained on digits 0-4) to recognise "
+        "digits 5-9. The sample data and starter model are preselected and epochs are capped; "
+        "run it locally for your own data and bigger models.",
+        icon=":material/info:",
+    )
+render_sidebar()
+page.run()

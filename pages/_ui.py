@@ -1,0 +1,130 @@
+"""What every page shares: the session (workspace + remembered choices) and the sidebar.
+
+Session-state keys (the only ones pages use; everything else lives in widgets' own keys):
+
+==================  =====================================================================
+``token``           the browser session's unguessable id; also ``?s=`` in the URL so a
+                    reload finds the same workspace
+``workspace``       ``Path`` of that session's workspace folder
+``dataset``         path (str) of the current dataset's manifest.json, or absent
+``dataset_label``   one line for the sidebar, e.g. "flowers12: 12 classes, 960 images"
+``base``            BASE spec (str) of the chosen base model, e.g. ``builtin:digits-cnn``
+``base_label``      one line for the sidebar
+``surgery``         dict of the Model page's choices (cut_at, head, freeze), for Train
+``run_id``          the run the Train / Evaluate / Export pages show
+==================  =====================================================================
+
+The remembered choices (all but ``token`` and ``workspace``) are written through to
+``<workspace>/session.json``, so a browser reload or a new tab with the same link loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from retrain.errors import ConfigError
+from retrain.workspace import is_valid_token, new_session_token, session_workspace
+
+REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
+
+PAGE_FILES = {
+    "dataset": "pages/dataset.py",
+    "model": "pages/model.py",
+    "train": "pages/train.py",
+    "evaluate": "pages/evaluate.py",
+    "export": "pages/export.py",
+    "runs": "pages/runs.py",
+}
+
+
+def demo_mode() -> bool:
+    """Whether the app runs as a shared hosted demo (``RETRAIN_DEMO=1``)."""
+    return os.environ.get("RETRAIN_DEMO", "") not in ("", "0", "false")
+
+
+def ensure_session() -> Path:
+    """Attach this browser session to its workspace (from ``?s=`` or a new one); return it."""
+    if "workspace" in st.session_state:
+        _keep_token_in_url()
+        return st.session_state["workspace"]
+    token = st.query_params.get("s", "")
+    if not is_valid_token(token):
+        token = new_session_token()
+    try:
+        workspace = session_workspace(token)
+    except ConfigError:
+        token = new_session_token()
+        workspace = session_workspace(token)
+    st.session_state["token"] = token
+    st.session_state["workspace"] = workspace
+    saved = _read_saved(workspace)
+    for key in REMEMBERED:
+        if key in saved and key not in st.session_state:
+            st.session_state[key] = saved[key]
+    _keep_token_in_url()
+    return workspace
+
+
+def _keep_token_in_url() -> None:
+    token = st.session_state.get("token")
+    if token and st.query_params.get("s") != token:
+        st.query_params["s"] = token
+
+
+def _read_saved(workspace: Path) -> dict[str, Any]:
+    try:
+        return json.loads((workspace / "session.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def remember(**values: Any) -> None:
+    """Set remembered keys in session state and write them to ``session.json``.
+
+    A value of ``None`` forgets the key.
+    """
+    for key, value in values.items():
+        if key not in REMEMBERED:
+            raise KeyError(f"{key!r} is not a remembered session key; see pages/_ui.py")
+        if value is None:
+            st.session_state.pop(key, None)
+        else:
+            st.session_state[key] = value
+    workspace = ensure_session()
+    data = {k: st.session_state[k] for k in REMEMBERED if k in st.session_state}
+    tmp = workspace / "session.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(workspace / "session.json")
+
+
+def require(key: str, message: str, page: str) -> Any:
+    """Return ``st.session_state[key]``, or explain what is missing, link to ``page`` and stop."""
+    value = st.session_state.get(key)
+    if value:
+        return value
+    st.info(message)
+    st.page_link(
+        PAGE_FILES[page], label=f"Go to {page.capitalize()}", icon=":material/arrow_forward:"
+    )
+    st.stop()
+
+
+def render_sidebar() -> None:
+    """The guided flow's steps with what is chosen so far."""
+    with st.sidebar:
+        st.caption("YOUR CHOICES")
+        st.markdown(
+            "\n".join(
+                [
+                    f"**Dataset:** {st.session_state.get('dataset_label', '_not chosen_')}",
+                    f"\n**Base model:** {st.session_state.get('base_label', '_not chosen_')}",
+                    f"\n**Run:** {st.session_state.get('run_id', '_none yet_')}",
+                ]
+            )
+        )

@@ -1,0 +1,8 @@
+"""The Train step (being built)."""
+
+import streamlit as st
+
+from pages._ui import ensure_session
+
+ensure_session()
+st.title("Train")

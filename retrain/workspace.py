@@ -1,0 +1,134 @@
+"""Where Retrain Studio keeps files: one home folder, one workspace per browser session.
+
+Layout under the home folder (``$RETRAIN_HOME``, default ``./workspace``)::
+
+    sessions/<token>/          one per browser session; the token is unguessable
+        datasets/<dataset_id>/ extracted images, manifest.json, cache/
+        models/                uploaded base models
+        runs/<run_id>/         run directories (see DESIGN.md)
+        session.json           what the session has chosen so far
+    keras/                     shared Keras cache (ImageNet weights, starter model)
+    queue/                     host-wide training slots (at most N workers at once)
+
+The CLI uses the home folder itself as its workspace unless ``--workspace`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from retrain.errors import ConfigError
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+
+
+def home() -> Path:
+    """Return the home folder (``$RETRAIN_HOME`` or ``./workspace``), creating it."""
+    path = Path(os.environ.get("RETRAIN_HOME", "workspace")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_session_token() -> str:
+    """Return a fresh unguessable session token (128 bits, URL-safe)."""
+    return secrets.token_urlsafe(16)
+
+
+def is_valid_token(token: str) -> bool:
+    """Whether ``token`` has the shape of a session token (so it is safe as a folder name)."""
+    return bool(_TOKEN_RE.match(token or ""))
+
+
+def session_workspace(token: str) -> Path:
+    """Return (and create) the workspace folder of the browser session ``token``.
+
+    Raises:
+        ConfigError: the token is not a valid session token.
+    """
+    if not is_valid_token(token):
+        raise ConfigError("Invalid session id in the link. Open the dashboard without '?s=...'.")
+    path = home() / "sessions" / token
+    path.mkdir(parents=True, exist_ok=True)
+    # Touch so the TTL cleaner sees activity.
+    os.utime(path)
+    return path
+
+
+def runs_dir(workspace: Path) -> Path:
+    """Return (and create) the folder that holds ``workspace``'s run directories."""
+    path = Path(workspace) / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_id(prefix: str = "run") -> str:
+    """Return a sortable, unique run id such as ``run-20261126-101500-a1b2``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def run_path(workspace: Path, run_id: str) -> Path:
+    """Return the run directory of ``run_id`` inside ``workspace``, refusing path tricks.
+
+    Raises:
+        ConfigError: ``run_id`` is not a plain run id (slashes, dots, ...).
+    """
+    if not _RUN_ID_RE.match(run_id or "") or ".." in run_id:
+        raise ConfigError(f"'{run_id}' is not a valid run id. Pick a run from the list.")
+    return runs_dir(workspace) / run_id
+
+
+def keras_home() -> Path:
+    """Return the shared Keras cache folder (ImageNet weights are downloaded here once)."""
+    path = Path(os.environ.get("KERAS_HOME", home() / "keras"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves to a location inside ``root``."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -> list[Path]:
+    """Delete session workspaces idle for longer than the TTL; return what was deleted.
+
+    The TTL defaults to ``$RETRAIN_SESSION_TTL_HOURS`` or 24 hours. A session with a
+    running worker (``runs/*/status.json`` saying running) is kept.
+    """
+    ttl = (
+        ttl_hours
+        if ttl_hours is not None
+        else float(os.environ.get("RETRAIN_SESSION_TTL_HOURS", 24))
+    )
+    now = time.time() if now is None else now
+    sessions = home() / "sessions"
+    removed: list[Path] = []
+    if not sessions.is_dir():
+        return removed
+    for folder in sessions.iterdir():
+        if not folder.is_dir() or not is_valid_token(folder.name):
+            continue
+        last = max(
+            (p.stat().st_mtime for p in [folder, *folder.glob("*"), *folder.glob("runs/*/*")]),
+            default=0.0,
+        )
+        if now - last < ttl * 3600:
+            continue
+        running = any(
+            '"running"' in p.read_text(errors="ignore") for p in folder.glob("runs/*/status.json")
+        )
+        if running:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
