@@ -4,14 +4,32 @@ Builds the navigation over pages/ and the shared sidebar. Imports no TensorFlow,
 first page renders in about a second.
 """
 
+import threading
+
 import streamlit as st
 
 from pages._ui import PAGE_FILES, demo_mode, ensure_session, render_sidebar
+from retrain.workspace import cleanup_sessions
 
 st.set_page_config(
     page_title="Retrain Studio", page_icon=":material/model_training:", layout="wide"
 )
 ensure_session()
+
+
+@st.cache_resource(ttl="1h", show_spinner=False)
+def _clean_idle_sessions() -> threading.Thread:
+    """Delete idle session workspaces older than the TTL, at most once an hour per server.
+
+    Runs in a background thread so a large deletion never delays a page. The cached value
+    expires after an hour; the next page view after that starts the next sweep.
+    """
+    sweep = threading.Thread(target=cleanup_sessions, name="retrain-cleanup", daemon=True)
+    sweep.start()
+    return sweep
+
+
+_clean_idle_sessions()
 
 steps = [
     st.Page(PAGE_FILES["dataset"], title="1 · Dataset", icon=":material/folder_zip:", default=True),

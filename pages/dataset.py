@@ -1,8 +1,188 @@
-"""The Dataset step (being built)."""
+"""Step 1, Dataset: upload a zip of class folders (or use the sample) and see what is in it."""
 
+from __future__ import annotations
+
+import plotly.graph_objects as go
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import ensure_session
+from pages._ui import ensure_session, remember
+from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
+from retrain.errors import RetrainError
+from retrain.sample import sample_dataset
+from retrain.workspace import home
 
-ensure_session()
+MAX_PREVIEW_CLASSES = 24
+THUMBS_PER_CLASS = 6
+SPLIT_COLOURS = {"train": "#4F46E5", "val": "#F59E0B", "test": "#10B981"}
+# Page-private: (file_id, error or None) of the last upload handled, so that reruns neither
+# ingest it again nor forget why it failed.
+UPLOAD_SEEN = "_dataset_upload_seen"
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _thumbnails(manifest_path: str, per_class: int) -> dict:
+    return thumbnails(load_dataset(manifest_path), per_class=per_class, size=96)
+
+
+def _label(dataset: Dataset) -> str:
+    return f"{dataset.name}: {len(dataset.class_names)} classes, {dataset.num_images():,} images"
+
+
+def _use(dataset: Dataset) -> None:
+    remember(dataset=str(dataset.manifest_path), dataset_label=_label(dataset))
+    st.rerun()  # the sidebar (drawn before this page) shows the new dataset
+
+
+def _ingest_with_progress(run, what: str) -> Dataset | str:
+    """Run an ingest with a progress bar; return the dataset or the error to show."""
+    bar = st.progress(0.0, text=f"Reading {what}...")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+    try:
+        with st.spinner(f"Checking {what}: extracting, decoding every image, counting classes..."):
+            return run(progress)
+    except RetrainError as err:
+        return str(err)
+    finally:
+        bar.empty()
+
+
+def _render(dataset: Dataset) -> None:
+    counts = dataset.counts()
+    st.subheader(dataset.name, divider="gray")
+    cols = st.columns(4)
+    cols[0].metric("Classes", len(dataset.class_names))
+    cols[1].metric("Images", f"{dataset.num_images():,}")
+    for i, split in enumerate(("train", "test" if "test" in counts else "val")):
+        if split in counts:
+            cols[2 + i].metric(f"{split.capitalize()} images", f"{sum(counts[split].values()):,}")
+    if set(counts) == {"train"}:
+        st.caption(
+            "No split folders: part of each class is held out for validation when you train."
+        )
+
+    fig = go.Figure()
+    for split, per_class in counts.items():
+        fig.add_bar(
+            name=split,
+            x=list(per_class),
+            y=list(per_class.values()),
+            marker_color=SPLIT_COLOURS.get(split),
+            hovertemplate="%{x}: %{y} images<extra>" + split + "</extra>",
+        )
+    fig.update_layout(
+        title="Images per class",
+        barmode="group",
+        height=340,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
+        yaxis_title="images",
+    )
+    st.plotly_chart(fig, key="class_counts")
+
+    if dataset.warnings:
+        st.markdown("**Things to check**")
+        for warning in dataset.warnings:
+            st.warning(warning, icon=":material/warning:")
+    else:
+        st.success("No problems found: enough images per class, balanced, no duplicates.")
+
+    with st.expander(f"Skipped files ({len(dataset.skipped)})", icon=":material/block:"):
+        if dataset.skipped:
+            st.caption("These files were not used. System files from macOS/Windows are normal.")
+            st.dataframe(dataset.skipped, hide_index=True, width="stretch")
+        else:
+            st.caption("Every file in the upload was used.")
+
+    st.markdown("**A few images per class**")
+    shown = dataset.class_names[:MAX_PREVIEW_CLASSES]
+    thumbs = _thumbnails(str(dataset.manifest_path), THUMBS_PER_CLASS)
+    train_counts = counts["train"]
+    for name in shown:
+        left, right = st.columns([1, 5], vertical_alignment="center")
+        left.markdown(f"**{name}**  \n{train_counts.get(name, 0):,} images")
+        if thumbs.get(name):
+            right.image(thumbs[name], width=80)
+        else:
+            right.caption("No preview available.")
+    if len(dataset.class_names) > len(shown):
+        st.caption(f"Showing {len(shown)} of {len(dataset.class_names)} classes.")
+
+
+workspace = ensure_session()
 st.title("Dataset")
+st.markdown(
+    "Upload a **.zip of your images, one folder per class** (`cats/1.jpg`, `dogs/7.png`). "
+    "A single wrapper folder is fine, and so are `train/`, `val/` (or `validation/`) and "
+    "`test/` folders that each hold the same class folders."
+)
+
+upload_col, sample_col = st.columns([3, 1], vertical_alignment="bottom")
+with upload_col:
+    uploaded = st.file_uploader(
+        "Zip of class folders",
+        type=["zip"],
+        key="dataset_upload",
+        help="JPEG, PNG, BMP, GIF, WebP or TIFF images. At least 2 classes, 10+ images each.",
+    )
+with sample_col:
+    use_sample = st.button(
+        "Use sample dataset",
+        key="use_sample",
+        icon=":material/auto_awesome:",
+        help="Handwritten digits 5-9 (about 900 small images). No upload or download needed.",
+        width="stretch",
+    )
+
+if use_sample:
+    result = _ingest_with_progress(
+        lambda progress: ingest(sample_dataset(home()), workspace, progress=progress),
+        "the sample digits",
+    )
+    if isinstance(result, str):
+        st.error(result, icon=":material/error:")
+    else:
+        _use(result)
+elif uploaded is not None:
+    seen = st.session_state.get(UPLOAD_SEEN)
+    if seen is None or seen[0] != uploaded.file_id:
+        uploaded.seek(0)
+        result = _ingest_with_progress(
+            lambda progress: ingest_upload(uploaded, uploaded.name, workspace, progress=progress),
+            f"'{uploaded.name}'",
+        )
+        failed = isinstance(result, str)
+        st.session_state[UPLOAD_SEEN] = (uploaded.file_id, result if failed else None)
+        if not failed:
+            _use(result)
+        seen = st.session_state[UPLOAD_SEEN]
+    if seen[1]:
+        st.error(seen[1], icon=":material/error:")
+        if st.session_state.get("dataset"):
+            st.caption("Still using the previous dataset, shown below.")
+
+current = st.session_state.get("dataset")
+if not current:
+    st.info(
+        "No dataset yet. Upload a zip above, or click **Use sample dataset** to try "
+        "everything with handwritten digits.",
+        icon=":material/info:",
+    )
+    st.stop()
+
+try:
+    dataset = load_dataset(current)
+except RetrainError as err:
+    st.error(str(err), icon=":material/error:")
+    remember(dataset=None, dataset_label=None)
+    st.stop()
+
+_render(dataset)
+try:
+    st.page_link("pages/model.py", label="Next: choose a model", icon=":material/arrow_forward:")
+except StreamlitPageNotFoundError:
+    # The page runs on its own (outside the app's navigation, e.g. in a page test).
+    st.markdown("**Next:** choose a model (step 2 in the sidebar).")

@@ -1,8 +1,268 @@
-"""The Evaluate step (being built)."""
+"""The Evaluate step: how good the run's model really is, what it gets wrong, what it forgot."""
 
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import ensure_session
+from pages._ui import PAGE_FILES, ensure_session, require
+from retrain import evaluate, jobs
+from retrain.errors import RetrainError
+from retrain.workspace import run_path
 
-ensure_session()
+GALLERY_MAX = 24
+
+
+@st.cache_data(show_spinner="Scoring the model on held-out images...", max_entries=8)
+def _report(run_dir: str, split: str, model_mtime: float) -> dict:
+    return evaluate.evaluate_run(run_dir, split, include_predictions=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _splits(run_dir: str, config_mtime: float) -> list[str]:
+    dataset = evaluate.run_dataset(run_dir)
+    return ["val"] + (["test"] if dataset.splits.get("test") else [])
+
+
+@st.cache_data(show_spinner="Reading the base model...", max_entries=4)
+def _base_head(spec: str, workspace: str) -> dict:
+    from retrain import models
+
+    base = models.load_base(spec, workspace=Path(workspace))
+    return {"name": base.name, "has_head": bool(base.has_original_head and base.class_names)}
+
+
+@st.cache_data(show_spinner="Scoring the original task before and after...", max_entries=4)
+def _forgetting(spec: str, run_dir: str, data: str, workspace: str, model_mtime: float) -> dict:
+    return evaluate.forgetting(spec, run_dir, data, workspace)
+
+
+def _save_upload(upload, folder: Path) -> Path:
+    """Store an uploaded file under the session's workspace (content-addressed, safe name)."""
+    payload = upload.getvalue()
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(upload.name).name)[-80:] or "upload"
+    path = folder / f"{hashlib.sha256(payload).hexdigest()[:12]}-{safe}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+    return path
+
+
+def _confusion_figure(report: dict) -> go.Figure:
+    names = report["class_names"]
+    cm = np.array(report["confusion_matrix"])
+    fig = go.Figure(
+        go.Heatmap(
+            z=cm,
+            x=names,
+            y=names,
+            text=cm,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        xaxis_title="predicted class",
+        yaxis_title="true class",
+        yaxis_autorange="reversed",
+        height=max(320, 40 * len(names) + 120),
+        margin=dict(l=10, r=10, t=10, b=10),
+    )
+    return fig
+
+
+def _per_class_figure(report: dict) -> go.Figure:
+    names = list(report["per_class"])
+    fig = go.Figure(
+        [
+            go.Bar(name=metric, x=names, y=[report["per_class"][n][metric] for n in names])
+            for metric in ("precision", "recall", "f1")
+        ]
+    )
+    fig.update_layout(barmode="group", yaxis_range=[0, 1], height=320, margin=dict(t=10, b=10))
+    return fig
+
+
+def _gallery(items: list[dict], empty: str) -> None:
+    if not items:
+        st.caption(empty)
+        return
+    cols = st.columns(6)
+    for i, item in enumerate(items[:GALLERY_MAX]):
+        with cols[i % 6]:
+            st.image(
+                item["path"],
+                caption=f"{item['true']} → {item['predicted']} ({item['confidence']:.0%})",
+                width="stretch",
+            )
+    if len(items) > GALLERY_MAX:
+        st.caption(f"Showing {GALLERY_MAX} of {len(items)}.")
+
+
+def _selected_cell(event, names: list[str]) -> tuple[str, str] | None:
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    for point in points:
+        if point.get("x") in names and point.get("y") in names:
+            return point["y"], point["x"]
+    return None
+
+
+workspace = ensure_session()
 st.title("Evaluate")
+st.caption("How good the model really is, on images it did not train on.")
+
+run_id = require("run_id", "Train a model first: this page evaluates a finished run.", "train")
+run_dir = run_path(workspace, run_id)
+try:
+    status = jobs.read_status(run_dir)
+except RetrainError:
+    status = {"state": "missing"}
+if status.get("state") != "done":
+    st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: evaluate it once it is done.")
+    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    st.stop()
+
+try:
+    model_path = evaluate.run_model_path(run_dir)
+    config = evaluate.read_run_config(run_dir)
+    splits = _splits(str(run_dir), (run_dir / "config.json").stat().st_mtime)
+except RetrainError as err:
+    st.error(str(err))
+    st.stop()
+
+split = st.radio(
+    "Images to score",
+    splits,
+    format_func={"val": "validation (held out in training)", "test": "test"}.get,
+    horizontal=True,
+    key="eval_split",
+)
+try:
+    report = _report(str(run_dir), split, model_path.stat().st_mtime)
+except RetrainError as err:
+    st.error(str(err))
+    st.stop()
+
+cols = st.columns(5)
+cols[0].metric("Accuracy", f"{report['accuracy']:.1%}", help="sklearn accuracy_score")
+cols[1].metric("Loss", f"{report['loss']:.3f}", help="log loss (cross-entropy), sklearn log_loss")
+cols[2].metric("Macro F1", f"{report['macro']['f1']:.3f}", help="F1 averaged over classes")
+if "top_k" in report:
+    cols[3].metric(f"Top-{report['top_k']['k']} accuracy", f"{report['top_k']['accuracy']:.1%}")
+cols[4].metric("Images", report["num_images"], help=f"split: {report['split']}")
+
+names = report["class_names"]
+left, right = st.columns(2)
+with left:
+    st.subheader("Confusion matrix")
+    st.caption("Rows: true class, columns: predicted. Click a cell to see its images.")
+    event = st.plotly_chart(
+        _confusion_figure(report),
+        key="eval_confusion",
+        on_select="rerun",
+        selection_mode=("points",),
+        width="stretch",
+    )
+with right:
+    st.subheader("Per class")
+    st.caption("Precision: how often a prediction of the class is right. Recall: how many found.")
+    st.plotly_chart(_per_class_figure(report), key="eval_per_class", width="stretch")
+
+cell = _selected_cell(event, names)
+with st.expander("Images in a cell", expanded=cell is not None):
+    if cell is None:
+        pick = st.columns(2)
+        true_name = pick[0].selectbox("True class", names, key="eval_cell_true")
+        pred_name = pick[1].selectbox("Predicted class", names, key="eval_cell_pred")
+        cell = (true_name, pred_name)
+    items = [p for p in report["predictions"] if p["true"] == cell[0] and p["predicted"] == cell[1]]
+    st.markdown(f"**{len(items)}** images of **{cell[0]}** predicted as **{cell[1]}**")
+    _gallery(items, "No images in this cell.")
+
+st.subheader("Mistakes, most confident first")
+_gallery(report["misclassified"], "No mistakes on these images.")
+
+with st.expander("Full report (JSON)"):
+    st.json({k: v for k, v in report.items() if k != "predictions"}, expanded=False)
+
+# --- forgetting check -----------------------------------------------------------------
+base_spec = config.get("base", "")
+try:
+    base_info = _base_head(base_spec, str(workspace)) if base_spec else {"has_head": False}
+except RetrainError as err:
+    base_info = {"has_head": False}
+    st.caption(f"Forgetting check unavailable: {err}")
+if base_info["has_head"]:
+    st.subheader("Did it forget the original task?")
+    st.caption(
+        "The original model is scored on its own task; then the retrained layers are put back "
+        "under the original head and scored again. A frozen base forgets nothing."
+    )
+    old_data = None
+    if base_spec.startswith("builtin:digits") and st.toggle(
+        "Use the built-in digits 0-4 (the original task)", key="eval_forget_builtin"
+    ):
+        from retrain.sample import sample_dataset
+        from retrain.workspace import home
+
+        old_data = str(sample_dataset(home(), "0-4"))
+    if old_data is None:
+        upload = st.file_uploader(
+            "The original task's images (zip of class folders)", type=["zip"], key="eval_forget_zip"
+        )
+        if upload is not None:
+            old_data = str(_save_upload(upload, workspace / "uploads"))
+    if old_data and st.button("Check forgetting", key="eval_forget_run"):
+        try:
+            result = _forgetting(
+                base_spec, str(run_dir), old_data, str(workspace), model_path.stat().st_mtime
+            )
+        except RetrainError as err:
+            st.error(str(err))
+        else:
+            cols = st.columns(3)
+            cols[0].metric("Before retraining", f"{result['before']:.1%}")
+            cols[1].metric("After retraining", f"{result['after']:.1%}")
+            cols[2].metric("Drop", f"{result['drop']:.1%}", delta_color="inverse")
+            st.info(result["note"])
+
+# --- try an image -----------------------------------------------------------------------
+st.subheader("Try an image")
+uploads = st.file_uploader(
+    "Images to classify",
+    type=["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"],
+    accept_multiple_files=True,
+    key="eval_try_images",
+)
+top_k = st.slider(
+    "Classes to show", 1, max(1, min(5, len(names))), min(3, len(names)), key="eval_k"
+)
+if uploads:
+    paths = [_save_upload(u, workspace / "uploads") for u in uploads]
+    try:
+        predictions = evaluate.predict(model_path, paths, top_k)
+    except RetrainError as err:
+        st.error(str(err))
+    else:
+        for upload, path, result in zip(uploads, paths, predictions, strict=True):
+            cols = st.columns([1, 3])
+            cols[0].image(str(path), caption=upload.name, width="stretch")
+            best = result["top_k"][0]
+            cols[1].markdown(f"**{best['class']}** ({best['probability']:.0%})")
+            fig = go.Figure(
+                go.Bar(
+                    x=[r["probability"] for r in result["top_k"]][::-1],
+                    y=[r["class"] for r in result["top_k"]][::-1],
+                    orientation="h",
+                )
+            )
+            fig.update_layout(
+                height=60 + 30 * len(result["top_k"]), margin=dict(t=5, b=5), xaxis_range=[0, 1]
+            )
+            cols[1].plotly_chart(fig, key=f"eval_try_{path.name}", width="stretch")

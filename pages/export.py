@@ -1,8 +1,128 @@
-"""The Export step (being built)."""
+"""The Export step: files others can load, each reloaded and checked before you download it."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
-from pages._ui import ensure_session
+from pages._ui import PAGE_FILES, ensure_session, require
+from retrain import export, jobs
+from retrain.errors import RetrainError
+from retrain.workspace import run_path
 
-ensure_session()
+FORMAT_LABELS = {
+    "keras": ".keras (Keras 3: raw images in, probabilities out)",
+    "savedmodel": "TensorFlow SavedModel (TF Serving, TF.js converter)",
+    "tflite": "TFLite float (Android/iOS/edge)",
+    "tflite-int8": "TFLite int8 (4x smaller, microcontrollers/Edge TPU)",
+    "labels": "labels.txt (class names, one per line)",
+    "card": "Model card (Markdown)",
+}
+MIME = {".keras": "application/zip", ".tflite": "application/octet-stream", ".md": "text/markdown"}
+
+
+def _read_result(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _self_test_table(self_test: dict) -> pd.DataFrame:
+    rows = []
+    for fmt, entry in self_test.items():
+        rows.append(
+            {
+                "format": fmt,
+                "ok": "yes" if entry.get("ok") else "NO",
+                "max |diff|": entry.get("max_abs_diff"),
+                "argmax agreement": entry.get("argmax_agreement"),
+                "int8 accuracy drop": entry.get("accuracy_drop"),
+                "images": entry.get("images"),
+                "error": entry.get("error", ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+workspace = ensure_session()
 st.title("Export")
+st.caption("Take the model away: every file is reloaded in a fresh process and checked.")
+
+run_id = require("run_id", "Train a model first: this page exports a finished run.", "train")
+run_dir = run_path(workspace, run_id)
+try:
+    status = jobs.read_status(run_dir)
+except RetrainError:
+    status = {"state": "missing"}
+if status.get("state") != "done":
+    st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: export it once it is done.")
+    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    st.stop()
+
+has_tf = export.tensorflow_available()
+options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFLOW]
+if not has_tf:
+    st.caption("SavedModel and TFLite need TensorFlow, which this installation lacks.")
+formats = st.multiselect(
+    "Formats",
+    options,
+    default=options,
+    format_func=FORMAT_LABELS.get,
+    key="export_formats",
+    help="int8 is calibrated on a sample of the training images; its accuracy drop is measured.",
+)
+if st.button("Build exports", type="primary", key="export_build", disabled=not formats):
+    bar = st.progress(0.0, text="Starting...")
+    try:
+        export.export_run(run_dir, formats, progress=lambda text, done: bar.progress(done, text))
+    except RetrainError as err:
+        st.error(str(err))
+    else:
+        bar.progress(1.0, text="Done: every file was reloaded and checked.")
+
+out = run_dir / "export"
+result = _read_result(out)
+if result is None:
+    st.stop()
+
+st.subheader("Self-test")
+st.caption(
+    "Each file reloaded in a fresh Python process and run on validation images: largest "
+    "difference of probabilities to the trained model and how often the top class agrees."
+)
+st.dataframe(_self_test_table(result["self_test"]), hide_index=True, key="export_self_test")
+
+st.subheader("Downloads")
+files = [Path(f) for f in result["files"] if Path(f).exists()]
+for i, path in enumerate(files):
+    if path.is_dir():
+        payload = export.zip_exports(run_dir, [path], name=path.name).read_bytes()
+        name = f"{path.name}.zip"
+    else:
+        payload, name = path.read_bytes(), path.name
+    st.download_button(
+        f"{name} ({len(payload) / 1024:,.0f} KB)",
+        payload,
+        file_name=name,
+        mime=MIME.get(path.suffix, "application/octet-stream"),
+        key=f"export_download_{i}",
+    )
+if files:
+    bundle = export.zip_exports(run_dir, files)
+    st.download_button(
+        "Everything as one zip",
+        bundle.read_bytes(),
+        file_name=bundle.name,
+        mime="application/zip",
+        type="primary",
+        key="export_download_all",
+    )
+
+card = out / export.FILE_NAMES["card"]
+if card.is_file():
+    with st.expander("Model card preview", expanded=True):
+        st.markdown(card.read_text())

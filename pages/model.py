@@ -1,8 +1,421 @@
-"""The Model step (being built)."""
+"""The Model step: pick a base model, look at its layers, put a new head on it."""
 
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import ensure_session
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
+from retrain.errors import RetrainError
+from retrain.models import PREPROCESSING, ZOO
 
-ensure_session()
+SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
+WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Local weights file")
+FREEZE = {
+    "all": "Frozen base (feature extraction)",
+    "top": "Fine-tune the top K layers",
+    "none": "Train everything",
+}
+STATUS_COLOURS = {
+    "frozen": "#8aa4c8",
+    "trainable": "#f29e4c",
+    "new": "#3bb273",
+    "removed": "#d3d3d3",
+}
+MAX_BARS = 48
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def load_base_cached(spec: str) -> Any:
+    """One loaded base model per spec, shared by sessions (surgery never modifies it)."""
+    from retrain.models import load_base
+
+    return load_base(spec)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def describe_cached(spec: str) -> dict:
+    from retrain.models import describe
+
+    return describe(load_base_cached(spec))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> dict:
+    """Build the new model for the current choices; return its diff and layer table."""
+    from retrain import surgery
+
+    choice = json.loads(choice_json)
+    result = surgery.replace_head(
+        load_base_cached(spec),
+        list(classes),
+        cut_at=choice["cut_at"],
+        head=surgery.HeadSpec(
+            hidden_units=choice["hidden_units"],
+            dropout=choice["dropout"],
+            binary_sigmoid=choice["binary_sigmoid"],
+            add_conv=choice["add_conv"],
+        ),
+        freeze=surgery.FreezeSpec.parse(choice["freeze"]),
+    )
+    return {
+        "diff": result.diff,
+        "rows": surgery.summary(result),
+        "loss": result.loss,
+        "label_encoding": result.label_encoding,
+        "output_shape": list(result.model.outputs[0].shape),
+        "kept": len(surgery.kept_layers(result)),
+    }
+
+
+def link(page: str, label: str) -> None:
+    """A link to another step (plain text when the page runs outside the app's navigation)."""
+    try:
+        st.page_link(PAGE_FILES[page], label=label, icon=":material/arrow_forward:")
+    except StreamlitPageNotFoundError:
+        st.markdown(f"→ {label}")
+
+
+def dataset_classes() -> list[str] | None:
+    """Class names of the session's dataset, or None when there is none yet."""
+    manifest = st.session_state.get("dataset")
+    if not manifest:
+        return None
+    try:
+        from retrain.data import load_dataset
+    except ImportError:
+        load_dataset = None
+    try:
+        if load_dataset is not None:
+            return list(load_dataset(manifest).class_names)
+        classes = json.loads(Path(manifest).read_text()).get("classes") or []
+    except (RetrainError, OSError, ValueError):
+        return None
+    if isinstance(classes, dict):
+        classes = list(classes)
+    return [c["name"] if isinstance(c, dict) else str(c) for c in classes] or None
+
+
+def save_upload(files: list[Any], workspace: Path) -> str | None:
+    """Save an uploaded model (+ labels.txt) under the workspace's models/ folder; return its path."""
+    models = [f for f in files if Path(f.name).suffix.lower() in (".keras", ".h5", ".hdf5")]
+    if not models:
+        return None
+    model = models[0]
+    data = model.getvalue()
+    folder = workspace / "models" / hashlib.sha256(data).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.name).name).lstrip(".") or "model.h5"
+    target = folder / safe
+    if not target.exists():
+        target.write_bytes(data)
+    labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]
+    if labels:
+        (folder / "labels.txt").write_bytes(labels[0].getvalue())
+    return str(target)
+
+
+def block_of(row: dict) -> str:
+    """A readable group for a layer: its numbered block, else its nested model, else itself."""
+    match = re.match(r"^(.*?(?:block|stage|conv)_?\d+[a-z]?)(?:_|$)", row["name"])
+    if match:
+        return match.group(1)
+    if row.get("part") in ("front", "head"):
+        return "new head" if row["part"] == "head" else "input + preprocessing"
+    return row.get("parent") or row["name"]
+
+
+def stack_figure(rows: list[dict]) -> go.Figure:
+    """Horizontal bars, one per block of layers, top to bottom; colour = status, length = params."""
+    groups: list[dict] = []
+    for row in rows:
+        key = (block_of(row), row["status"])
+        if groups and (groups[-1]["block"], groups[-1]["status"]) == key:
+            group = groups[-1]
+        else:
+            group = {"block": key[0], "status": key[1], "params": 0, "layers": []}
+            groups.append(group)
+        group["params"] += row["params"]
+        group["layers"].append(row["name"])
+    while len(groups) > MAX_BARS:  # merge neighbours of the same status to stay readable
+        merged: list[dict] = []
+        for group in groups:
+            last = merged[-1] if merged else None
+            if last and last["status"] == group["status"] and not last.get("closed"):
+                last["params"] += group["params"]
+                last["layers"] += group["layers"]
+                last["block"] = f"{last['block'].split(' … ')[0]} … {group['block']}"
+                last["closed"] = True
+            else:
+                merged.append({**group, "closed": False})
+        if len(merged) == len(groups):
+            break
+        groups = [{k: v for k, v in g.items() if k != "closed"} for g in merged]
+    fig = go.Figure()
+    for status, colour in STATUS_COLOURS.items():
+        chosen = [g for g in groups if g["status"] == status]
+        if not chosen:
+            continue
+        fig.add_bar(
+            y=[f"{i:02d} {g['block']}" for i, g in enumerate(groups) if g["status"] == status],
+            x=[max(g["params"], 1) for g in chosen],
+            orientation="h",
+            name=status,
+            marker_color=colour,
+            customdata=[[len(g["layers"]), ", ".join(g["layers"][:6])] for g in chosen],
+            hovertemplate="%{y}<br>%{x:,} params, %{customdata[0]} layers<br>%{customdata[1]}"
+            "<extra>" + status + "</extra>",
+        )
+    order = [f"{i:02d} {g['block']}" for i, g in enumerate(groups)]
+    fig.update_layout(
+        barmode="overlay",
+        height=max(260, 18 * len(groups) + 80),
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis={"title": "parameters (log)", "type": "log"},
+        yaxis={"categoryorder": "array", "categoryarray": order[::-1], "title": None},
+        legend={"orientation": "h", "y": 1.05},
+    )
+    return fig
+
+
+def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
+    """The BASE spec the widgets describe, and whether it loads without asking (no download)."""
+    if source == SOURCES[0]:
+        return "builtin:digits-cnn", True
+    if source == SOURCES[1]:
+        name = st.selectbox(
+            "Backbone", list(ZOO), key="zoo_name", help="keras.applications; all take RGB images"
+        )
+        weights = st.radio("Weights", WEIGHTS, key="zoo_weights", horizontal=True)
+        st.caption(
+            "Why ImageNet: features learnt on 1.2 M photos transfer to most image tasks; "
+            "random weights only show the architecture."
+        )
+        if weights == WEIGHTS[0]:
+            return f"applications:{name}:imagenet", False
+        if weights == WEIGHTS[1]:
+            return f"applications:{name}:none", True
+        path = st.text_input("Weights file on the server", key="zoo_weights_file")
+        return (f"applications:{name}:{path}" if path else None), False
+    files = st.file_uploader(
+        "Model file (.keras or .h5) and optional labels.txt",
+        type=["keras", "h5", "hdf5", "txt"],
+        accept_multiple_files=True,
+        key="model_upload",
+        help="Teachable Machine exports (keras_model.h5 + labels.txt) work as they are.",
+    )
+    if not files:
+        return None, False
+    return save_upload(files, workspace), True
+
+
+# ------------------------------------------------------------------------------------------
+
+workspace = ensure_session()
 st.title("Model")
+st.caption(
+    "Pick a pretrained model, look at its layers, and replace its head (the classifier) with "
+    "one for your classes."
+)
+
+remembered = st.session_state.get("base", "")
+default_source = 0
+if remembered.startswith("applications:") and not demo_mode():
+    default_source = 1
+elif remembered and not remembered.startswith("builtin:") and not demo_mode():
+    default_source = 2
+source = st.radio("Where the model comes from", SOURCES, index=default_source, key="model_source")
+spec, automatic = spec_from_widgets(source, workspace)
+if spec is None:
+    st.info("Upload a .keras or .h5 model to continue, or pick another source.")
+    st.stop()
+loaded = automatic or spec == remembered
+if not loaded and st.button("Load model", key="model_load", type="primary"):
+    loaded = True
+if not loaded:
+    st.info("Press **Load model** (ImageNet weights are downloaded once, then cached).")
+    st.stop()
+
+try:
+    with st.spinner("Loading the model (the built-in one trains for a few seconds, once)…"):
+        info = describe_cached(spec)
+except RetrainError as err:
+    st.error(str(err))
+    st.stop()
+
+# --- the base model ------------------------------------------------------------------------
+st.subheader(info["name"])
+cols = st.columns(5)
+cols[0].metric("Parameters", f"{info['total_params']:,}")
+cols[1].metric("Trainable", f"{info['trainable_params']:,}")
+cols[2].metric("Layers", info["num_layers"])
+size = info["input_size"]
+cols[3].metric("Input size", f"{size[0]}×{size[1]}" if size else "any")
+cols[4].metric("Original classes", len(info["class_names"] or []) or info["output_shape"][-1])
+st.caption(
+    f"Preprocessing: **{info['preprocessing']}**, {PREPROCESSING[info['preprocessing']]} "
+    f"({info['origin'].get('preprocessing_source', '')}). The new model applies it inside, so it "
+    "takes raw images."
+)
+if info["origin"].get("converted"):
+    st.caption(
+        f"{info['origin']['converted']}; outputs match the original within "
+        f"{info['origin']['conversion_max_abs_diff']:.1e}."
+    )
+if info["class_names"]:
+    st.caption("Original classes: " + ", ".join(info["class_names"][:20]))
+
+# --- head replacement controls -------------------------------------------------------------
+classes = dataset_classes()
+names = [row["name"] for row in info["layers"]]
+st.subheader("New head")
+if classes is None:
+    st.info("No dataset yet: the new head needs your classes. The architecture is shown below.")
+    link("dataset", "Go to Dataset")
+else:
+    st.caption(f"{len(classes)} classes from your dataset: {', '.join(classes[:12])}")
+
+suggested = names.index(info["suggested_cut"]) if info["suggested_cut"] in names else len(names) - 1
+cut_index = st.selectbox(
+    "Cut after layer (the last layer that is kept)",
+    range(len(names)),
+    index=suggested,
+    format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
+    key=f"cut_at::{spec}",
+)
+removed = names[cut_index + 1 :]
+st.caption(
+    f"Removes {len(removed)} layers: {', '.join(removed[:8])}{' …' if len(removed) > 8 else ''}. "
+    + (
+        "Why this default: it is the last layer before the original classifier."
+        if cut_index == suggested
+        else f"Default: after '{info['suggested_cut']}', the end of the feature extractor."
+    )
+)
+freeze_mode = st.radio(
+    "What trains", list(FREEZE), format_func=FREEZE.get, key="freeze_mode", horizontal=True
+)
+st.caption(
+    "Why frozen first: the base keeps what it already knows and only the new head learns; "
+    "fine-tune later at a 10-100x lower learning rate. BatchNorm layers always stay frozen."
+)
+kept_count = cut_index + 1
+freeze = freeze_mode
+if freeze_mode == "top":
+    k = st.slider(
+        "K: layers at the top of the base that train",
+        1,
+        max(kept_count, 2),
+        min(20, kept_count),
+        key="freeze_k",
+    )
+    freeze = f"top:{k}"
+with st.expander("Head options (Keras: Dense, Dropout)"):
+    hidden_units = st.number_input(
+        "Hidden Dense units (0 = none)", 0, 4096, 0, step=32, key="hidden_units"
+    )
+    st.caption("Why none: one output layer on pooled features is enough for most transfers.")
+    dropout = st.slider("Dropout", 0.0, 0.8, 0.2, 0.05, key="dropout")
+    st.caption("Why 0.2: a little dropout keeps a small head from memorising few images.")
+    binary_sigmoid = False
+    if classes is not None and len(classes) == 2:
+        binary_sigmoid = st.checkbox(
+            "One sigmoid unit (binary cross-entropy)", False, key="binary_sigmoid"
+        )
+        st.caption("Why off: softmax over 2 units is equivalent and keeps the same code path.")
+with st.expander("Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)"):
+    add_conv = st.number_input("Filters (0 = no block)", 0, 1024, 0, step=16, key="add_conv")
+    st.caption(
+        "Why none: pretrained features are usually enough; a block helps when you cut early "
+        "(a 4-D cut output) and the new images differ a lot."
+    )
+
+choice = {
+    "cut_at": names[cut_index],
+    "freeze": freeze,
+    "hidden_units": int(hidden_units),
+    "dropout": float(dropout),
+    "add_conv": int(add_conv),
+    "binary_sigmoid": bool(binary_sigmoid),
+}
+base_label = info["name"]
+preview = None
+if classes is not None:
+    try:
+        with st.spinner("Building the new model…"):
+            preview = surgery_preview(spec, tuple(classes), json.dumps(choice, sort_keys=True))
+    except RetrainError as err:
+        st.error(str(err))
+    else:
+        if (
+            st.session_state.get("base") != spec
+            or st.session_state.get("surgery") != choice
+            or st.session_state.get("base_label") != base_label
+        ):
+            remember(base=spec, base_label=base_label, surgery=choice)
+elif st.session_state.get("base") != spec:
+    remember(base=spec, base_label=base_label, surgery=choice)
+
+# --- before / after -------------------------------------------------------------------------
+if preview is not None:
+    diff = preview["diff"]
+    st.subheader("Before → after")
+    cols = st.columns(4)
+    cols[0].metric(
+        "Parameters",
+        f"{diff['params_after']:,}",
+        f"{diff['params_after'] - diff['params_before']:,}",
+    )
+    cols[1].metric("Trainable parameters", f"{diff['trainable_params']:,}")
+    cols[2].metric("Frozen layers", diff["frozen"], help=f"{diff['batchnorm_frozen']} BatchNorm")
+    cols[3].metric("Trainable base layers", diff["trainable"])
+    loss = (
+        "sparse categorical cross-entropy"
+        if preview["loss"].startswith("sparse")
+        else "binary cross-entropy"
+    )
+    st.markdown(
+        f"- **Removed** ({len(diff['removed'])}): {', '.join(diff['removed'][:12]) or 'nothing'}\n"
+        f"- **Added**: {', '.join(diff['added'])}\n"
+        f"- **Output**: {preview['output_shape'][-1]} units, loss {loss} "
+        f"(labels as {preview['label_encoding']}: `{preview['loss']}`)\n"
+        f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} RGB images"
+    )
+    rows = preview["rows"]
+    kept = {row["name"]: row for row in rows}
+    stack = [r for r in rows if r["part"] == "front"]
+    for row in info["layers"]:
+        status = kept[row["name"]]["status"] if row["name"] in kept else "removed"
+        stack.append({**row, "status": status, "part": "base"})
+    stack += [r for r in rows if r["part"] == "head"]
+else:
+    stack = [{**row, "status": "frozen", "part": "base"} for row in info["layers"]]
+
+st.subheader("Layer stack")
+st.caption(
+    "One bar per block of layers, input at the top; length = parameters, colour = what happens."
+)
+st.plotly_chart(stack_figure(stack), width="stretch", key="layer_stack")
+
+query = st.text_input("Search layers (name or type)", key="layer_search")
+table = pd.DataFrame(stack)
+table["output_shape"] = table["output_shape"].astype(str)
+columns = [c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table]
+if query:
+    mask = table["name"].str.contains(query, case=False, regex=False) | table["type"].str.contains(
+        query, case=False, regex=False
+    )
+    table = table[mask]
+st.dataframe(table[columns], hide_index=True, width="stretch", key="layer_table")
+if preview is not None:
+    with st.expander("New model summary"):
+        st.dataframe(pd.DataFrame(preview["rows"]), hide_index=True, width="stretch")
+    link("train", "Next: train")

@@ -1,8 +1,174 @@
-"""The Runs step (being built)."""
+"""Runs: this session's training runs side by side; compare curves, reuse a config, clean up."""
 
+from __future__ import annotations
+
+import shutil
+import time
+
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import ensure_session
+from pages._ui import PAGE_FILES, ensure_session, remember
+from retrain import evaluate, jobs
+from retrain.errors import RetrainError
+from retrain.workspace import is_within, run_path, runs_dir
 
-ensure_session()
+ACTIVE_STATES = ("queued", "running", "stopping")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _details(run_dir: str, mtime: float) -> dict:
+    """Config summary, metrics and duration of one run (recomputed when its files change)."""
+    from pathlib import Path
+
+    path = Path(run_dir)
+    status = jobs.read_status(path)
+    try:
+        config = evaluate.read_run_config(path)
+    except RetrainError:
+        config = {}
+    metrics = jobs.read_metrics(path)
+    vals = [m["val_accuracy"] for m in metrics if isinstance(m.get("val_accuracy"), int | float)]
+    started, finished = status.get("started"), status.get("finished")
+    if isinstance(started, int | float):
+        end = finished if isinstance(finished, int | float) else time.time()
+        duration = end - started
+    else:
+        duration = sum(m.get("seconds") or 0 for m in metrics) or None
+    return {
+        "state": status.get("state", "unknown"),
+        "config": config,
+        "metrics": metrics,
+        "best_val_accuracy": max(vals) if vals else None,
+        "duration_s": duration,
+    }
+
+
+def _mtime(run_dir) -> float:
+    return max(
+        (p.stat().st_mtime for p in run_dir.glob("*") if p.is_file()),
+        default=run_dir.stat().st_mtime,
+    )
+
+
+def _summary(config: dict) -> str:
+    if not config:
+        return "(no config)"
+    parts = [
+        config.get("base", "?"),
+        f"data {config.get('dataset_name') or config.get('data', '?')}",
+        f"freeze {config.get('freeze', '?')}",
+        f"{config.get('epochs', '?')} ep @ lr {config.get('lr', '?')}",
+    ]
+    if config.get("fine_tune_epochs"):
+        parts.append(f"+{config['fine_tune_epochs']} fine-tune")
+    if config.get("augment"):
+        parts.append("augment")
+    return " · ".join(str(p) for p in parts)
+
+
+def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Figure:
+    fig = go.Figure()
+    for run_id in selected:
+        rows = details[run_id]["metrics"]
+        fig.add_trace(
+            go.Scatter(
+                x=[r.get("epoch") for r in rows],
+                y=[r.get(metric) for r in rows],
+                mode="lines+markers",
+                name=run_id,
+            )
+        )
+    fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=340, margin=dict(t=10, b=10))
+    return fig
+
+
+workspace = ensure_session()
 st.title("Runs")
+st.caption("Every training run of this session. Compare them, reuse a config, delete old ones.")
+
+runs = jobs.list_runs(workspace)
+if not runs:
+    st.info("No runs yet. Train a model first.")
+    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    st.stop()
+
+details: dict[str, dict] = {}
+for run in runs:
+    folder = run_path(workspace, run["run_id"])
+    if folder.is_dir():
+        details[run["run_id"]] = _details(str(folder), _mtime(folder))
+run_ids = list(details)
+
+table = pd.DataFrame(
+    [
+        {
+            "run": run_id,
+            "state": d["state"],
+            "config": _summary(d["config"]),
+            "best val accuracy": d["best_val_accuracy"],
+            "epochs": len(d["metrics"]),
+            "duration (s)": None if d["duration_s"] is None else round(d["duration_s"], 1),
+        }
+        for run_id, d in details.items()
+    ]
+)
+st.dataframe(
+    table,
+    hide_index=True,
+    key="runs_table",
+    column_config={
+        "best val accuracy": st.column_config.ProgressColumn(
+            format="%.3f", min_value=0, max_value=1
+        )
+    },
+)
+
+st.subheader("Compare curves")
+selected = st.multiselect(
+    "Runs to overlay (two or more)", run_ids, default=run_ids[:2], key="runs_compare"
+)
+if len(selected) >= 2:
+    metric = st.radio(
+        "Curve",
+        ["val_accuracy", "val_loss", "accuracy", "loss"],
+        horizontal=True,
+        key="runs_metric",
+    )
+    st.plotly_chart(_curves(selected, details, metric), key="runs_curves", width="stretch")
+else:
+    st.caption("Pick at least two runs to overlay their learning curves.")
+
+st.subheader("One run")
+current = st.session_state.get("run_id")
+chosen = st.selectbox(
+    "Run",
+    run_ids,
+    index=run_ids.index(current) if current in run_ids else 0,
+    key="runs_pick",
+)
+state = details[chosen]["state"]
+cols = st.columns(3)
+if cols[0].button("Open in Evaluate", key="runs_open", disabled=state != "done"):
+    remember(run_id=chosen)
+    st.switch_page(PAGE_FILES["evaluate"])
+if cols[1].button(
+    "Start a new run from this config",
+    key="runs_reuse",
+    help="The Train page opens with this run's settings filled in.",
+):
+    config = details[chosen]["config"]
+    remember(run_id=chosen, base=config.get("base") or None)
+    st.switch_page(PAGE_FILES["train"])
+with cols[2].popover("Delete run", disabled=state in ACTIVE_STATES):
+    st.write(f"Delete **{chosen}** and all its files? This cannot be undone.")
+    if st.button("Yes, delete it", type="primary", key="runs_delete_confirm"):
+        folder = run_path(workspace, chosen)
+        if is_within(folder, runs_dir(workspace)) and folder.is_dir():
+            shutil.rmtree(folder)
+        if st.session_state.get("run_id") == chosen:
+            remember(run_id=None)
+        st.rerun()
+if state in ACTIVE_STATES:
+    st.caption("A run in progress cannot be deleted; stop it on the Train page first.")

@@ -1,8 +1,360 @@
-"""The Train step (being built)."""
+"""The Train step: settings (built from TrainConfig), Start/Stop, and the live view of a run.
 
+Training runs in a worker process (``retrain.jobs``); this page only reads the run directory.
+The live view is a fragment that reruns every second while the run is active: it reads the
+new lines of ``metrics.jsonl`` and ``progress.json`` into ``st.session_state["train_live"]``
+and redraws the curves. A reload reattaches through ``?run=<run_id>`` (and the remembered
+``run_id``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import ensure_session
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember, require
+from retrain import jobs
+from retrain.errors import RetrainError
+from retrain.train import TrainConfig
+from retrain.workspace import run_path
 
-ensure_session()
+DEMO_MAX_EPOCHS = 5
+LIVE_KEY = "train_live"  # {run_id: {"offset", "rows", "progress"}}: the fragment's cache
+BASIC = ("epochs", "batch_size", "lr", "val_split")
+EXPANDERS = {
+    "Augmentation and class balance": ("augment", "class_weights"),
+    "Fine-tuning (phase 2: unfreeze the top of the base)": (
+        "fine_tune_epochs",
+        "fine_tune_lr",
+        "fine_tune_layers",
+    ),
+    "Advanced": (
+        "optimizer",
+        "image_size",
+        "resize_mode",
+        "seed",
+        "early_stopping",
+        "reduce_lr",
+        "cache_features",
+        "mixed_precision",
+        "workers",
+    ),
+}
+LABELS = {
+    "lr": "Learning rate",
+    "val_split": "Validation fraction",
+    "fine_tune_lr": "Fine-tune learning rate",
+    "fine_tune_layers": "Layers to unfreeze",
+    "early_stopping": "Early stopping patience (epochs)",
+    "reduce_lr": "Lower the learning rate on plateaus",
+    "cache_features": "Feature cache",
+    "image_size": "Image size (pixels)",
+}
+SURGERY_FIELDS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+def _widget(name: str, max_epochs: int | None = None) -> Any:
+    """One input for a TrainConfig field; its key is the field name, its help the field's."""
+    f = FIELDS[name]
+    help_text = f.metadata["help"]
+    default = f.default
+    choices = f.metadata.get("choices")
+    if isinstance(default, bool):
+        return st.checkbox(_label(name), value=default, help=help_text, key=name)
+    if choices:
+        return st.selectbox(
+            _label(name), choices, index=choices.index(default), help=help_text, key=name
+        )
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if "int" in str(f.type):
+        if name == "epochs" and max_epochs:
+            hi, default = max_epochs, min(default, max_epochs)
+        return st.number_input(
+            _label(name),
+            min_value=lo,
+            max_value=hi,
+            value=default,
+            step=1,
+            help=help_text,
+            key=name,
+            placeholder="automatic",
+        )
+    return st.number_input(
+        _label(name),
+        min_value=float(lo),
+        max_value=float(hi),
+        value=default,
+        step=1e-4 if name.endswith("lr") else 0.05,
+        format="%g",
+        help=help_text,
+        key=name,
+        placeholder="automatic",
+    )
+
+
+def _imbalanced(manifest: str) -> str | None:
+    """The dataset's imbalance warning, if it has one."""
+    from retrain import data
+
+    try:
+        dataset = data.load_dataset(manifest)
+    except RetrainError:
+        return None
+    return next((w for w in dataset.warnings if "imbalanc" in w.lower()), None)
+
+
+def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
+    """Render the settings; return the values of the fields shown."""
+    values: dict[str, Any] = {}
+    max_epochs = DEMO_MAX_EPOCHS if demo_mode() else None
+    st.caption(
+        "Phase 1 trains only the new head with the base frozen: it keeps what the model already "
+        "knows and is fast (the base's outputs are computed once)."
+    )
+    columns = st.columns(len(BASIC))
+    for column, name in zip(columns, BASIC, strict=True):
+        with column:
+            values[name] = _widget(name, max_epochs)
+    if max_epochs:
+        st.caption(f"Demo: at most {max_epochs} epochs per run.")
+    warning = _imbalanced(manifest)
+    for title, names in EXPANDERS.items():
+        with st.expander(title, expanded=bool(warning) and "class" in title):
+            if "class_weights" in names:
+                if warning:
+                    st.warning(warning)
+                else:
+                    st.caption("Classes are balanced: class weights are not needed.")
+            for name in names:
+                if name == "class_weights" and not warning:
+                    continue
+                values[name] = _widget(name)
+    head = ", ".join(f"{k} {surgery[k]}" for k in SURGERY_FIELDS if k in surgery)
+    st.caption(f"New head (from the Model page): {head or 'defaults'}.")
+    return values
+
+
+def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> TrainConfig:
+    settings = {k: surgery[k] for k in SURGERY_FIELDS if surgery.get(k) is not None}
+    if settings.get("cut_at") is not None:
+        settings["cut_at"] = str(settings["cut_at"])
+    clean = {k: v for k, v in values.items() if v is not None}
+    return TrainConfig(data=manifest, base=base, **settings, **clean)
+
+
+def _live(run_id: str, run_dir: Path) -> dict[str, Any]:
+    """Read the run's new metrics lines and progress into session state; return the cache."""
+    cache = st.session_state.setdefault(LIVE_KEY, {}).setdefault(
+        run_id, {"offset": 0, "rows": [], "progress": None}
+    )
+    rows, offset = jobs.read_new_metrics(run_dir, cache["offset"])
+    if offset < cache["offset"]:  # the file was rewritten (a resumed run)
+        cache["rows"] = []
+    if rows:
+        by_epoch = {r["epoch"]: r for r in cache["rows"]}
+        by_epoch.update({r["epoch"]: r for r in rows if "epoch" in r})
+        cache["rows"] = [by_epoch[e] for e in sorted(by_epoch)]
+    cache["offset"] = offset
+    cache["progress"] = jobs.read_progress(run_dir)
+    return cache
+
+
+def _curve_figure(rows: list[dict], metric: str, title: str) -> go.Figure:
+    fig = go.Figure()
+    epochs = [r["epoch"] for r in rows]
+    for key, name in ((metric, "train"), (f"val_{metric}", "validation")):
+        fig.add_trace(
+            go.Scatter(x=epochs, y=[r.get(key) for r in rows], mode="lines+markers", name=name)
+        )
+    phase1 = [r["epoch"] for r in rows if r.get("phase", 1) == 1]
+    if phase1 and any(r.get("phase") == 2 for r in rows):
+        fig.add_vline(
+            x=max(phase1) + 0.5,
+            line_dash="dash",
+            line_color="gray",
+            annotation_text="fine-tuning starts",
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="epoch",
+        height=320,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    return fig
+
+
+def _progress_text(progress: dict) -> tuple[float, str]:
+    phase = progress.get("phase")
+    if not isinstance(phase, int):
+        return 0.0, f"{str(phase or 'starting').capitalize()}..."
+    epochs, batches = progress.get("epochs") or 1, progress.get("batches") or 1
+    epoch, batch = progress.get("epoch") or 1, progress.get("batch") or 0
+    done = ((epoch - 1) + batch / batches) / epochs
+    parts = [f"Epoch {epoch}/{epochs}", f"batch {batch}/{batches}"]
+    if progress.get("images_per_second"):
+        parts.append(f"{progress['images_per_second']:,.0f} images/s")
+    eta = progress.get("eta_seconds")
+    if eta is not None:
+        parts.append(f"ETA {eta / 60:.1f} min" if eta >= 90 else f"ETA {eta:.0f} s")
+    if phase == 2:
+        parts.insert(0, "fine-tuning")
+    return min(max(done, 0.0), 1.0), " · ".join(parts)
+
+
+def _run_view(run_id: str, run_dir: Path) -> None:
+    """Everything about one run; redrawn every second by the fragment while it is active."""
+    status = jobs.read_status(run_dir)
+    state = status["state"]
+    cache = _live(run_id, run_dir)
+    config = jobs.read_config(run_dir)
+    device = config.get("device") or {}
+    if device:
+        st.caption(
+            f"Device: {device.get('device', '?')} · backend {device.get('backend', '?')}"
+            + (f" · {config['precision']}" if config.get("precision") else "")
+            + (" · feature cache on" if config.get("feature_cache") else "")
+        )
+    if state == "queued":
+        position = status.get("position")
+        st.info(
+            f"Waiting for a free training slot (position {position} in the queue)."
+            if position
+            else "Starting the training process..."
+        )
+    elif state in ("running", "stopping"):
+        progress = cache["progress"] or {}
+        value, text = _progress_text(progress)
+        st.progress(
+            value, text=("Stopping after this batch · " if state == "stopping" else "") + text
+        )
+    elif state == "failed":
+        st.error(status.get("error") or "The training failed; see the log below.")
+    elif state == "interrupted":
+        st.warning(status.get("error"))
+    elif state == "done":
+        best = jobs.best_val_accuracy(cache["rows"])
+        what = "Stopped" if status.get("stopped") else "Done"
+        if best is not None:
+            epoch = status.get("best_epoch")
+            st.success(
+                f"{what}: best validation accuracy {best:.1%}"
+                + (f" (epoch {epoch})." if epoch else ".")
+            )
+        else:
+            st.success(f"{what}.")
+        st.page_link(
+            PAGE_FILES["evaluate"], label="Evaluate the model", icon=":material/fact_check:"
+        )
+    rows = cache["rows"]
+    if rows:
+        left, right = st.columns(2)
+        with left:
+            st.plotly_chart(_curve_figure(rows, "loss", "Loss"), key="train_loss_chart")
+        with right:
+            st.plotly_chart(_curve_figure(rows, "accuracy", "Accuracy"), key="train_accuracy_chart")
+    elif state in ("queued", "running", "stopping"):
+        st.caption("The curves appear when the first epoch finishes.")
+    with st.expander("Worker log"):
+        st.code(jobs.read_log_tail(run_dir) or "(empty)", language=None)
+    if state not in jobs.ACTIVE_STATES and st.session_state.get("_train_was_active") == run_id:
+        # The run just ended: rerun the whole page once so the buttons and polling update.
+        st.session_state.pop("_train_was_active", None)
+        st.rerun()
+    if state in jobs.ACTIVE_STATES:
+        st.session_state["_train_was_active"] = run_id
+
+
+def _show_picked_run() -> None:
+    picked = st.session_state["train_run_pick"]
+    remember(run_id=picked)
+    st.query_params["run"] = picked
+
+
+workspace = ensure_session()
 st.title("Train")
+manifest = require("dataset", "Upload a dataset first.", "dataset")
+base = require("base", "Choose a base model first.", "model")
+surgery = st.session_state.get("surgery") or {}
+
+# Which run to show: the link (?run=), else the remembered one.
+run_id = st.query_params.get("run") or st.session_state.get("run_id")
+run_dir: Path | None = None
+status: dict[str, Any] = {}
+if run_id:
+    try:
+        run_dir = run_path(workspace, run_id)
+        status = jobs.read_status(run_dir)
+    except RetrainError:
+        run_dir, run_id = None, None
+if run_id and st.query_params.get("run") != run_id:
+    st.query_params["run"] = run_id
+if run_id and st.session_state.get("run_id") != run_id:
+    remember(run_id=run_id)
+active = status.get("state") in jobs.ACTIVE_STATES
+
+with st.container(border=True):
+    st.subheader("Settings")
+    values = _config_form(manifest, base, surgery)
+    start, stop, resume = st.columns(3)
+    clicked_start = start.button(
+        "Start training", key="start_training", type="primary", disabled=active
+    )
+    clicked_stop = stop.button("Stop", key="stop_training", disabled=not active)
+    clicked_resume = False
+    if status.get("resumable"):
+        clicked_resume = resume.button("Resume from the last epoch", key="resume_training")
+
+try:
+    if clicked_start:
+        config = _build_config(manifest, base, surgery, values)
+        run_dir = jobs.start_run(config, workspace)
+        remember(run_id=run_dir.name)
+        st.query_params["run"] = run_dir.name
+        st.rerun()
+    if clicked_stop and run_dir is not None:
+        jobs.request_stop(run_dir)
+        st.toast("Stopping after the current batch; what was trained is kept.")
+    if clicked_resume and run_dir is not None:
+        jobs.resume_run(run_dir, workspace)
+        st.rerun()
+except RetrainError as err:
+    st.error(str(err))
+
+if run_id and run_dir is not None:
+    st.subheader(f"Run {run_id}")
+    if active:
+        st.fragment(run_every=1.0)(_run_view)(run_id, run_dir)
+    else:
+        _run_view(run_id, run_dir)
+
+runs = jobs.list_runs(workspace)
+if runs:
+    st.subheader("This session's runs")
+    st.dataframe(
+        [
+            {
+                "run": r["run_id"],
+                "state": r["state"],
+                "base": r["base"],
+                "epochs": f"{r['epochs_done']}/{r['epochs']}",
+                "best val accuracy": r["best_val_accuracy"],
+            }
+            for r in runs
+        ],
+        hide_index=True,
+        key="train_runs_table",
+    )
+    ids = [r["run_id"] for r in runs]
+    if run_id in ids:
+        st.session_state["train_run_pick"] = run_id
+    st.selectbox("Show run", ids, key="train_run_pick", on_change=_show_picked_run)

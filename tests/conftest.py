@@ -94,3 +94,170 @@ def make_zip(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+# --- Tiny trained models and fabricated run directories (evaluate / export / page tests) ---
+
+
+def write_image_folder(
+    root: Path,
+    classes: tuple[str, ...],
+    per_class: int = 8,
+    size: int = 16,
+    splits: tuple[str, ...] | None = None,
+    label_offset: int = 0,
+) -> Path:
+    """Write ``root/[split/]<class>/<i>.png`` learnable images (module-scope friendly)."""
+    for split in splits or (None,):
+        for label, cls in enumerate(classes):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                seed = i + (1000 if split in ("val", "test") else 0)
+                _class_image(label + label_offset, seed, size).save(folder / f"{i}.png")
+    return root
+
+
+def build_tiny_classifier(num_classes: int, size: int = 16, seed: int = 0, binary: bool = False):
+    """uint8 (size, size, 3) -> nested "features" model -> Dense head, like surgery builds."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3), dtype="uint8", name="pixels")
+    x = keras.layers.Rescaling(1 / 255, name="rescale")(inp)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    features = keras.Model(inp, x, name="features")
+    outer = keras.Input((size, size, 3), dtype="uint8", name="image")
+    h = features(outer, training=False)
+    if binary:
+        out = keras.layers.Dense(1, activation="sigmoid", name="predictions")(h)
+    else:
+        out = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
+    return keras.Model(outer, out, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: a run directory as train.py writes it, with a briefly trained tiny model.
+
+    ``make_run(workspace, classes=("cat","dog","owl"), per_class=8, binary=False,
+    state="done", epochs=8, base="")`` writes ``workspace/runs/<run_id>/`` (config.json, status.json,
+    metrics.jsonl, best.keras) over a folder dataset under ``workspace/data``.
+    """
+    import json
+    import time
+
+    def make(
+        workspace: Path,
+        classes: tuple[str, ...] = ("cat", "dog", "owl"),
+        per_class: int = 8,
+        binary: bool = False,
+        state: str = "done",
+        epochs: int = 8,
+        run_id: str = "run-test",
+        size: int = 16,
+        splits: tuple[str, ...] | None = None,
+        base: str = "",
+    ) -> Path:
+        import keras
+
+        from retrain import data
+        from retrain.modelfile import save_model
+
+        folder = write_image_folder(
+            Path(workspace) / "data" / run_id, classes, per_class, size, splits=splits
+        )
+        dataset = data.ingest(folder, Path(workspace))
+        cache = data.load_images(dataset, "train", (size, size), "squash")
+        labels = np.asarray(cache.labels)
+        train_idx, val_idx = data.stratified_split(labels, 0.25, 0)
+        model = build_tiny_classifier(len(classes), size, binary=binary)
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.02),
+            loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        y = labels.astype("float32")[:, None] if binary else labels
+        history = model.fit(
+            np.asarray(cache.images)[train_idx], y[train_idx], epochs=epochs, verbose=0
+        )
+        run_dir = Path(workspace) / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "class_names": list(dataset.class_names),
+            "image_size": [size, size],
+            "resize_mode": "squash",
+            "base": base,
+            "loss": "binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+            "label_encoding": "binary" if binary else "index",
+        }
+        config = {
+            "data": str(folder),
+            "base": base,
+            "out": str(run_dir),
+            "epochs": epochs,
+            "lr": 0.02,
+            "val_split": 0.25,
+            "seed": 0,
+            "resize_mode": "squash",
+            "freeze": "all",
+            "run_id": run_id,
+            "dataset_id": dataset.dataset_id,
+            "dataset_name": dataset.name,
+            "class_names": list(dataset.class_names),
+            "image_size_used": [size, size],
+            **{k: meta[k] for k in ("loss", "label_encoding")},
+        }
+        (run_dir / "config.json").write_text(json.dumps(config))
+        now = time.time()
+        (run_dir / "status.json").write_text(
+            json.dumps({"state": state, "started": now - 30, "finished": now, "pid": None})
+        )
+        rows = [
+            {
+                "epoch": e + 1,
+                "phase": 1,
+                "loss": float(history.history["loss"][e]),
+                "accuracy": float(history.history["accuracy"][e]),
+                "val_loss": float(history.history["loss"][e]) * 1.1,
+                "val_accuracy": float(history.history["accuracy"][e]) * 0.95,
+                "seconds": 0.5,
+            }
+            for e in range(epochs)
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        save_model(model, run_dir / "best.keras", meta)
+        return run_dir
+
+    return make
+
+
+# --- The built-in starter model, trained once per test session (model / surgery / page tests) ---
+
+
+@pytest.fixture(scope="session")
+def builtin_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Keras home holding the built-in digits model, trained once for the whole session."""
+    from retrain import models
+
+    home = tmp_path_factory.mktemp("keras_home")
+    old = os.environ.get("KERAS_HOME")
+    os.environ["KERAS_HOME"] = str(home)
+    try:
+        models.ensure_builtin("digits-cnn")
+    finally:
+        if old is None:
+            os.environ.pop("KERAS_HOME", None)
+        else:
+            os.environ["KERAS_HOME"] = old
+    return home
+
+
+@pytest.fixture
+def keras_cache(builtin_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point keras_home() at the session's Keras home (the built-in model is already there)."""
+    monkeypatch.setenv("KERAS_HOME", str(builtin_home))
+    return builtin_home

@@ -1,0 +1,49 @@
+# Retrain Studio as a container: `docker build -t retrain-studio .`
+#   docker run -p 8501:8501 -v retrain-data:/data retrain-studio
+# GPU: `docker build --build-arg GPU=1 -t retrain-studio:gpu .`, then `docker run --gpus all ...`
+# Hugging Face Spaces (Docker SDK) and the other recipes: docs/deploy.md.
+FROM python:3.11-slim
+
+# GPU=1 installs tensorflow[and-cuda] (CUDA/cuDNN as pip wheels); the host needs the NVIDIA
+# driver and the NVIDIA Container Toolkit.
+ARG GPU=0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    RETRAIN_HOME=/data \
+    KERAS_HOME=/data/keras \
+    RETRAIN_MAX_WORKERS=1 \
+    RETRAIN_SESSION_TTL_HOURS=24 \
+    STREAMLIT_SERVER_HEADLESS=true \
+    STREAMLIT_BROWSER_GATHER_USAGE_STATS=false
+
+# Hugging Face Spaces runs containers as uid 1000; use the same user everywhere.
+RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app \
+    && mkdir -p /data/keras \
+    && chown -R app:app /data
+
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install --upgrade pip \
+    && pip install -r requirements.txt \
+    && if [ "$GPU" = "1" ]; then \
+         pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow==//p' requirements.txt)"; \
+       fi
+
+COPY --chown=app:app .streamlit ./.streamlit
+COPY --chown=app:app retrain ./retrain
+COPY --chown=app:app pages ./pages
+COPY --chown=app:app app.py ./
+
+USER app
+# Sessions, uploads, runs and the Keras cache (ImageNet weights, starter model) live here.
+VOLUME ["/data"]
+EXPOSE 8501
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8501/_stcore/health', timeout=4)"]
+
+CMD ["streamlit", "run", "app.py", "--server.port=8501", "--server.address=0.0.0.0"]

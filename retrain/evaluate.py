@@ -1,0 +1,768 @@
+"""How good a model really is: metrics, mistakes, forgetting, predictions.
+
+Every number comes from ``sklearn.metrics`` applied to the model's class probabilities, so
+anyone can recompute the report from the predictions. The code uses Keras 3 only (no
+``tf.*``), so it runs with any Keras backend; Keras is imported inside the functions.
+
+Class folders of the data are matched to the model's class names *by name*: a test folder
+may hold a subset of the model's classes (e.g. only the hard ones), but a folder the model
+does not know is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrain import modelfile
+from retrain.errors import ConfigError, DatasetError, ModelError, RunError
+
+DEFAULT_TOP_K = 3
+_BATCH = 64
+# Preprocessing of an original (un-retrained) base model, keyed like models.PREPROCESSING.
+_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Loading models and data
+# --------------------------------------------------------------------------------------
+
+
+def run_model_path(run_dir: str | Path) -> Path:
+    """Return the model file of a run: ``best.keras`` (best by validation), else ``model.keras``.
+
+    Raises:
+        RunError: the run has no saved model yet.
+    """
+    run_dir = Path(run_dir)
+    for name in ("best.keras", "model.keras"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise RunError(
+        f"Run '{run_dir.name}' has no saved model (best.keras/model.keras). "
+        "Wait for an epoch to finish or start a new run."
+    )
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """Return a run's ``config.json``.
+
+    Raises:
+        RunError: the folder is not a run directory.
+    """
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(
+            f"'{run_dir}' is not a run directory (no readable config.json). "
+            "Pass the folder that `train` wrote."
+        ) from err
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, mtime_ns: int) -> tuple[Any, dict[str, Any]]:
+    return modelfile.load_model(path)
+
+
+def load_model(model_path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Load a saved model and its metadata, reusing the last loads of the same unchanged file.
+
+    Raises:
+        ModelError: the file is missing or not a loadable .keras file.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"No model file at '{path}'. Train a model first or check the path.")
+    return _load_cached(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def model_class_names(model: Any, meta: dict[str, Any], model_path: str | Path) -> list[str]:
+    """The class names stored with a model.
+
+    Raises:
+        ModelError: the model has no class names, or not one per output.
+    """
+    names = meta.get("class_names")
+    if not names:
+        raise ModelError(
+            f"'{Path(model_path).name}' has no class names in its metadata. "
+            "Use a model saved by Retrain Studio (a run's best.keras or an export)."
+        )
+    outputs = int(model.output_shape[-1])
+    binary = meta.get("label_encoding") == "binary" and outputs == 1
+    if not binary and outputs != len(names):
+        raise ModelError(
+            f"'{Path(model_path).name}' has {outputs} outputs but {len(names)} class names. "
+            "Use a model saved by Retrain Studio."
+        )
+    return list(names)
+
+
+def model_image_size(model: Any, meta: dict[str, Any]) -> tuple[int, int]:
+    """The (H, W) images are resized to for ``model``.
+
+    Raises:
+        ModelError: neither the metadata nor the input shape says it.
+    """
+    size = meta.get("image_size")
+    if size:
+        return int(size[0]), int(size[1])
+    shape = model.input_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    if len(shape) == 4 and shape[1] and shape[2]:
+        return int(shape[1]), int(shape[2])
+    raise ModelError(
+        "The model does not say which image size it takes (no image_size in its metadata, "
+        "no fixed input shape). Use a model saved by Retrain Studio."
+    )
+
+
+def resolve_dataset(source: Any, workspace: str | Path | None = None) -> Any:
+    """Return a ``data.Dataset`` for a Dataset, a manifest.json, a zip or a folder.
+
+    Raises:
+        DatasetError: the source is not usable data.
+    """
+    from retrain import data
+
+    if isinstance(source, data.Dataset):
+        return source
+    path = Path(source)
+    if path.name == "manifest.json" and path.is_file():
+        return data.load_dataset(path)
+    if not path.exists():
+        raise DatasetError(f"No data at '{path}'. Pass a zip or a folder of class folders.")
+    if workspace is None:
+        from retrain.workspace import home
+
+        workspace = home()
+    return data.ingest(path, Path(workspace))
+
+
+def available_splits(dataset: Any) -> list[str]:
+    """The splits a dataset has, in the order they are preferred for scoring."""
+    return [s for s in ("test", "val", "train") if dataset.splits.get(s)]
+
+
+def _default_split(dataset: Any) -> str:
+    for name in ("test", "val"):
+        if dataset.splits.get(name):
+            return name
+    return "all"
+
+
+def load_split(dataset: Any, split: str, image_size: tuple[int, int], resize_mode: str):
+    """(images uint8 (N,H,W,3), labels into dataset.class_names, absolute paths)."""
+    from retrain import data
+
+    names = [s for s in dataset.splits if dataset.splits[s]] if split == "all" else [split]
+    if split != "all" and not dataset.splits.get(split):
+        have = ", ".join(available_splits(dataset)) or "none"
+        raise ConfigError(
+            f"The data has no '{split}' split (it has: {have}). Pick one of those or 'all'."
+        )
+    images, labels, paths = [], [], []
+    for name in names:
+        cache = data.load_images(dataset, name, tuple(image_size), resize_mode)
+        images.append(np.asarray(cache.images))
+        labels.append(np.asarray(cache.labels, dtype=np.int64))
+        paths.extend(str(Path(dataset.root) / p) for p in cache.paths)
+    return np.concatenate(images), np.concatenate(labels), paths
+
+
+def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> np.ndarray:
+    """Map each data class (by position) to the model's output index, matching by name.
+
+    A subset of the model's classes is allowed; a data class the model does not know is not.
+
+    Raises:
+        ConfigError: some data class folders are not among the model's classes.
+    """
+    index = {name: i for i, name in enumerate(model_classes)}
+    unknown = [name for name in data_classes if name not in index]
+    if unknown:
+        shown = ", ".join(f"'{n}'" for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        known = ", ".join(f"'{n}'" for n in list(model_classes)[:8])
+        more = " ..." if len(model_classes) > 8 else ""
+        raise ConfigError(
+            f"Class folders {shown} are not classes of the model (it knows {known}{more}). "
+            "Name the folders after the model's classes."
+        )
+    return np.array([index[name] for name in data_classes], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Predictions and metrics
+# --------------------------------------------------------------------------------------
+
+
+def raw_outputs(model: Any, images: np.ndarray, batch_size: int = _BATCH) -> np.ndarray:
+    """Run ``model`` on ``images`` in batches; return its outputs as a float numpy array."""
+    if len(images) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
+    parts = [
+        np.asarray(model.predict_on_batch(images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def class_probabilities(outputs: np.ndarray, label_encoding: str | None = "index") -> np.ndarray:
+    """Turn a model's outputs into class probabilities (N, C), float64, rows summing to 1.
+
+    A binary sigmoid model (``label_encoding == "binary"``, one output unit = P(class 1))
+    becomes two columns ``[1 - p, p]``.
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim == 1:
+        out = out[:, None]
+    if label_encoding == "binary" or out.shape[1] == 1:
+        p = np.clip(out[:, 0], 0.0, 1.0)
+        out = np.stack([1.0 - p, p], axis=1)
+    out = np.clip(out, 0.0, None)
+    sums = out.sum(axis=1, keepdims=True)
+    sums[sums == 0] = 1.0
+    return out / sums
+
+
+def score(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    paths: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The metrics report of class probabilities ``probs`` against true labels ``y_true``.
+
+    ``y_true`` indexes ``class_names`` (the model's classes). Per-class rows and the
+    macro/weighted averages cover the classes present in the data; the confusion matrix
+    covers every class of the model (rows of absent classes are zero).
+    """
+    from sklearn import metrics
+
+    n_classes = len(class_names)
+    all_labels = list(range(n_classes))
+    present = sorted({int(y) for y in y_true})
+    y_pred = probs.argmax(axis=1)
+    report: dict[str, Any] = {
+        "num_images": len(y_true),
+        "class_names": list(class_names),
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+        "loss": float(metrics.log_loss(y_true, probs, labels=all_labels)),
+    }
+    p, r, f, s = metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=present, zero_division=0
+    )
+    report["per_class"] = {
+        class_names[c]: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(s[i]),
+        }
+        for i, c in enumerate(present)
+    }
+    for average in ("macro", "weighted"):
+        p, r, f, _ = metrics.precision_recall_fscore_support(
+            y_true, y_pred, labels=present, average=average, zero_division=0
+        )
+        report[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    report["confusion_matrix"] = metrics.confusion_matrix(
+        y_true, y_pred, labels=all_labels
+    ).tolist()
+    if n_classes > DEFAULT_TOP_K:
+        report["top_k"] = {
+            "k": DEFAULT_TOP_K,
+            "accuracy": float(
+                metrics.top_k_accuracy_score(y_true, probs, k=DEFAULT_TOP_K, labels=all_labels)
+            ),
+        }
+    confidence = probs[np.arange(len(y_pred)), y_pred]
+    wrong = np.flatnonzero(y_pred != y_true)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    report["misclassified"] = [
+        {
+            "path": paths[i] if paths is not None else str(i),
+            "true": class_names[int(y_true[i])],
+            "predicted": class_names[int(y_pred[i])],
+            "confidence": float(confidence[i]),
+        }
+        for i in wrong
+    ]
+    return report
+
+
+def _with_predictions(report: dict, y_true, probs, paths, class_names) -> dict:
+    y_pred = probs.argmax(axis=1)
+    report["predictions"] = [
+        {
+            "path": paths[i],
+            "true": class_names[int(y_true[i])],
+            "predicted": class_names[int(y_pred[i])],
+            "confidence": float(probs[i, y_pred[i]]),
+        }
+        for i in range(len(y_true))
+    ]
+    return report
+
+
+def evaluate_model(
+    model_path: str | Path,
+    dataset: Any,
+    split: str | None = None,
+    *,
+    workspace: str | Path | None = None,
+    include_predictions: bool = False,
+) -> dict[str, Any]:
+    """Score a saved model on labelled images; the `evaluate` CLI JSON.
+
+    Args:
+        model_path: a .keras file saved by Retrain Studio (raw uint8 in, probabilities out).
+        dataset: a ``data.Dataset``, a manifest.json, a zip or a folder of class folders.
+        split: "test", "val", "train" or "all"; default test, else val, else all images.
+        workspace: where a zip is extracted (default: the home folder).
+        include_predictions: also return ``predictions``, one record per image (for the
+            confusion-matrix drill-down).
+
+    Returns:
+        accuracy, loss (log loss), class_names, per_class {name: precision, recall, f1,
+        support}, macro, weighted, confusion_matrix (rows true, columns predicted, in the
+        model's class order), top_k (k=3, only with more than 3 classes), misclassified
+        (most confidently wrong first), plus split and num_images.
+
+    Raises:
+        ModelError: the model cannot be loaded or has no class names.
+        ConfigError: class folders do not match the model's classes, or no such split.
+        DatasetError: the data cannot be read.
+    """
+    model, meta = load_model(model_path)
+    class_names = model_class_names(model, meta, model_path)
+    ds = resolve_dataset(dataset, workspace)
+    mapping = match_classes(class_names, ds.class_names)
+    split = split or _default_split(ds)
+    size = model_image_size(model, meta)
+    images, labels, paths = load_split(ds, split, size, meta.get("resize_mode", "squash"))
+    if len(images) == 0:
+        raise DatasetError(f"The '{split}' split has no images. Pick another split.")
+    y_true = mapping[labels]
+    probs = class_probabilities(raw_outputs(model, images), meta.get("label_encoding"))
+    report = score(y_true, probs, class_names, paths)
+    report["split"] = split
+    if include_predictions:
+        _with_predictions(report, y_true, probs, paths, class_names)
+    return report
+
+
+def run_dataset(run_dir: str | Path, config: dict[str, Any] | None = None) -> Any:
+    """The ``data.Dataset`` a run was trained on.
+
+    Raises:
+        RunError: the run's data can no longer be found.
+    """
+    from retrain import data
+
+    run_dir = Path(run_dir)
+    config = config if config is not None else read_run_config(run_dir)
+    candidates = [config.get("manifest"), config.get("manifest_path")]
+    dataset_info = config.get("dataset")
+    if isinstance(dataset_info, dict):
+        candidates += [dataset_info.get("manifest"), dataset_info.get("manifest_path")]
+    workspace = run_dir.parent.parent if run_dir.parent.name == "runs" else None
+    if workspace is not None and config.get("dataset_id"):
+        candidates.append(workspace / "datasets" / str(config["dataset_id"]) / "manifest.json")
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return data.load_dataset(candidate)
+    source = config.get("data")
+    if source and Path(source).exists():
+        # Same content -> same dataset id, so this reuses the extraction and the image cache.
+        return resolve_dataset(source, workspace)
+    raise RunError(
+        f"The data of run '{run_dir.name}' ({source}) is gone. "
+        "Evaluate the model on a test zip or folder instead."
+    )
+
+
+def validation_indices(
+    dataset: Any, config: dict[str, Any], train_labels: np.ndarray
+) -> np.ndarray | None:
+    """Indices into the train split that the run held out for validation.
+
+    Returns None when the data has its own val split (the run validated on that). The split
+    is recomputed exactly as training did: ``data.stratified_split`` of the train cache's
+    labels with the run's val_split and seed.
+
+    Raises:
+        ConfigError: the run held out nothing (val_split 0).
+    """
+    from retrain import data
+
+    if dataset.splits.get("val"):
+        return None
+    val_fraction = float(config.get("val_split") or 0)
+    if val_fraction <= 0:
+        raise ConfigError(
+            "The run held out no validation images (val_split 0). "
+            "Evaluate it on a separate test zip or folder."
+        )
+    _, val = data.stratified_split(
+        np.asarray(train_labels), val_fraction, int(config.get("seed", 42))
+    )
+    return np.sort(np.asarray(val))
+
+
+def run_images(
+    run_dir: str | Path, config: dict[str, Any], meta: dict[str, Any], model: Any, split: str
+):
+    """A run's images for ``split`` ("val" = held out in training): (images, labels, paths).
+
+    Labels index the dataset's class names.
+    """
+    dataset = run_dataset(run_dir, config)
+    size = model_image_size(model, meta)
+    resize_mode = meta.get("resize_mode", config.get("resize_mode", "squash"))
+    if split != "val" or dataset.splits.get("val"):
+        return dataset, *load_split(dataset, split, size, resize_mode)
+    images, labels, paths = load_split(dataset, "train", size, resize_mode)
+    held_out = validation_indices(dataset, config, labels)
+    return dataset, images[held_out], labels[held_out], [paths[i] for i in held_out]
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str | None = None, *, include_predictions: bool = True
+) -> dict[str, Any]:
+    """Score a run's model on its own data: the validation images (default) or another split.
+
+    "val" is the data's own val split, or else the images the run held out of train (same
+    fraction and seed as in training), so the numbers match the run's val_accuracy.
+
+    Raises:
+        RunError: no model or no data for the run.
+        ConfigError: no such split.
+    """
+    run_dir = Path(run_dir)
+    model_path = run_model_path(run_dir)
+    config = read_run_config(run_dir)
+    model, meta = load_model(model_path)
+    class_names = model_class_names(model, meta, model_path)
+    split = split or "val"
+    dataset, images, labels, paths = run_images(run_dir, config, meta, model, split)
+    mapping = match_classes(class_names, dataset.class_names)
+    if len(images) == 0:
+        raise DatasetError(f"The '{split}' split of this run has no images. Pick another split.")
+    y_true = mapping[labels]
+    probs = class_probabilities(raw_outputs(model, images), meta.get("label_encoding"))
+    report = score(y_true, probs, class_names, paths)
+    report["split"] = split
+    report["model_file"] = model_path.name
+    if include_predictions:
+        _with_predictions(report, y_true, probs, paths, class_names)
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Forgetting
+# --------------------------------------------------------------------------------------
+
+
+def preprocess_for(images: np.ndarray, preprocessing: str, input_dtype: str) -> np.ndarray:
+    """Apply a base model's own preprocessing (models.PREPROCESSING keys) to uint8 images."""
+    if "int" in str(input_dtype):
+        return images
+    x = images.astype(np.float32)
+    if preprocessing == "tf":
+        return x / 127.5 - 1.0
+    if preprocessing == "torch":
+        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+    if preprocessing == "unit":
+        return x / 255.0
+    return x  # "inside" and "raw": the model takes 0-255
+
+
+def _leaf_layers(model: Any) -> list[Any]:
+    """Every non-container layer of ``model``, nested models flattened."""
+    out = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(_leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _find_features(model: Any) -> Any | None:
+    for layer in model.layers:
+        if layer.name == "features" and hasattr(layer, "layers"):
+            return layer
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            found = _find_features(layer)
+            if found is not None:
+                return found
+    return None
+
+
+def transplant_weights(source_features: Any, target: Any) -> dict[str, int]:
+    """Copy the weights of ``source_features``' layers into ``target``'s layers of the same name.
+
+    Returns:
+        counts: copied (layers with weights copied) and changed (of those, how many differ
+        from what ``target`` had).
+    """
+    targets = {layer.name: layer for layer in _leaf_layers(target)}
+    copied = changed = 0
+    for layer in _leaf_layers(source_features):
+        weights = layer.get_weights()
+        other = targets.get(layer.name)
+        if not weights or other is None:
+            continue
+        old = other.get_weights()
+        if len(old) != len(weights) or any(
+            a.shape != b.shape for a, b in zip(old, weights, strict=True)
+        ):
+            continue
+        if any(not np.array_equal(a, b) for a, b in zip(old, weights, strict=True)):
+            changed += 1
+            other.set_weights(weights)
+        copied += 1
+    return {"copied": copied, "changed": changed}
+
+
+def forgetting(
+    original_spec: str, run_dir: str | Path, old_data: Any, workspace: str | Path
+) -> dict[str, Any]:
+    """Measure catastrophic forgetting: the original task scored before and after retraining.
+
+    The original model (with its original head) is scored on the original task's data; then
+    the retrained run's kept base layers are copied into a fresh copy of the original model
+    by layer name and the same data is scored again.
+
+    Args:
+        original_spec: the BASE string of the original model (``models.load_base`` syntax).
+        run_dir: the retraining run (its best.keras/model.keras holds a nested "features"
+            model whose layers keep the original names).
+        old_data: the original task's data (Dataset, zip, folder or manifest.json); class
+            folders are matched by name to the original head's classes.
+        workspace: where zips are extracted and models cached.
+
+    Returns:
+        before, after (accuracies), drop (before - after), note, plus num_images,
+        layers_copied and layers_changed.
+
+    Raises:
+        ModelError: the original model has no head of its own or no class names.
+        ConfigError: the data's classes are not the original head's classes.
+        RunError: the run has no model, or no "features" part to copy from.
+    """
+    from retrain import models
+
+    run_dir = Path(run_dir)
+    base = models.load_base(original_spec, workspace=Path(workspace))
+    if not base.has_original_head or not base.class_names:
+        raise ModelError(
+            f"'{base.name}' has no classifier head with known class names, so there is no "
+            "original task to check. The forgetting check needs the original model's head."
+        )
+    run_path = run_model_path(run_dir)
+    run_model, run_meta = load_model(run_path)
+    features = _find_features(run_model)
+    if features is None:
+        raise RunError(
+            f"'{run_path.name}' has no 'features' part to copy from. "
+            "Use a run trained by Retrain Studio."
+        )
+    dataset = resolve_dataset(old_data, workspace)
+    mapping = match_classes(base.class_names, dataset.class_names)
+    config = read_run_config(run_dir) if (run_dir / "config.json").is_file() else {}
+    size = base.input_size or model_image_size(run_model, run_meta)
+    resize_mode = run_meta.get("resize_mode", config.get("resize_mode", "squash"))
+    images, labels, _ = load_split(dataset, _default_split(dataset), size, resize_mode)
+    y_true = mapping[labels]
+    original = base.model
+    input_dtype = getattr(original.inputs[0], "dtype", "float32")
+    x = preprocess_for(images, base.preprocessing, input_dtype)
+
+    def accuracy(model: Any) -> float:
+        from sklearn.metrics import accuracy_score
+
+        probs = class_probabilities(raw_outputs(model, x), "index")
+        return float(accuracy_score(y_true, probs.argmax(axis=1)))
+
+    before = accuracy(original)
+    # A second, independent copy of the original, so the caller's cached model stays intact.
+    retrained = models.load_base(original_spec, workspace=Path(workspace)).model
+    counts = transplant_weights(features, retrained)
+    if counts["copied"] == 0:
+        raise RunError(
+            f"No layer of run '{run_dir.name}' matches a layer of '{base.name}' by name. "
+            "Pick the original model the run was retrained from."
+        )
+    after = accuracy(retrained)
+    drop = before - after
+    if counts["changed"] == 0:
+        note = (
+            f"The base stayed frozen: all {counts['copied']} kept layers are unchanged, so the "
+            "original task keeps its accuracy (drop 0 by construction)."
+        )
+    else:
+        note = (
+            f"{counts['changed']} of {counts['copied']} kept layers changed in retraining; "
+            f"with the original head re-attached, accuracy on the original task went from "
+            f"{before:.1%} to {after:.1%} ({'a drop' if drop > 0 else 'a change'} of "
+            f"{abs(drop):.1%})."
+        )
+    return {
+        "before": before,
+        "after": after,
+        "drop": drop,
+        "note": note,
+        "num_images": len(y_true),
+        "layers_copied": counts["copied"],
+        "layers_changed": counts["changed"],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Predict and Grad-CAM
+# --------------------------------------------------------------------------------------
+
+
+def _image_array(image: Any, size: tuple[int, int], resize_mode: str) -> np.ndarray:
+    from retrain import data
+
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, str | Path) and not Path(image).is_file():
+        raise DatasetError(f"No image at '{image}'. Check the path.")
+    return data.load_image_file(image, size, resize_mode)
+
+
+def predict(
+    model_path: str | Path, images: Sequence[Any], top_k: int = DEFAULT_TOP_K
+) -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for each image.
+
+    Args:
+        model_path: a .keras file saved by Retrain Studio.
+        images: image paths (or open image files); decoded and resized exactly like the
+            training cache (``data.load_image_file`` with the model's size and resize mode).
+        top_k: how many classes per image (capped at the number of classes).
+
+    Returns:
+        one ``{"path", "top_k": [{"class", "probability"}, ...]}`` per image, best first.
+
+    Raises:
+        ConfigError: top_k < 1 or no images.
+        ModelError: the model cannot be loaded or has no class names.
+        DatasetError: an image is missing or unreadable.
+    """
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}.")
+    if not images:
+        raise ConfigError("No images given. Pass one or more image files.")
+    model, meta = load_model(model_path)
+    class_names = model_class_names(model, meta, model_path)
+    size = model_image_size(model, meta)
+    resize_mode = meta.get("resize_mode", "squash")
+    batch = np.stack([_image_array(img, size, resize_mode) for img in images])
+    probs = class_probabilities(raw_outputs(model, batch), meta.get("label_encoding"))
+    k = min(top_k, len(class_names))
+    results = []
+    for image, row in zip(images, probs, strict=True):
+        order = np.argsort(-row, kind="stable")[:k]
+        results.append(
+            {
+                "path": str(image) if isinstance(image, str | Path) else getattr(image, "name", ""),
+                "top_k": [{"class": class_names[i], "probability": float(row[i])} for i in order],
+            }
+        )
+    return results
+
+
+def _last_spatial_layer(features: Any) -> Any | None:
+    """The last layer of ``features`` whose output is a spatial map (batch, H, W, C)."""
+    for layer in reversed(features.layers):
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4 and (shape[1] or 0) > 1 and (shape[2] or 0) > 1:
+            return layer
+    return None
+
+
+def grad_cam(model_path: str | Path, image: Any, class_index: int | None = None) -> Any:
+    """Grad-CAM heatmap (H', W') in [0, 1] for one image, or None where it does not apply.
+
+    The map is taken at the last spatial (conv) layer of the model's "features" part and
+    weighted by the gradient of the class score. It needs the TensorFlow backend (gradients
+    are backend-specific); elsewhere, and for bases without a spatial map, it returns None.
+
+    Args:
+        model_path: a .keras file saved by Retrain Studio.
+        image: an image path (or an uint8 array at the model's size).
+        class_index: the class to explain; default the predicted one.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    model, meta = load_model(model_path)
+    features = _find_features(model)
+    if features is None:
+        return None
+    spatial = _last_spatial_layer(features)
+    if spatial is None:
+        return None
+    position = model.layers.index(features)
+    head_layers = model.layers[position + 1 :]
+    probe = keras.Model(features.input, [spatial.output, features.output])
+    size = model_image_size(model, meta)
+    x = _image_array(image, size, meta.get("resize_mode", "squash"))[None]
+    with tf.GradientTape() as tape:
+        fmap, out = probe(x, training=False)
+        for layer in head_layers:
+            out = layer(out, training=False)
+        if out.shape[-1] == 1:
+            positive = class_index == 1 if class_index is not None else float(out[0, 0]) >= 0.5
+            target = out[:, 0] if positive else 1 - out[:, 0]
+        else:
+            idx = int(class_index) if class_index is not None else int(tf.argmax(out[0]))
+            target = out[:, idx]
+    grads = tape.gradient(target, fmap)
+    if grads is None:
+        return None
+    weights = tf.reduce_mean(grads, axis=(1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(fmap * weights[:, None, None, :], axis=-1))[0].numpy()
+    peak = float(cam.max())
+    return cam / peak if peak > 0 and math.isfinite(peak) else cam
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def cli_evaluate(args: Any) -> dict[str, Any]:
+    """`python -m retrain evaluate --model MODEL.keras --data DATA [--split S]`."""
+    return evaluate_model(args.model, args.data, args.split, workspace=args.workspace)
+
+
+def cli_forgetting(args: Any) -> dict[str, Any]:
+    """`python -m retrain forgetting --original MODEL --run RUN_DIR --data OLD_DATA`."""
+    return forgetting(args.original, args.run, args.data, args.workspace)
+
+
+def cli_predict(args: Any) -> list[dict[str, Any]]:
+    """`python -m retrain predict --model MODEL.keras IMAGE...`."""
+    return predict(args.model, list(args.images), args.top_k)

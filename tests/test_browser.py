@@ -1,0 +1,468 @@
+"""The whole flow in a real browser: Playwright drives Debian's Chromium against `streamlit run`.
+
+Upload a zip through the real file input -> pick the built-in starter model and see its layers
+-> replace the head -> train 2 epochs and watch the chart grow while the page stays interactive
+-> see the confusion matrix -> download the .keras export.
+
+A screenshot of every step lands in ``test-artifacts/browser/`` (with the server's log); when
+the test fails it prints that folder. Playwright's own browser download does not work on these
+machines, so the test uses ``/usr/bin/chromium`` (``.ci/run`` installs the Debian package) and
+skips only when that binary is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CLASSES = ("circle", "square", "triangle")
+IMAGES_PER_CLASS = 12  # >= 10, so the dataset carries no "too few images" warning
+EPOCHS = 2
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="Debian chromium (/usr/bin/chromium) is not installed; .ci/run installs it",
+    ),
+]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(home: Path, log_path: Path, extra_env: dict[str, str] | None = None):
+    """Start ``streamlit run app.py`` on a free loopback port; return ``(process, url)``.
+
+    Waits for ``/_stcore/health``; raises ``RuntimeError`` with the log's tail if the server
+    does not come up within 60 s.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
+    env.update(
+        RETRAIN_HOME=str(home),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONUNBUFFERED="1",
+        **(extra_env or {}),
+    )
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "streamlit", "run", "app.py",
+            "--server.headless", "true",
+            "--server.port", str(port),
+            "--server.address", "127.0.0.1",
+            "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none",
+        ],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2) as resp,
+        ):
+            if resp.status == 200:
+                return proc, url
+        time.sleep(0.2)
+    stop_app(proc)
+    raise RuntimeError(f"streamlit did not come up on {url}:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (training workers included)."""
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except (ImportError, OSError):
+        children = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    for child in children:
+        with contextlib.suppress(OSError):
+            child.kill()
+
+
+def launch_chromium(playwright):
+    """Debian's Chromium, headless, with nothing that reaches beyond loopback."""
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    )
+
+
+# --------------------------------------------------------------------------- page helpers
+
+
+def wait_idle(page, timeout: float = 60.0) -> None:
+    """Wait until the app is connected and no script run is in progress.
+
+    Streamlit marks its root with ``data-test-script-state`` / ``data-test-connection-state``;
+    a script run in progress also shows ``stStatusWidget`` (the "Running..." man). Waits for
+    three consecutive quiet polls so a rerun that starts right after a widget event is seen.
+    """
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        state = page.evaluate(
+            """() => {
+                const app = document.querySelector('[data-testid="stApp"]');
+                if (!app) return 'absent';
+                const running = app.getAttribute('data-test-script-state') === 'running'
+                    || !!document.querySelector('[data-testid="stStatusWidget"] svg, '
+                        + '[data-testid="stStatusWidgetRunningIcon"], '
+                        + '[data-testid="stStatusWidgetRunningManIcon"]');
+                const spinning = !!document.querySelector('[data-testid="stSpinner"]');
+                const connected = app.getAttribute('data-test-connection-state');
+                if (connected && connected !== 'CONNECTED') return 'disconnected';
+                return running || spinning ? 'running' : 'idle';
+            }"""
+        )
+        quiet = quiet + 1 if state == "idle" else 0
+        if quiet >= 3:
+            return
+        page.wait_for_timeout(150)
+    raise TimeoutError(f"the app did not become idle within {timeout:.0f} s")
+
+
+def assert_no_exception(page) -> None:
+    """Fail with the traceback text when a page shows a Streamlit exception box."""
+    boxes = page.locator('[data-testid="stException"]')
+    if boxes.count():
+        raise AssertionError("the page shows an exception:\n" + boxes.first.inner_text()[:2000])
+
+
+def main_text(page) -> str:
+    return page.locator('[data-testid="stMain"]').inner_text()
+
+
+def wait_for_text(page, pattern: str, timeout: float = 60.0, where: str = "main") -> str:
+    """Wait until the main area's text matches ``pattern`` (regex); return that text."""
+    rx = re.compile(pattern, re.I | re.S)
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        assert_no_exception(page)
+        text = main_text(page) if where == "main" else page.inner_text("body")
+        if rx.search(text):
+            return text
+        page.wait_for_timeout(250)
+    raise AssertionError(
+        f"no text matching {pattern!r} within {timeout:.0f} s; saw:\n{text[-1500:]}"
+    )
+
+
+def go_to(page, title: str) -> None:
+    """Click a step in the sidebar navigation and wait for the page to settle."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
+    wait_idle(page)
+    assert_no_exception(page)
+
+
+def widget(page, key: str):
+    """The container of the widget created with ``key=`` (Streamlit adds ``st-key-<key>``)."""
+    return page.locator(f".st-key-{key}")
+
+
+def keyed(page, key: str, testid: str):
+    """The element ``testid`` of the widget/element created with ``key=`` (on it or inside)."""
+    return page.locator(
+        f'.st-key-{key}[data-testid="{testid}"], .st-key-{key} [data-testid="{testid}"]'
+    ).first
+
+
+def plotly_traces(page) -> list[dict]:
+    """Type and x/z sizes of every trace of every Plotly chart on the page."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll(
+                '[data-testid="stPlotlyChart"] .js-plotly-plot'))
+            .flatMap((plot, i) => (plot.data || []).map(t => ({
+                chart: i,
+                type: t.type || 'scatter',
+                name: t.name || '',
+                n: t.x ? t.x.length : (t.y ? t.y.length : 0),
+                x: t.x ? Array.from(t.x).slice(0, 50) : [],
+                z: t.z ? t.z.length : 0,
+            })))"""
+    )
+
+
+def max_epochs_drawn(page) -> int:
+    """The largest number of epochs any line chart on the page shows."""
+    lines = [t for t in plotly_traces(page) if t["type"] in ("scatter", "scattergl")]
+    return max((t["n"] for t in lines), default=0)
+
+
+def screenshot(page, name: str) -> Path:
+    """Save the whole main area (Streamlit scrolls inside it, so grow the viewport first)."""
+    path = ARTIFACTS / f"{name}.png"
+    height = page.evaluate(
+        """() => {
+            const main = document.querySelector('[data-testid="stMain"]');
+            return main ? main.scrollHeight : document.body.scrollHeight;
+        }"""
+    )
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": max(800, min(int(height), 5000))})
+    page.wait_for_timeout(300)  # let charts re-layout to the new size
+    page.screenshot(path=str(path))
+    page.set_viewport_size(size)
+    return path
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def shapes_zip(
+    path: Path, classes: tuple[str, ...] = CLASSES, per_class: int = IMAGES_PER_CLASS
+) -> Path:
+    """A small, learnable dataset of 32x32 shapes (circle, square, triangle by class), zipped.
+
+    Class ``k`` draws shape ``k % 3`` in colour ``k % 3``; the zip has one wrapper folder.
+    """
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for label, cls in enumerate(classes):
+            for i in range(per_class):
+                # Every image differs (background shade, position), so there are no duplicates.
+                img = Image.new("RGB", (32, 32), (250 - 3 * i, 245 - 2 * i, 235))
+                draw = ImageDraw.Draw(img)
+                x, y = i % 5, (i // 5) % 5  # position jitter
+                colour = [(200, 30, 30), (30, 140, 30), (30, 30, 200)][label % 3]
+                if label % 3 == 0:
+                    draw.ellipse([3 + x, 3 + y, 23 + x, 23 + y], fill=colour)
+                elif label % 3 == 1:
+                    draw.rectangle([4 + x, 4 + y, 22 + x, 22 + y], fill=colour)
+                else:
+                    draw.polygon([(14 + x, 3 + y), (3 + x, 24 + y), (25 + x, 24 + y)], fill=colour)
+                buf = io.BytesIO()
+                img.save(buf, "PNG")
+                zf.writestr(f"shapes/{cls}/{cls}_{i:02d}.png", buf.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- the test
+
+
+@pytest.fixture
+def app_url(tmp_path: Path) -> Iterator[str]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    proc, url = start_app(tmp_path / "home", ARTIFACTS / "server.log")
+    try:
+        yield url
+    finally:
+        stop_app(proc)
+
+
+def test_full_flow_in_a_real_browser(app_url: str, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    data_zip = shapes_zip(tmp_path / "shapes.zip")
+    notes: list[str] = []
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        context = browser.new_context(
+            viewport={"width": 1400, "height": 900}, accept_downloads=True
+        )
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        try:
+            run_flow(page, app_url, data_zip, tmp_path, notes)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                screenshot(page, "99-failure")
+            print(f"\nBrowser test failed; screenshots and server.log are in {ARTIFACTS}")
+            print("\n".join(notes))
+            raise
+        finally:
+            (ARTIFACTS / "notes.txt").write_text("\n".join(notes) + "\n")
+            context.close()
+            browser.close()
+
+
+def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -> None:
+    t0 = time.monotonic()
+
+    def note(msg: str) -> None:
+        notes.append(f"[{time.monotonic() - t0:6.1f} s] {msg}")
+
+    # 1. The app opens on the Dataset step.
+    page.goto(url)
+    wait_idle(page)
+    assert_no_exception(page)
+    assert re.search(r"[?&]s=[A-Za-z0-9_-]{16,}", page.url), "the session token is not in the URL"
+    wait_for_text(page, r"Dataset")
+    screenshot(page, "01-start")
+    note("app opened")
+
+    # 2. Upload the zip through the real <input type=file>; see the class summary.
+    page.locator(
+        '.st-key-dataset_upload [data-testid="stFileUploaderDropzoneInput"], '
+        '[data-testid="stFileUploaderDropzoneInput"]'
+    ).first.set_input_files(str(data_zip))
+    wait_idle(page, timeout=90)
+    text = wait_for_text(page, r"circle.*square.*triangle|triangle.*square.*circle", timeout=60)
+    assert re.search(rf"\b{3 * IMAGES_PER_CLASS}\b", text), "the summary should count 36 images"
+    assert re.search(r"\b3\b", text), "the summary should count 3 classes"
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+    screenshot(page, "02-dataset")
+    note("dataset uploaded; summary shows 3 classes, 36 images")
+
+    # 3. Model: the built-in starter model; its architecture.
+    go_to(page, "2 · Model")
+    source = widget(page, "model_source")
+    source.wait_for()
+    source.get_by_text(re.compile(r"Built-in starter model", re.I)).first.click()
+    wait_idle(page)
+    load = widget(page, "model_load").locator("button")
+    if load.count():
+        load.click()
+    wait_idle(page, timeout=120)  # the starter model trains itself on first use (seconds)
+    # The architecture: the layer stack figure and the searchable layer table.
+    keyed(page, "layer_stack", "stPlotlyChart").wait_for(timeout=120_000)
+    keyed(page, "layer_table", "stDataFrame").wait_for()
+    stack = [t for t in plotly_traces(page) if t["type"] == "bar"]
+    assert stack, "the layer stack figure has no bars"
+    wait_for_text(page, r"Parameters", timeout=30)
+    screenshot(page, "03-model-architecture")
+    note("starter model loaded; layer stack and layer table visible")
+
+    # 4. Replace the head: one output unit per new class, plus a hidden layer.
+    text = wait_for_text(page, r"Removed.*Added.*Output", timeout=60)
+    assert re.search(rf"Output\W+{len(CLASSES)} units", text), "the new head should have 3 units"
+    page.get_by_text(re.compile(r"^Head options")).first.click()
+    hidden = widget(page, "hidden_units").locator("input")
+    hidden.fill("16")
+    hidden.press("Enter")
+    wait_idle(page, timeout=90)
+    after = wait_for_text(page, r"Removed.*Added.*Output", timeout=60)
+    added = re.search(r"Added\W+([^\n]+)", after)
+    assert added and added.group(1) != re.search(r"Added\W+([^\n]+)", text).group(1), (
+        "a hidden layer should appear among the added layers"
+    )
+    screenshot(page, "04-new-head")
+    note(f"head replaced: added {added.group(1).strip()}")
+
+    # 5. Train 2 epochs; the chart grows while the page stays interactive.
+    go_to(page, "3 · Train")
+    epochs = page.locator(".st-key-epochs input")
+    if epochs.count() == 0:
+        epochs = page.get_by_label(re.compile(r"^epochs", re.I))
+    epochs.first.fill(str(EPOCHS))
+    epochs.first.press("Enter")
+    wait_idle(page)
+    widget(page, "start_training").locator("button").click()
+    started = time.monotonic()
+    seen: list[int] = []
+    interacted = False
+    while time.monotonic() - started < 150:
+        assert_no_exception(page)
+        drawn = max_epochs_drawn(page)
+        if not seen or seen[-1] != drawn:
+            seen.append(drawn)
+            note(f"training chart shows {drawn} epoch(s)")
+        text = main_text(page)
+        if not interacted and re.search(r"running|queued|epoch", text, re.I):
+            # The page stays interactive: another page answers and the run is still there.
+            t = time.monotonic()
+            go_to(page, "1 · Dataset")
+            wait_for_text(page, r"circle", timeout=20)
+            go_to(page, "3 · Train")
+            note(f"switched pages during training in {time.monotonic() - t:.1f} s")
+            interacted = True
+            continue
+        if drawn >= EPOCHS and re.search(r"\bdone\b|finished|complete", text, re.I):
+            break
+        page.wait_for_timeout(400)
+    wait_idle(page)
+    assert max_epochs_drawn(page) == EPOCHS, f"the chart should end at {EPOCHS} epochs, saw {seen}"
+    assert interacted, "the page never showed a running/queued state to interact with"
+    screenshot(page, "05-train-done")
+    note(f"training finished; chart epochs over time: {seen}")
+
+    # 6. Evaluate: the confusion matrix.
+    go_to(page, "4 · Evaluate")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        heatmaps = [t for t in plotly_traces(page) if t["type"] == "heatmap"]
+        if heatmaps:
+            break
+        assert_no_exception(page)
+        page.wait_for_timeout(300)
+    assert heatmaps and heatmaps[0]["z"] == len(CLASSES), f"no 3x3 confusion matrix: {heatmaps}"
+    wait_idle(page)
+    screenshot(page, "06-evaluate")
+    note("confusion matrix drawn")
+
+    # 7. Export: download the .keras file.
+    go_to(page, "5 · Export")
+    keras_button = page.locator('[data-testid="stDownloadButton"]').filter(
+        has_text=re.compile(r"\.keras|keras", re.I)
+    )
+    if keras_button.count() == 0:
+        build = page.get_by_role("button", name=re.compile(r"export|build", re.I))
+        build.first.click()
+        wait_idle(page, timeout=120)
+        keras_button.first.wait_for(timeout=120_000)
+    screenshot(page, "07-export")
+    with page.expect_download(timeout=60_000) as info:
+        keras_button.first.locator("button").click()
+    download = info.value
+    target = tmp_path / (download.suggested_filename or "model.keras")
+    download.save_as(str(target))
+    assert target.suffix == ".keras", f"download is named {download.suggested_filename!r}"
+    with zipfile.ZipFile(target) as zf:
+        names = set(zf.namelist())
+        assert {"config.json", "model.weights.h5"} <= names, names
+        meta = json.loads(zf.read("retrain.json")) if "retrain.json" in names else {}
+    if meta:
+        assert list(meta.get("class_names", [])) == list(CLASSES), meta
+    note(f"downloaded {target.name} ({target.stat().st_size} bytes), entries {sorted(names)}")
+    elapsed = time.monotonic() - t0
+    note(f"whole flow: {elapsed:.0f} s")
+    assert elapsed < 240, f"the flow took {elapsed:.0f} s; keep it under ~3 minutes"

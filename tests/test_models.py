@@ -1,0 +1,424 @@
+"""Base models: files (.keras, Keras 3 and Keras 2 .h5, Teachable Machine), zoo, built-in, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrain import models
+from retrain.errors import ModelError
+from tests.conftest import TM_WATER, needs_tm_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_functional(name: str = "tiny", size: int = 32):
+    import keras
+
+    inp = keras.Input((size, size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    return keras.Model(inp, out, name=name)
+
+
+# --- built-in ----------------------------------------------------------------------------
+
+
+def test_builtin_model_is_trained_once_and_cached(keras_cache: Path):
+    path = models.builtin_path("digits-cnn")
+    assert path.is_file() and path.parent == keras_cache / "builtin"
+    mtime = path.stat().st_mtime
+    base = models.load_base("builtin:digits-cnn")
+    assert path.stat().st_mtime == mtime  # loaded from the cache, not retrained
+    assert base.class_names == [f"digit {d}" for d in range(5)]
+    assert base.input_size == (32, 32)
+    assert base.preprocessing == "inside"
+    assert base.suggested_cut == "features" and base.has_original_head
+    assert base.model.inputs[0].dtype == "uint8"
+    assert base.origin["holdout_accuracy"] >= 0.9
+
+    from retrain.sample import digit_images
+
+    images, labels, _ = digit_images("0-4")
+    pred = base.model.predict(images[:200], verbose=0).argmax(axis=1)
+    assert (pred == labels[:200]).mean() > 0.9
+
+
+def test_unknown_builtin_is_refused():
+    with pytest.raises(ModelError, match="Unknown built-in model 'nope'.*builtin:digits-cnn"):
+        models.load_base("builtin:nope")
+
+
+# --- zoo ---------------------------------------------------------------------------------
+
+
+def test_zoo_registry_has_the_families():
+    import keras
+
+    wanted = {
+        "MobileNetV2",
+        "MobileNetV3Small",
+        "MobileNetV3Large",
+        "EfficientNetB0",
+        "EfficientNetV2B0",
+        "ResNet50V2",
+        "ConvNeXtTiny",
+    }
+    assert wanted <= set(models.ZOO)
+    for entry in models.ZOO.values():
+        assert entry.preprocessing in models.PREPROCESSING
+        assert callable(getattr(keras.applications, entry.name))
+        assert entry.input_size == (224, 224)
+
+
+@pytest.mark.parametrize(
+    ("name", "cut", "prep", "cut_shape"),
+    [
+        ("MobileNetV2", "global_average_pooling2d", "tf", [None, 1280]),
+        ("MobileNetV3Small", "activation_18", "inside", [None, 1, 1, 1024]),
+        ("EfficientNetB0", "avg_pool", "inside", [None, 1280]),
+    ],
+)
+def test_zoo_without_weights_builds_with_a_stable_cut(name, cut, prep, cut_shape):
+    import keras
+
+    # Unnamed layers created first would shift Keras's per-process numbering.
+    keras.layers.Activation("relu")
+    keras.layers.GlobalAveragePooling2D()
+    base = models.load_base(f"applications:{name}:none")
+    assert base.suggested_cut == cut
+    assert base.preprocessing == prep
+    assert base.input_size == (224, 224)
+    assert base.has_original_head
+    info = models.describe(base)
+    row = next(r for r in info["layers"] if r["name"] == cut)
+    assert row["output_shape"] == cut_shape
+    assert info["output_shape"] == [None, 1000]
+
+
+def test_zoo_spec_errors():
+    with pytest.raises(ModelError, match="Unknown model 'ResNet9000'.*MobileNetV2"):
+        models.load_base("applications:ResNet9000:none")
+    with pytest.raises(ModelError, match="Weights file 'missing.h5' not found"):
+        models.load_base("applications:MobileNetV2:missing.h5")
+
+
+def test_zoo_imagenet_offline_is_one_actionable_line(monkeypatch: pytest.MonkeyPatch):
+    import urllib.error
+
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    with pytest.raises(ModelError) as info:
+        models.load_base("applications:MobileNetV3Small:imagenet")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "no network" in message
+    assert "applications:MobileNetV3Small:none" in message and "builtin:digits-cnn" in message
+    assert info.value.__cause__ is None
+
+
+def test_zoo_weights_from_a_local_file(tmp_path: Path):
+    base = models.load_base("applications:MobileNetV3Small:none")
+    weights = tmp_path / "small.weights.h5"
+    base.model.save_weights(weights)
+    again = models.load_base(f"applications:MobileNetV3Small:{weights}")
+    a, b = base.model.get_layer("conv_2").get_weights()[0], again.model.get_layer("conv_2")
+    np.testing.assert_array_equal(a, b.get_weights()[0])
+    wrong = tmp_path / "tiny.weights.h5"
+    tiny_functional().save_weights(wrong)
+    with pytest.raises(ModelError, match="does not fit MobileNetV3Small"):
+        models.load_base(f"applications:MobileNetV3Small:{wrong}")
+
+
+# --- .keras and Keras 3 .h5 files ----------------------------------------------------------
+
+
+def test_keras_file_with_teachable_machine_style_labels(tmp_path: Path):
+    path = tmp_path / "m.keras"
+    tiny_functional().save(path)
+    (tmp_path / "labels.txt").write_text("0 cat\n1 dog\n2 owl\n")
+    base = models.load_base(str(path))
+    assert base.class_names == ["cat", "dog", "owl"]
+    assert base.suggested_cut == "gap" and base.has_original_head
+    assert base.preprocessing == "inside"  # the Rescaling layer
+    info = models.describe(base)
+    assert info["input_shape"] == [None, 32, 32, 3]
+    assert info["head_layers"] == ["predictions"]
+    assert [r["name"] for r in info["layers"]] == ["scale", "conv", "gap", "predictions"]
+    assert info["total_params"] == 4 * 27 + 4 + 4 * 3 + 3
+
+
+def test_labels_that_do_not_fit_the_head_are_ignored(tmp_path: Path):
+    path = tmp_path / "m.keras"
+    tiny_functional().save(path)
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    base = models.load_base(str(path))
+    assert base.class_names is None
+    assert "labels_ignored" in base.origin
+
+
+def test_keras3_h5_loads_with_the_keras3_loader(tmp_path: Path):
+    path = tmp_path / "m.h5"
+    model = tiny_functional()
+    model.save(path)
+    base = models.load_base(str(path))
+    assert "converted" not in base.origin
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(base.model.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_lambda_layer_is_refused_without_running_it(tmp_path: Path):
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Lambda(lambda t: t * 2, name="double_it")(inp)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inp, out).save(path)
+    with pytest.raises(ModelError, match=r"Lambda layer \('double_it'\).*arbitrary"):
+        models.load_base(str(path))
+
+
+def test_lambda_layer_in_h5_is_refused(tmp_path: Path):
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Lambda(lambda t: t * 2, name="sneaky")(inp)
+    path = tmp_path / "lambda.h5"
+    keras.Model(inp, out).save(path)
+    with pytest.raises(ModelError, match=r"Lambda layer \('sneaky'\)"):
+        models.load_base(str(path))
+
+
+def test_unknown_custom_class_is_refused(tmp_path: Path):
+    import keras
+
+    @keras.saving.register_keras_serializable(package="test")
+    class Doubler(keras.layers.Layer):
+        def call(self, t):
+            return t * 2
+
+    inp = keras.Input((8, 8, 3))
+    path = tmp_path / "custom.keras"
+    keras.Model(inp, Doubler(name="dbl")(inp)).save(path)
+    with pytest.raises(ModelError, match=r"custom class 'Doubler' \(layer 'dbl'\)"):
+        models.load_base(str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("notes.txt", b"hello", "not a model file"),
+        ("broken.keras", b"not a zip at all", "not a readable .keras file"),
+        ("empty.keras", None, "no config.json"),
+    ],
+)
+def test_files_that_are_not_models(tmp_path: Path, name, content, match):
+    path = tmp_path / name
+    if content is None:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("other.txt", "x")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelError, match=match):
+        models.load_base(str(path))
+
+
+def test_missing_file():
+    with pytest.raises(ModelError, match="No model file at"):
+        models.load_base("/nowhere/model.keras")
+
+
+def test_truncated_h5_is_refused(tmp_path: Path):
+    good = tmp_path / "good.h5"
+    tiny_functional().save(good)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(good.read_bytes()[:3000])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        models.load_base(str(bad))
+
+
+def test_weights_only_h5_is_refused(tmp_path: Path):
+    path = tmp_path / "only.weights.h5"
+    tiny_functional().save_weights(path)
+    with pytest.raises(ModelError, match="holds only weights"):
+        models.load_base(str(path))
+
+
+def test_model_without_image_input_is_refused(tmp_path: Path):
+    import keras
+
+    inp = keras.Input((10,))
+    path = tmp_path / "tabular.keras"
+    keras.Model(inp, keras.layers.Dense(2)(inp)).save(path)
+    with pytest.raises(ModelError, match=r"takes input of shape \[None, 10\], not RGB images"):
+        models.load_base(str(path))
+
+
+# --- Keras 2 / Teachable Machine -------------------------------------------------------------
+
+
+def keras2_nested_h5(path: Path) -> tuple[object, np.ndarray, np.ndarray]:
+    """A Keras 2 file shaped like a Teachable Machine export, written with tf_keras."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(1)
+    layers = tf_keras.layers
+    inp = layers.Input((32, 32, 3), name="input_1")
+    x = layers.Conv2D(8, 3, padding="same", name="Conv1")(inp)
+    x = layers.BatchNormalization(name="bn_Conv1")(x)
+    x = layers.ReLU(6.0, name="Conv1_relu")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", name="block_1_depthwise")(x)
+    y = layers.BatchNormalization(name="block_1_depthwise_BN")(y)
+    x = layers.Add(name="block_1_add")([x, y])
+    x = layers.Conv2D(16, 1, name="Conv_1")(x)
+    backbone = tf_keras.Model(inp, x, name="model1")
+    # Non-trivial BatchNorm statistics, so a wrong copy shows.
+    for bn in ("bn_Conv1", "block_1_depthwise_BN"):
+        layer = backbone.get_layer(bn)
+        gamma, beta, mean, var = layer.get_weights()
+        layer.set_weights([gamma * 1.5, beta + 0.1, mean + 0.2, var * 2.0])
+    features = tf_keras.Sequential(
+        [backbone, layers.GlobalAveragePooling2D(name="global_average_pooling2d_1")],
+        name="sequential_1",
+    )
+    head = tf_keras.Sequential(
+        [
+            layers.Dense(10, activation="relu", input_shape=(16,), name="dense_Dense1"),
+            layers.Dense(2, activation="softmax", use_bias=False, name="dense_Dense2"),
+        ],
+        name="sequential_3",
+    )
+    model = tf_keras.Sequential([layers.Input((32, 32, 3)), features, head])
+    model.save(path, save_format="h5")
+    x = np.random.default_rng(3).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
+    return model, np.asarray(model(x, training=False)), x
+
+
+def test_keras2_nested_h5_is_converted_faithfully(tmp_path: Path):
+    path = tmp_path / "keras_model.h5"
+    _legacy, expected, x = keras2_nested_h5(path)
+    (tmp_path / "labels.txt").write_text("0 Class A\n1 Class B\n")
+    base = models.load_base(str(path))
+    got = base.model.predict(x, verbose=0)
+    assert float(np.max(np.abs(got - expected))) <= 1e-4
+    assert base.origin["conversion_max_abs_diff"] <= 1e-4
+    assert base.origin["converted"].startswith("Keras 2 file rebuilt")
+    assert base.class_names == ["Class A", "Class B"]
+    assert base.suggested_cut == "global_average_pooling2d_1"
+    names = [layer.name for _, layer in models.iter_layers(base.model)]
+    assert len(names) == len(set(names))
+    assert {"block_1_depthwise", "block_1_add", "dense_Dense1"} <= set(names)
+    info = models.describe(base)
+    parents = {r["name"]: r["parent"] for r in info["layers"]}
+    assert parents["Conv1"] == "sequential_1/model1"
+    assert parents["dense_Dense2"] == "sequential_3"
+    assert info["head_layers"] == ["dense_Dense1", "dense_Dense2"]
+
+
+@needs_tm_model
+def test_teachable_machine_export_loads_and_matches_tf_keras():
+    base = models.load_base(str(TM_WATER))
+    assert base.class_names == ["5 Galoon", "500ML"]
+    assert base.preprocessing == "tf"
+    assert base.input_size == (224, 224)
+    assert base.suggested_cut == "global_average_pooling2d_GlobalAveragePooling2D1"
+    assert base.origin["teachable_machine"] is True
+    info = models.describe(base)
+    assert info["head_layers"] == ["dense_Dense1", "dense_Dense2"]
+    cut_row = next(r for r in info["layers"] if r["name"] == base.suggested_cut)
+    assert cut_row["output_shape"] == [None, 1280]
+
+    # load_base compared the rebuilt model with tf_keras's reading on random input.
+    assert base.origin["conversion_max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(7).uniform(-1, 1, (2, 224, 224, 3)).astype("float32")
+    probs = base.model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "retrain", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+
+@pytest.fixture(scope="module")
+def described(builtin_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`describe` of the built-in and of MobileNetV2 (no weights), run as two CLI processes
+    side by side (each pays for importing TensorFlow)."""
+    workspace = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_HOME": str(builtin_home)}
+    procs = {
+        base: subprocess.Popen(
+            [sys.executable, "-m", "retrain", "describe", base, "--workspace", str(workspace)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for base in ("builtin:digits-cnn", "applications:MobileNetV2:none")
+    }
+    results = {}
+    for base, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        results[base] = (proc.returncode, out, err)
+    return results
+
+
+def test_cli_describe_builtin(described: dict):
+    code, out, err = described["builtin:digits-cnn"]
+    assert code == 0, err
+    info = json.loads(out)
+    for key in ("input_shape", "output_shape", "total_params", "trainable_params", "layers"):
+        assert key in info
+    assert info["suggested_cut"] == "features" and info["preprocessing"] == "inside"
+    assert info["input_shape"] == [None, 32, 32, 3] and info["output_shape"] == [None, 5]
+    row = info["layers"][0]
+    assert set(row) == {"index", "name", "type", "output_shape", "params", "trainable", "parent"}
+
+
+def test_cli_describe_zoo_without_weights(described: dict):
+    code, out, err = described["applications:MobileNetV2:none"]
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["suggested_cut"] == "global_average_pooling2d"
+    assert info["preprocessing"] == "tf"
+    assert info["total_params"] == 3538984
+
+
+@pytest.mark.parametrize(
+    ("base", "match"),
+    [
+        ("applications:NoSuchNet:none", "Unknown model 'NoSuchNet'"),
+        ("/no/such/model.h5", "No model file at"),
+        ("README.md", "not a model file"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(base, match, tmp_path: Path):
+    out = run_cli("describe", base, "--workspace", str(tmp_path))
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+    assert "Traceback" not in out.stderr

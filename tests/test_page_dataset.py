@@ -1,0 +1,136 @@
+"""The Dataset page, driven like a user would: the sample button, uploads, reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = str(ROOT / "pages" / "dataset.py")
+TIMEOUT = 60
+
+
+def _page(**query: str) -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
+    at.query_params.update(query)
+    return at.run()
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _thumbnail_count(at: AppTest) -> int:
+    return sum(len(el.proto.imgs) for el in at.get("image"))
+
+
+def _chart_spec(at: AppTest) -> dict:
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    return json.loads(charts[0].proto.spec)
+
+
+@pytest.fixture
+def pets_zip(make_image_folder, make_zip) -> bytes:
+    folder = make_image_folder(classes=("cat", "dog"), per_class={"cat": 12, "dog": 6})
+    (folder / "notes.txt").write_text("not an image")
+    return make_zip(folder).read_bytes()
+
+
+def test_first_visit_says_what_to_upload():
+    at = _page()
+    assert not at.exception
+    assert at.title[0].value == "Dataset"
+    assert "one folder per class" in at.markdown[0].value
+    assert "`train/`" in at.markdown[0].value
+    assert "No dataset yet" in at.info[0].value
+    assert at.file_uploader(key="dataset_upload").allowed_type == [".zip"]
+    assert at.button(key="use_sample").label == "Use sample dataset"
+    assert "dataset" not in at.session_state
+
+
+def test_sample_button_loads_the_digits():
+    at = _page()
+    at.button(key="use_sample").click().run()
+    assert not at.exception
+    assert _metrics(at) == {"Classes": "5", "Images": "896", "Train images": "896"}
+    assert at.session_state["dataset_label"] == "digits-5-6-7-8-9: 5 classes, 896 images"
+    assert Path(at.session_state["dataset"]).name == "manifest.json"
+    spec = _chart_spec(at)
+    assert [bar["name"] for bar in spec["data"]] == ["train"]
+    assert spec["data"][0]["x"] == [f"digit {d}" for d in range(5, 10)]
+    assert _thumbnail_count(at) == 5 * 6
+    assert at.success and "No problems found" in at.success[0].value
+    assert "**Next:** choose a model" in at.markdown[-1].value
+
+
+def test_uploaded_zip_shows_summary_warnings_and_skips(pets_zip):
+    at = _page()
+    at.file_uploader(key="dataset_upload").upload("pets.zip", pets_zip, "application/zip")
+    at.run()
+    assert not at.exception
+    assert not at.error
+    assert _metrics(at)["Classes"] == "2" and _metrics(at)["Images"] == "18"
+    assert at.session_state["dataset_label"] == "pets: 2 classes, 18 images"
+    warnings = [w.value for w in at.warning]
+    assert any("Class 'dog' has only 6 images; add at least 10" in w for w in warnings)
+    assert any("1 files were skipped" in w for w in warnings)
+    assert at.expander[0].label == "Skipped files (1)"
+    assert _chart_spec(at)["data"][0]["y"] == [12, 6]
+    # A rerun (any click) neither ingests again nor loses the dataset.
+    manifest = at.session_state["dataset"]
+    at.run()
+    assert at.session_state["dataset"] == manifest and _metrics(at)["Images"] == "18"
+
+
+def test_bad_upload_shows_one_line_error_and_keeps_it(tmp_path):
+    at = _page()
+    at.file_uploader(key="dataset_upload").upload("holiday.zip", b"not a zip", "application/zip")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1
+    assert at.error[0].value.startswith("'holiday.zip' is not a zip file. Zip the folder")
+    assert "\n" not in at.error[0].value
+    at.run()  # still shown on the next rerun, without ingesting again
+    assert at.error[0].value.startswith("'holiday.zip' is not a zip file")
+    assert "dataset" not in at.session_state
+
+
+def test_new_upload_replaces_the_sample_and_survives_a_reload(pets_zip):
+    at = _page()
+    at.button(key="use_sample").click().run()
+    token = at.session_state["token"]
+    at.file_uploader(key="dataset_upload").upload("pets.zip", pets_zip, "application/zip")
+    at.run()
+    assert at.session_state["dataset_label"].startswith("pets:")
+    # A browser reload: a new session with the same ?s= token finds the dataset again.
+    reloaded = _page(s=token)
+    assert not reloaded.exception
+    assert reloaded.session_state["dataset_label"] == "pets: 2 classes, 18 images"
+    assert _metrics(reloaded)["Images"] == "18"
+
+
+def test_vanished_dataset_is_explained_and_forgotten(pets_zip):
+    at = _page()
+    at.file_uploader(key="dataset_upload").upload("pets.zip", pets_zip, "application/zip")
+    at.run()
+    token = at.session_state["token"]
+    manifest = Path(at.session_state["dataset"])
+    manifest.unlink()
+    reloaded = _page(s=token)
+    assert not reloaded.exception
+    assert "No dataset manifest" in reloaded.error[0].value
+    assert "dataset" not in reloaded.session_state
+
+
+def test_in_the_app_the_next_step_is_one_click_away():
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not at.get("page_link")  # nothing to go on to without a dataset
+    at.button(key="use_sample").click().run()
+    assert not at.exception
+    assert at.session_state["dataset_label"] == "digits-5-6-7-8-9: 5 classes, 896 images"
+    links = at.get("page_link")
+    assert [link.proto.label for link in links] == ["Next: choose a model"]

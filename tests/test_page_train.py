@@ -1,0 +1,223 @@
+"""The Train page (AppTest): guards, the settings form, and the live view of fabricated runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from retrain.train import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+PAGE = "pages/train.py"
+
+
+@pytest.fixture
+def session(tmp_path, make_image_folder):
+    """A workspace with an ingested (imbalanced) dataset and a chosen base."""
+    from retrain import data
+
+    folder = make_image_folder(classes=("cat", "dog"), per_class={"cat": 30, "dog": 4})
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    dataset = data.ingest(folder, workspace)
+    return {"workspace": workspace, "manifest": str(dataset.manifest_path), "dataset": dataset}
+
+
+def _app(session: dict, run_id: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGE)
+    at.session_state["workspace"] = session["workspace"]
+    at.session_state["dataset"] = session["manifest"]
+    at.session_state["base"] = "builtin:digits-cnn"
+    at.session_state["surgery"] = {"cut_at": "flatten", "freeze": "all", "dropout": 0.2}
+    if run_id:
+        at.session_state["run_id"] = run_id
+    return at
+
+
+def _fabricate(workspace: Path, run_id: str, state: str, epochs: int, **status) -> Path:
+    run_dir = workspace / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    write_json(
+        run_dir / "config.json",
+        {
+            "base": "builtin:digits-cnn",
+            "epochs": 3,
+            "fine_tune_epochs": 2,
+            "device": {"backend": "tensorflow", "device": "CPU"},
+            "precision": "float32",
+        },
+    )
+    write_json(run_dir / "status.json", {"state": state, "created": 1.0, **status})
+    lines = [
+        {
+            "epoch": e,
+            "phase": 1 if e <= 3 else 2,
+            "loss": 1.0 / e,
+            "accuracy": 0.5 + 0.1 * e,
+            "val_loss": 1.2 / e,
+            "val_accuracy": 0.4 + 0.1 * e,
+            "lr": 1e-3,
+            "seconds": 1.0,
+            "images_per_second": 100.0,
+        }
+        for e in range(1, epochs + 1)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run_dir / "log.txt").write_text("worker started\nepoch 1 done\n")
+    return run_dir
+
+
+def _charts(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def _text(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    for kind in ("success", "error", "warning", "info"):
+        parts += [str(el.value) for el in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def test_guard_asks_for_a_dataset_first():
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception
+    assert "Upload a dataset first." in [i.value for i in at.info]
+
+
+def test_form_is_built_from_the_config_and_offers_class_weights(session):
+    at = _app(session).run()
+    assert not at.exception
+    assert at.number_input(key="epochs").value == 10
+    assert at.number_input(key="batch_size").value == 32
+    assert at.number_input(key="lr").value == pytest.approx(1e-3)
+    assert at.selectbox(key="cache_features").value == "auto"
+    assert at.checkbox(key="class_weights").value is False  # offered: the data is imbalanced
+    assert any("imbalanced" in w.value for w in at.warning)
+    assert at.button(key="start_training").disabled is False
+    assert at.button(key="stop_training").disabled is True
+
+
+def test_demo_mode_caps_epochs(session, monkeypatch):
+    monkeypatch.setenv("RETRAIN_DEMO", "1")
+    at = _app(session).run()
+    assert at.number_input(key="epochs").value == 5
+    assert at.number_input(key="epochs").max == 5
+
+
+def test_start_builds_the_config_and_attaches_to_the_new_run(session, monkeypatch):
+    from retrain import jobs
+
+    started = {}
+
+    def fake_start(config, workspace):
+        started["config"] = config
+        return _fabricate(Path(workspace), "run-new", "done", 1)
+
+    monkeypatch.setattr(jobs, "start_run", fake_start)
+    at = _app(session).run()
+    at.number_input(key="epochs").set_value(4)
+    at.checkbox(key="class_weights").check()
+    at.button(key="start_training").click().run()
+    assert not at.exception
+    config = started["config"]
+    assert config.epochs == 4 and config.class_weights is True
+    assert config.data == session["manifest"] and config.base == "builtin:digits-cnn"
+    assert config.cut_at == "flatten" and config.freeze == "all"
+    assert at.session_state["run_id"] == "run-new"
+    assert at.query_params["run"] in ("run-new", ["run-new"])
+
+
+def test_finished_run_shows_curves_with_phase_boundary_and_best_accuracy(session):
+    _fabricate(session["workspace"], "run-done", "done", 5, best_epoch=5)
+    at = _app(session, "run-done").run()
+    assert not at.exception
+    charts = _charts(at)
+    assert len(charts) == 2
+    for chart in charts:
+        traces = chart["data"]
+        assert [t["name"] for t in traces] == ["train", "validation"]
+        assert all(len(t["x"]) == 5 for t in traces)
+        assert chart["layout"]["shapes"][0]["x0"] == 3.5  # phase 2 starts after epoch 3
+    assert "best validation accuracy 90.0% (epoch 5)" in _text(at)
+    assert "Device: CPU" in _text(at)
+    assert at.button(key="stop_training").disabled is True
+
+
+def test_running_run_draws_the_epochs_that_exist_and_progress(session):
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    run_dir = _fabricate(
+        session["workspace"],
+        "run-live",
+        "running",
+        2,
+        pid=me.pid,
+        pid_started=me.create_time(),
+    )
+    write_json(
+        run_dir / "progress.json",
+        {
+            "phase": 1,
+            "epoch": 3,
+            "epochs": 5,
+            "batch": 2,
+            "batches": 4,
+            "images_per_second": 123.0,
+            "eta_seconds": 12.0,
+        },
+    )
+    at = _app(session, "run-live").run()
+    assert not at.exception
+    charts = _charts(at)
+    assert len(charts) == 2 and all(len(t["x"]) == 2 for c in charts for t in c["data"])
+    assert "shapes" not in charts[0]["layout"] or not charts[0]["layout"]["shapes"]
+    bar = at.get("progress")[0].proto
+    assert "Epoch 3/5 · batch 2/4 · 123 images/s · ETA 12 s" in bar.text
+    assert at.session_state["train_live"]["run-live"]["offset"] > 0
+    assert at.button(key="start_training").disabled is True
+
+    # A new epoch appears on the next poll; Stop writes the stop request.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "phase": 1, "loss": 0.3, "val_loss": 0.4}) + "\n")
+    at.button(key="stop_training").click().run()
+    assert (run_dir / "stop").exists()
+    assert all(len(t["x"]) == 3 for c in _charts(at) for t in c["data"])
+
+
+def test_failed_and_queued_runs_say_what_happened(session):
+    _fabricate(
+        session["workspace"],
+        "run-a-failed",
+        "failed",
+        1,
+        error="Training diverged (loss is NaN) at epoch 2; lower the learning rate, e.g. --lr 1e-4",
+    )
+    at = _app(session, "run-a-failed").run()
+    assert [e.value for e in at.error] == [
+        "Training diverged (loss is NaN) at epoch 2; lower the learning rate, e.g. --lr 1e-4"
+    ]
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    _fabricate(
+        session["workspace"],
+        "run-b-queued",
+        "queued",
+        0,
+        position=2,
+        pid=me.pid,
+        pid_started=me.create_time(),
+    )
+    at = _app(session, "run-b-queued").run()
+    assert "position 2 in the queue" in _text(at)
+    table = at.dataframe[0].value
+    assert set(table["state"]) == {"failed", "queued"}

@@ -1,0 +1,449 @@
+"""retrain.train: the config, the callbacks, the feature cache, and real runs through the CLI.
+
+No ``tf.*`` here: the file also runs with ``KERAS_BACKEND=jax`` (``make test-backends``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrain import train as train_module
+from retrain.errors import ConfigError
+from retrain.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "retrain", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN for 32x32 images saved as .keras: rescaling inside, a 3-class head."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0, name="rescale")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    path = tmp_path_factory.mktemp("base") / "tiny.keras"
+    keras.Model(inputs, outputs, name="tiny").save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_round_trips_through_json_and_cli_flags():
+    from retrain.__main__ import build_parser
+
+    config = TrainConfig(
+        data="d.zip",
+        base="builtin:digits-cnn",
+        out="runs/r1",
+        epochs=3,
+        lr=5e-4,
+        image_size=96,
+        augment=True,
+        freeze="top:4",
+        fine_tune_epochs=2,
+        fine_tune_lr=1e-5,
+        cache_features="off",
+        mixed_precision="auto",
+        cut_at="conv2",
+    )
+    assert TrainConfig.from_json(config.to_json()) == config
+    # config.json holds extra keys beside the fields; they are ignored.
+    assert TrainConfig.from_json({**config.to_dict(), "dataset_id": "abc"}) == config
+    args = build_parser().parse_args(["train", *train_module.config_to_args(config)])
+    assert train_module.config_from_args(args) == config
+    assert config.effective_fine_tune_lr == 1e-5
+    assert TrainConfig(data="d", base="b", lr=1e-3).effective_fine_tune_lr == pytest.approx(1e-4)
+
+
+def test_config_defaults_are_the_documented_ones():
+    c = TrainConfig()
+    assert (c.epochs, c.batch_size, c.lr, c.optimizer) == (10, 32, 1e-3, "adam")
+    assert (c.freeze, c.cache_features, c.mixed_precision, c.val_split) == (
+        "all",
+        "auto",
+        "off",
+        0.2,
+    )
+    for f in train_module.dataclasses.fields(TrainConfig):
+        assert f.metadata["help"], f"{f.name} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"epochs": 0}, "--epochs must be between 1"),
+        ({"optimizer": "adagrad"}, "--optimizer 'adagrad' is not one of"),
+        ({"cache_features": "maybe"}, "--cache-features 'maybe'"),
+        ({"freeze": "half"}, "--freeze 'half' is not understood"),
+        ({"val_split": 0.95}, "--val-split must be between 0 and 0.9"),
+        ({"lr": float("nan")}, "--lr must be a finite number"),
+    ],
+)
+def test_config_rejects_bad_values_with_one_line(values, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        TrainConfig(data="d", base="b", **values)
+    assert "\n" not in str(err.value)
+
+
+def test_config_from_args_requires_data_base_out():
+    from retrain.__main__ import build_parser
+
+    args = build_parser().parse_args(["train", "--base", "b", "--out", "o"])
+    with pytest.raises(ConfigError, match="--data is required"):
+        train_module.config_from_args(args)
+    args = build_parser().parse_args(["train", "--data", "d", "--base", "b", "--out", "o"])
+    args.epochs = "ten"
+    with pytest.raises(ConfigError, match="--epochs must be a whole number, got 'ten'"):
+        train_module.config_from_args(args)
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    out = _cli("train", "--data", "x", "--base", "y", "--out", str(tmp_path), "--epochs", "-3")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --epochs must be between 1")
+    out = _cli("train", "--data", "x", "--base", "y", "--out", str(tmp_path), "--lr", "fast")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: --lr must be a number, got 'fast'. Example: --lr 0.001"
+    ]
+
+
+def test_importing_train_and_jobs_does_not_import_keras():
+    code = (
+        "import sys, retrain.train, retrain.jobs\n"
+        "print(','.join(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_train_source_uses_no_tensorflow_api():
+    import ast
+
+    tree = ast.parse((ROOT / "retrain" / "train.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert "tensorflow" not in imported and "tf" not in names
+
+
+# ---------------------------------------------------------------------------- callbacks
+
+
+def _toy(n: int = 40, features: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = (rng.normal(size=(n, features)) + y[:, None] * 2).astype(np.float32)
+    return x, y.astype(np.int32)
+
+
+def _toy_model(lr: float = 1e-2):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(
+        keras.optimizers.SGD(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+class _BatchCounter:
+    def __new__(cls):
+        import keras
+
+        class Counter(keras.callbacks.Callback):
+            batches = 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                Counter.batches += 1
+
+        return Counter()
+
+
+def test_metrics_and_progress_writers_write_one_line_per_epoch(tmp_path):
+    x, y = _toy()
+    state = train_module.RunState(tmp_path, total_epochs=3)
+    data = train_module.ArrayDataset(x, y, np.arange(32), 8, shuffle=True, seed=3)
+    val = train_module.ArrayDataset(x, y, np.arange(32, 40), 8)
+    model = _toy_model()
+    model.fit(
+        data,
+        validation_data=val,
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            train_module.ProgressWriter(state, 1, len(data), 8, interval=0.0),
+            train_module.MetricsWriter(state, 1, 32),
+        ],
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    keys = {"epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
+    for row in rows:
+        assert keys | {"images_per_second"} <= row.keys()
+        assert row["phase"] == 1 and row["lr"] == pytest.approx(1e-2)
+        assert 0 <= row["val_accuracy"] <= 1 and row["images_per_second"] > 0
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["epoch"] == 3 and progress["epochs"] == 3
+    assert progress["batch"] == progress["batches"] == 4
+    assert progress["eta_seconds"] == 0
+
+
+def test_progress_is_written_mid_epoch_with_an_eta(tmp_path):
+    import keras
+
+    x, y = _toy(80)
+    state = train_module.RunState(tmp_path, total_epochs=2)
+    seen: list[dict] = []
+
+    class Peek(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(json.loads((tmp_path / "progress.json").read_text()))
+
+    data = train_module.ArrayDataset(x, y, np.arange(80), 8)
+    _toy_model().fit(
+        data,
+        epochs=1,
+        verbose=0,
+        callbacks=[train_module.ProgressWriter(state, 1, len(data), 8, interval=0.0), Peek()],
+    )
+    assert [p["batch"] for p in seen] == list(range(1, 11))
+    assert seen[4]["eta_seconds"] > 0 and seen[4]["batches"] == 10 and seen[4]["epochs"] == 2
+
+
+def test_stop_request_is_honoured_at_the_next_batch(tmp_path):
+    x, y = _toy(80)
+    (tmp_path / "stop").write_text("now")
+    train_module.write_status(tmp_path, "running")
+    state = train_module.RunState(tmp_path, total_epochs=5)
+    counter = _BatchCounter()
+    data = train_module.ArrayDataset(x, y, np.arange(80), 8)
+    _toy_model().fit(
+        data,
+        epochs=5,
+        verbose=0,
+        callbacks=[
+            train_module.StopWatcher(state),
+            counter,
+            train_module.MetricsWriter(state, 1, 80),
+        ],
+    )
+    assert state.stopped and type(counter).batches == 1  # 1 of 50 batches ran
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "stopping"
+    rows = train_module.read_metrics_file(tmp_path)
+    assert len(rows) == 1 and rows[0]["partial"] is True
+
+
+def test_nan_guard_stops_and_records_the_epoch(tmp_path):
+    x, y = _toy()
+    x[5] = np.inf  # any step that sees this row produces a NaN loss
+    state = train_module.RunState(tmp_path, total_epochs=4)
+    counter = _BatchCounter()
+    data = train_module.ArrayDataset(x, y, np.arange(40), 40)
+    _toy_model().fit(
+        data,
+        epochs=4,
+        verbose=0,
+        callbacks=[train_module.NanGuard(state), train_module.MetricsWriter(state, 1, 40), counter],
+    )
+    assert state.diverged_epoch == 1 and type(counter).batches == 1
+    assert not (tmp_path / "metrics.jsonl").exists()  # a diverged epoch is not a result
+    message = train_module.diverged_message(state.diverged_epoch, 1e-3)
+    assert message == (
+        "Training diverged (loss is NaN) at epoch 1; lower the learning rate, e.g. --lr 0.0001"
+    )
+
+
+def test_array_dataset_shuffles_per_epoch_and_weights_samples():
+    x = np.arange(20, dtype=np.uint8)[:, None]
+    y = np.arange(20)
+    weights = np.linspace(0, 1, 20).astype(np.float32)
+    data = train_module.ArrayDataset(
+        x, y, np.arange(20), 5, shuffle=True, seed=0, sample_weight=weights
+    )
+    first = np.concatenate([data[i][0][:, 0] for i in range(len(data))])
+    data.on_epoch_end()
+    second = np.concatenate([data[i][0][:, 0] for i in range(len(data))])
+    assert sorted(first) == sorted(second) == list(range(20)) and list(first) != list(second)
+    bx, by, bw = data[0]
+    assert np.array_equal(bx[:, 0], by) and np.allclose(bw, weights[by])
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
+    x, y = _toy()
+    model = _toy_model()
+    model.compile(train_module._make_optimizer("adam", 1e-2), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, verbose=0)
+    state = train_module.RunState(tmp_path, total_epochs=5)
+    state.best_val_accuracy = 0.75
+    train_module.save_checkpoint(state, model, model.optimizer, epoch=2)
+    meta, npz = train_module.load_checkpoint(tmp_path)
+    assert meta["epoch"] == 2 and meta["best_val_accuracy"] == 0.75
+    fresh = _toy_model()
+    fresh.set_weights([npz[f"w{i}"] for i in range(meta["weights"])])
+    optimizer = train_module._make_optimizer("adam", 1e-2)
+    assert train_module._restore_optimizer(
+        optimizer, fresh.trainable_variables, npz, meta["optimizer_variables"]
+    )
+    assert int(np.asarray(optimizer.iterations.numpy())) == int(
+        np.asarray(model.optimizer.iterations.numpy())
+    )
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- feature cache
+
+
+def test_cached_features_equal_the_base_outputs(tmp_path, tiny_base):
+    import keras
+
+    base = keras.saving.load_model(tiny_base)
+    features = keras.Model(base.inputs, base.get_layer("features").output)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "features.npy"
+    cached = train_module.cached_features(features, images, path, batch_size=8)
+    direct = features.predict(images, verbose=0)
+    assert cached.shape == direct.shape == (37, 8)
+    assert float(np.max(np.abs(np.asarray(cached) - direct))) <= 1e-5
+    mtime = path.stat().st_mtime_ns
+    again = train_module.cached_features(features, images, path, batch_size=8)
+    assert path.stat().st_mtime_ns == mtime  # served from the file, not recomputed
+    np.testing.assert_array_equal(again, cached)
+
+
+def test_cached_and_uncached_runs_reach_the_same_accuracy(make_image_folder, tmp_path, tiny_base):
+    folder = make_image_folder(classes=("red", "green", "blue"), per_class=12, size=32)
+    results = {}
+    for mode in ("on", "off"):
+        config = TrainConfig(
+            data=str(folder),
+            base=str(tiny_base),
+            out=str(tmp_path / mode),
+            epochs=6,
+            batch_size=8,
+            lr=3e-2,
+            cache_features=mode,
+            workers=1,
+        )
+        summary = train_module.train(config, tmp_path / mode, workspace=tmp_path / "ws")
+        assert summary["feature_cache"] is (mode == "on")
+        results[mode] = summary["final"]["val_accuracy"]
+    assert abs(results["on"] - results["off"]) <= 0.02, results
+    cache_files = list((tmp_path / "ws").rglob("features_train_*.npy"))
+    assert len(cache_files) == 1  # keyed by dataset/base/cut/size: one file for both runs
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base):
+    folder = make_image_folder(classes=("red", "green", "blue"), per_class=8, size=32)
+    run_dir = tmp_path / "run"
+    out = _cli(
+        "train",
+        "--data",
+        str(folder),
+        "--base",
+        str(tiny_base),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--workspace",
+        str(tmp_path / "ws"),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["state"] == "done" and summary["epochs_done"] == 2
+    assert any("Batch size 64 is larger" in w for w in summary["warnings"])
+    for name in ("config.json", "status.json", "metrics.jsonl", "progress.json", "best.keras"):
+        assert (run_dir / name).is_file(), name
+    rows = train_module.read_metrics_file(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2] and {r["phase"] for r in rows} == {1}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["stopped"] is False
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["class_names"] == ["blue", "green", "red"]
+    assert config["backend"] and config["device"]["device"] and config["versions"]["keras"]
+    assert config["dataset_id"] and config["seed"] == 42
+    assert (run_dir / "history.csv").read_text().count("\n") == 3
+    from retrain.modelfile import load_model
+
+    model, meta = load_model(run_dir / "model.keras")
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["image_size"] == [32, 32]
+    assert meta["loss"] == "sparse_categorical_crossentropy" and meta["label_encoding"] == "index"
+    probs = np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0))
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
+def test_kill_9_is_reported_interrupted_and_resume_runs_each_epoch_once(
+    make_image_folder, tmp_path, tiny_base
+):
+    from retrain import jobs
+
+    folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
+    workspace = tmp_path / "ws"
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), epochs=40, batch_size=4, lr=1e-2, workers=1
+    )
+    run_dir = jobs.start_run(config, workspace)
+    deadline = time.time() + 120
+    while len(train_module.read_metrics_file(run_dir)) < 2:
+        assert time.time() < deadline, (run_dir / "log.txt").read_text()[-2000:]
+        assert jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES
+        time.sleep(0.05)
+    os.killpg(int((run_dir / "pid").read_text()), signal.SIGKILL)
+    time.sleep(0.3)
+    out = _cli("status", str(run_dir))
+    status = json.loads(out.stdout)
+    assert status["state"] == "interrupted" and status["resumable"], status
+    done_before = len(train_module.read_metrics_file(run_dir))
+    assert done_before < 40
+
+    out = _cli("train", "--resume", str(run_dir), "--workspace", str(workspace))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = train_module.read_metrics_file(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
+    assert json.loads(_cli("status", str(run_dir)).stdout)["state"] == "done"
