@@ -34,9 +34,11 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 # The training tests again on the JAX backend (CPU). Installs JAX into the venv on first use.
+# test_devices.py also runs its multi-device tests (JAX DataParallel over 2 virtual CPUs).
 test-backends: $(VENV)/.installed-dev
 	$(BIN)/python -c "import jax" 2>/dev/null || $(BIN)/pip install -q -r requirements-jax.txt
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m "not browser" tests/test_train.py tests/test_surgery.py tests/test_evaluate.py
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -m "not browser" tests/test_train.py \
+		tests/test_surgery.py tests/test_evaluate.py tests/test_devices.py
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/ingest.py

@@ -60,7 +60,7 @@ HEAD_EPOCHS = 20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", help="label for the report (KERAS_BACKEND chooses)")
-    parser.add_argument("--steps", type=int, help="timed training steps per variant (50)")
+    parser.add_argument("--steps", type=int, help="timed training steps per variant (100)")
     parser.add_argument("--image-size", type=int, help="input size (224; 32 with --dry-run)")
     parser.add_argument("--pool", type=int, help="images generated in memory (2048)")
     parser.add_argument("--frozen-epochs", type=int, help="plain frozen-base epochs run (3)")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     dry = args.dry_run
-    args.steps = args.steps or (3 if dry else 50)
+    args.steps = args.steps or (3 if dry else 100)
     args.image_size = args.image_size or (32 if dry else 224)
     args.pool = args.pool or (64 if dry else 2048)
     args.frozen_epochs = args.frozen_epochs or (2 if dry else 3)

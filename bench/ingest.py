@@ -67,11 +67,13 @@ def child(zip_path: str, workspace: str) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu0 = os.times()
     t0 = time.perf_counter()
     dataset = ingest(zip_path, Path(workspace))
     t1 = time.perf_counter()
     cache = load_images(dataset, "train", (224, 224))
     t2 = time.perf_counter()
+    cpu1 = os.times()
     stop.set()
     sampler.join()
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -80,6 +82,7 @@ def child(zip_path: str, workspace: str) -> dict:
         "cache_shape": list(cache.images.shape),
         "ingest_s": t1 - t0,
         "cache_s": t2 - t1,
+        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
         "baseline_mb": baseline / 2**20,
         "peak_growth_mb": (max(peak[0], max_rss) - baseline) / 2**20,
     }
@@ -119,16 +122,18 @@ def main() -> None:
             zip_path.unlink()
 
     print(f"\ningest + cache at 224x224, {_num_workers()} decode threads, {os.cpu_count()} CPUs")
-    header = f"{'images':>8} {'ingest s':>9} {'cache s':>8} {'total s':>8} {'images/s':>9} {'peak RSS growth':>16}"
+    header = f"{'images':>8} {'ingest s':>9} {'cache s':>8} {'total s':>8} {'images/s':>9} {'CPU ms/img':>10} {'peak RSS growth':>16}"
     print(header)
     print("-" * len(header))
     for r in rows:
         total = r["ingest_s"] + r["cache_s"]
         print(
             f"{r['images']:>8,} {r['ingest_s']:>9.1f} {r['cache_s']:>8.1f} {total:>8.1f} "
-            f"{r['images'] / total:>9.0f} {r['peak_growth_mb']:>13.0f} MB"
+            f"{r['images'] / total:>9.0f} {1000 * r['cpu_s'] / r['images']:>10.2f} "
+            f"{r['peak_growth_mb']:>13.0f} MB"
         )
     print("targets: >= 500 images/s on 2 cores; peak RSS growth < 300 MB, flat as N doubles")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (other work slows images/s)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _ingest_with_progress(run, what: str) -> Dataset | str:
         bar.progress(min(max(fraction, 0.0), 1.0), text=message)
 
     try:
-        with st.spinner(f"Checking {what}: extracting, decoding every image, counting classes..."):
+        with st.spinner(f"Checking {what}: decoding every image and counting classes..."):
             return run(progress)
     except RetrainError as err:
         return str(err)
@@ -56,9 +56,18 @@ def _render(dataset: Dataset) -> None:
     cols = st.columns(4)
     cols[0].metric("Classes", len(dataset.class_names))
     cols[1].metric("Images", f"{dataset.num_images():,}")
-    for i, split in enumerate(("train", "test" if "test" in counts else "val")):
-        if split in counts:
-            cols[2 + i].metric(f"{split.capitalize()} images", f"{sum(counts[split].values()):,}")
+    if len(counts) > 1:
+        totals = {split: sum(per.values()) for split, per in counts.items()}
+        others = [s for s in counts if s != "train"]
+        cols[2].metric("Train images", f"{totals['train']:,}")
+        cols[3].metric(
+            " / ".join(s.capitalize() for s in others) + " images",
+            " / ".join(f"{totals[s]:,}" for s in others),
+        )
+    else:
+        per_class = counts["train"].values()
+        cols[2].metric("Smallest class", f"{min(per_class):,}")
+        cols[3].metric("Largest class", f"{max(per_class):,}")
     if set(counts) == {"train"}:
         st.caption(
             "No split folders: part of each class is held out for validation when you train."
@@ -95,15 +104,16 @@ def _render(dataset: Dataset) -> None:
             st.caption("These files were not used. System files from macOS/Windows are normal.")
             st.dataframe(dataset.skipped, hide_index=True, width="stretch")
         else:
-            st.caption("Every file in the upload was used.")
+            st.caption("Every file was used.")
 
     st.markdown("**A few images per class**")
     shown = dataset.class_names[:MAX_PREVIEW_CLASSES]
     thumbs = _thumbnails(str(dataset.manifest_path), THUMBS_PER_CLASS)
     train_counts = counts["train"]
+    images_word = "training images" if len(counts) > 1 else "images"
     for name in shown:
         left, right = st.columns([1, 5], vertical_alignment="center")
-        left.markdown(f"**{name}**  \n{train_counts.get(name, 0):,} images")
+        left.markdown(f"**{name}**  \n{train_counts.get(name, 0):,} {images_word}")
         if thumbs.get(name):
             right.image(thumbs[name], width=80)
         else:

@@ -243,6 +243,11 @@ uploads = st.file_uploader(
 top_k = st.slider(
     "Classes to show", 1, max(1, min(5, len(names))), min(3, len(names)), key="eval_k"
 )
+show_cam = st.toggle(
+    "Show where the model looked (Grad-CAM)",
+    key="eval_gradcam",
+    help="Red = the regions that raised the top class's score most. Needs a conv base.",
+)
 if uploads:
     paths = [_save_upload(u, workspace / "uploads") for u in uploads]
     try:
@@ -253,6 +258,12 @@ if uploads:
         for upload, path, result in zip(uploads, paths, predictions, strict=True):
             cols = st.columns([1, 3])
             cols[0].image(str(path), caption=upload.name, width="stretch")
+            if show_cam:
+                overlay = evaluate.grad_cam_overlay(model_path, path)
+                if overlay is None:
+                    cols[0].caption("Grad-CAM needs a conv base and the TensorFlow backend.")
+                else:
+                    cols[0].image(overlay, caption="Grad-CAM", width="stretch")
             best = result["top_k"][0]
             cols[1].markdown(f"**{best['class']}** ({best['probability']:.0%})")
             fig = go.Figure(

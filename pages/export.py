@@ -21,6 +21,8 @@ FORMAT_LABELS = {
     "labels": "labels.txt (class names, one per line)",
     "card": "Model card (Markdown)",
 }
+# Built in seconds; SavedModel/TFLite add TensorFlow conversions, so they are opt-in.
+QUICK_FORMATS = ("keras", "labels", "card")
 MIME = {".keras": "application/zip", ".tflite": "application/octet-stream", ".md": "text/markdown"}
 
 
@@ -70,10 +72,11 @@ if not has_tf:
 formats = st.multiselect(
     "Formats",
     options,
-    default=options,
+    default=[f for f in QUICK_FORMATS if f in options],
     format_func=FORMAT_LABELS.get,
     key="export_formats",
-    help="int8 is calibrated on a sample of the training images; its accuracy drop is measured.",
+    help="SavedModel and TFLite take longer to build. int8 is calibrated on a sample of the "
+    "training images and its accuracy drop is measured.",
 )
 if st.button("Build exports", type="primary", key="export_build", disabled=not formats):
     bar = st.progress(0.0, text="Starting...")
@@ -99,24 +102,28 @@ st.dataframe(_self_test_table(result["self_test"]), hide_index=True, key="export
 st.subheader("Downloads")
 files = [Path(f) for f in result["files"] if Path(f).exists()]
 for i, path in enumerate(files):
-    if path.is_dir():
-        payload = export.zip_exports(run_dir, [path], name=path.name).read_bytes()
-        name = f"{path.name}.zip"
-    else:
-        payload, name = path.read_bytes(), path.name
+    folder = path.is_dir()
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if folder else 0
+    size = size or path.stat().st_size
+    name = f"{path.name}.zip" if folder else path.name
+    # Files are read (or zipped) only when the button is clicked, not on every rerun.
+    payload = (
+        (lambda path=path: export.zip_exports(run_dir, [path], name=path.name).read_bytes())
+        if folder
+        else (lambda path=path: path.read_bytes())
+    )
     st.download_button(
-        f"{name} ({len(payload) / 1024:,.0f} KB)",
+        f"{name} ({size / 1024:,.0f} KB)",
         payload,
         file_name=name,
-        mime=MIME.get(path.suffix, "application/octet-stream"),
+        mime=MIME.get(path.suffix, "application/zip" if folder else "application/octet-stream"),
         key=f"export_download_{i}",
     )
 if files:
-    bundle = export.zip_exports(run_dir, files)
     st.download_button(
         "Everything as one zip",
-        bundle.read_bytes(),
-        file_name=bundle.name,
+        lambda: export.zip_exports(run_dir, files).read_bytes(),
+        file_name=f"{run_dir.name}-export.zip",
         mime="application/zip",
         type="primary",
         key="export_download_all",

@@ -133,54 +133,75 @@ def block_of(row: dict) -> str:
     return row.get("parent") or row["name"]
 
 
-def stack_figure(rows: list[dict]) -> go.Figure:
-    """Horizontal bars, one per block of layers, top to bottom; colour = status, length = params."""
+def group_status(statuses: list[str]) -> str:
+    """One colour per block: new, else trainable if any layer trains, else frozen/removed."""
+    for status in ("new", "trainable", "frozen"):
+        if status in statuses:
+            return status
+    return "removed"
+
+
+def stack_groups(rows: list[dict]) -> list[dict]:
+    """Consecutive layers of one block form a bar; neighbours merge until at most MAX_BARS."""
     groups: list[dict] = []
     for row in rows:
-        key = (block_of(row), row["status"])
-        if groups and (groups[-1]["block"], groups[-1]["status"]) == key:
+        kind = {"removed": "removed", "new": "new"}.get(row["status"], "base")
+        key = (block_of(row), kind)
+        if groups and (groups[-1]["block"], groups[-1]["kind"]) == key:
             group = groups[-1]
         else:
-            group = {"block": key[0], "status": key[1], "params": 0, "layers": []}
+            group = {"block": key[0], "kind": kind, "params": 0, "layers": [], "statuses": []}
             groups.append(group)
         group["params"] += row["params"]
         group["layers"].append(row["name"])
-    while len(groups) > MAX_BARS:  # merge neighbours of the same status to stay readable
+        group["statuses"].append(row["status"])
+    while len(groups) > MAX_BARS:
         merged: list[dict] = []
         for group in groups:
             last = merged[-1] if merged else None
-            if last and last["status"] == group["status"] and not last.get("closed"):
+            if last is not None and last["kind"] == group["kind"] and not last["closed"]:
                 last["params"] += group["params"]
                 last["layers"] += group["layers"]
+                last["statuses"] += group["statuses"]
                 last["block"] = f"{last['block'].split(' … ')[0]} … {group['block']}"
                 last["closed"] = True
             else:
                 merged.append({**group, "closed": False})
         if len(merged) == len(groups):
             break
-        groups = [{k: v for k, v in g.items() if k != "closed"} for g in merged]
+        groups = merged
+    for group in groups:
+        group["status"] = group_status(group["statuses"])
+    return groups
+
+
+def stack_figure(rows: list[dict]) -> go.Figure:
+    """Horizontal bars, one per block of layers, top to bottom; colour = status, length = params."""
+    groups = stack_groups(rows)
+    labels = [f"{i:02d} {g['block']}" for i, g in enumerate(groups)]
     fig = go.Figure()
     for status, colour in STATUS_COLOURS.items():
-        chosen = [g for g in groups if g["status"] == status]
+        chosen = [i for i, g in enumerate(groups) if g["status"] == status]
         if not chosen:
             continue
         fig.add_bar(
-            y=[f"{i:02d} {g['block']}" for i, g in enumerate(groups) if g["status"] == status],
-            x=[max(g["params"], 1) for g in chosen],
+            y=[labels[i] for i in chosen],
+            x=[max(groups[i]["params"], 1) for i in chosen],
             orientation="h",
             name=status,
             marker_color=colour,
-            customdata=[[len(g["layers"]), ", ".join(g["layers"][:6])] for g in chosen],
+            customdata=[
+                [len(groups[i]["layers"]), ", ".join(groups[i]["layers"][:6])] for i in chosen
+            ],
             hovertemplate="%{y}<br>%{x:,} params, %{customdata[0]} layers<br>%{customdata[1]}"
             "<extra>" + status + "</extra>",
         )
-    order = [f"{i:02d} {g['block']}" for i, g in enumerate(groups)]
     fig.update_layout(
         barmode="overlay",
         height=max(260, 18 * len(groups) + 80),
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        xaxis={"title": "parameters (log)", "type": "log"},
-        yaxis={"categoryorder": "array", "categoryarray": order[::-1], "title": None},
+        xaxis={"title": "parameters (log scale; 1 = no weights)", "type": "log"},
+        yaxis={"categoryorder": "array", "categoryarray": labels[::-1], "title": None},
         legend={"orientation": "h", "y": 1.05},
     )
     return fig

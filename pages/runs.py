@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, ensure_session, remember
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
 from retrain import evaluate, jobs
 from retrain.errors import RetrainError
+from retrain.train import TrainConfig
 from retrain.workspace import is_within, run_path, runs_dir
 
 ACTIVE_STATES = ("queued", "running", "stopping")
+# Choices the Model page makes (the "surgery" session key), not Train page widgets.
+SURGERY_KEYS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _details(run_dir: str, mtime: float) -> dict:
     """Config summary, metrics and duration of one run (recomputed when its files change)."""
-    from pathlib import Path
-
     path = Path(run_dir)
     status = jobs.read_status(path)
     try:
@@ -82,6 +84,34 @@ def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Fi
         )
     fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=340, margin=dict(t=10, b=10))
     return fig
+
+
+def _prefill_train(config: dict) -> None:
+    """Fill the Train page with a run's settings: its widgets (keyed by TrainConfig field
+    names), the remembered base model, dataset and surgery choices."""
+    try:
+        settings = TrainConfig.from_json(config).to_dict()
+    except RetrainError as err:
+        st.error(str(err))
+        st.stop()
+    for name, value in settings.items():
+        if name in ("data", "base", "out", *SURGERY_KEYS):
+            continue
+        if name == "epochs" and demo_mode():
+            continue  # the demo caps epochs; keep its default
+        st.session_state[name] = value
+    surgery = {k: settings[k] for k in SURGERY_KEYS}
+    surgery["cut_at"] = settings["cut_at"] or config.get("cut_at_used")
+    choices = {"surgery": surgery}
+    if settings.get("base"):
+        choices["base"] = settings["base"]
+        choices["base_label"] = settings["base"]
+    manifest = config.get("manifest_path")
+    if manifest and Path(manifest).is_file() and is_within(Path(manifest), workspace):
+        choices["dataset"] = manifest
+        name = config.get("dataset_name") or Path(manifest).parent.name
+        choices["dataset_label"] = f"{name}: {len(config.get('class_names') or [])} classes"
+    remember(**choices)
 
 
 workspace = ensure_session()
@@ -158,8 +188,8 @@ if cols[1].button(
     key="runs_reuse",
     help="The Train page opens with this run's settings filled in.",
 ):
-    config = details[chosen]["config"]
-    remember(run_id=chosen, base=config.get("base") or None)
+    _prefill_train(details[chosen]["config"])
+    remember(run_id=chosen)
     st.switch_page(PAGE_FILES["train"])
 with cols[2].popover("Delete run", disabled=state in ACTIVE_STATES):
     st.write(f"Delete **{chosen}** and all its files? This cannot be undone.")

@@ -37,6 +37,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 import time
 import unicodedata
 import warnings
@@ -236,22 +237,36 @@ class _ImageProblem(Exception):
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
 
 
+# warnings.catch_warnings swaps process-global state: one decoding thread at a time may hold it.
+# Image.open only parses headers, so the lock costs little; decoding happens outside it.
+_OPEN_LOCK = threading.Lock()
+
+
 def _open_image(source: str | Path | BinaryIO, pixel_limit: int) -> Image.Image:
-    """Open an image with only the allowed decoders and the decompression-bomb guard on."""
-    Image.MAX_IMAGE_PIXELS = pixel_limit
+    """Open an image with only the allowed decoders and the decompression-bomb guard on.
+
+    Pillow raises above twice ``Image.MAX_IMAGE_PIXELS`` and only warns between 1x and 2x;
+    both are refused here (the warning is silenced and the size checked explicitly).
+    """
+    bomb = _ImageProblem(
+        f"too many pixels (more than {pixel_limit:,}): possible decompression bomb"
+    )
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x the limit; both are a skip here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(source, formats=_PIL_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _ImageProblem(
-            f"too many pixels (more than {pixel_limit:,}): possible decompression bomb"
-        ) from None
+        with _OPEN_LOCK, warnings.catch_warnings():
+            Image.MAX_IMAGE_PIXELS = pixel_limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source, formats=_PIL_FORMATS)
+    except Image.DecompressionBombError:
+        raise bomb from None
     except Image.UnidentifiedImageError:
         raise _ImageProblem("not a readable image (unknown or unsupported format)") from None
     except _DECODE_ERRORS:
         raise _ImageProblem("corrupt or truncated image") from None
+    width, height = im.size
+    if width * height > pixel_limit:
+        im.close()
+        raise bomb
+    return im
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -315,9 +330,15 @@ def _decode_resized(
         raise _ImageProblem("corrupt or truncated image") from None
 
 
-def _check_file(path: str, pixel_limit: int) -> tuple[str | None, int, int, str | None]:
+def _check_file(
+    path: str, pixel_limit: int, max_bytes: int
+) -> tuple[str | None, int, int, str | None]:
     """Hash and fully decode one file; return ``(sha256, width, height, skip reason)``."""
     try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            limit = _human_bytes(max_bytes)
+            return None, 0, 0, f"too large ({_human_bytes(size)}; the limit is {limit} per file)"
         data = Path(path).read_bytes()
     except OSError as err:
         return None, 0, 0, f"unreadable file ({err.strerror or err})"
@@ -339,9 +360,9 @@ def _check_file(path: str, pixel_limit: int) -> tuple[str | None, int, int, str 
 
 
 def _check_chunk(
-    paths: list[str], pixel_limit: int
+    paths: list[str], pixel_limit: int, max_bytes: int
 ) -> list[tuple[str | None, int, int, str | None]]:
-    return [_check_file(p, pixel_limit) for p in paths]
+    return [_check_file(p, pixel_limit, max_bytes) for p in paths]
 
 
 def _map_chunks(
@@ -821,6 +842,10 @@ def _skip_category(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0]
 
 
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count:,} {one if count == 1 else many}"
+
+
 def _warnings(
     class_names: list[str],
     groups: dict[str, dict[str, list[str]]],
@@ -830,7 +855,6 @@ def _warnings(
     """Problems that do not stop training, each with concrete advice."""
     out: list[str] = []
     multi = len(groups) > 1
-
     train = {c: len(groups["train"][c]) for c in class_names}
     few = [(c, n) for c, n in train.items() if n < FEW_IMAGES_PER_CLASS]
     where = "training images" if multi else "images"
@@ -856,8 +880,8 @@ def _warnings(
         )
 
     by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
-    for split, classes in groups.items():
-        for cls, rels in classes.items():
+    for split in (s for s in SPLITS if s in groups):
+        for cls, rels in groups[split].items():
             for rel in rels:
                 by_hash[info[rel][0]].append((split, cls, rel))
     within: list[tuple[str, str]] = []
@@ -878,19 +902,22 @@ def _warnings(
     if within:
         a, b = within[0]
         out.append(
-            f"{len(within)} images are exact copies of another image in the same class "
+            f"{_n(len(within), 'image is an exact copy', 'images are exact copies')} of "
+            "another image in the same class "
             f"(e.g. '{a}' = '{b}'); copies count twice in training. Delete the copies."
         )
     if across_classes:
         a, b = across_classes[0]
         out.append(
-            f"{len(across_classes)} images appear in more than one class (e.g. '{a}' = '{b}'); "
+            f"{_n(len(across_classes), 'image appears', 'images appear')} in more than one "
+            f"class (e.g. '{a}' = '{b}'); "
             "the same picture with two labels confuses the model. Keep each in one class."
         )
     if across_splits:
         a, b = across_splits[0]
         out.append(
-            f"{len(across_splits)} images appear in more than one split (e.g. '{a}' = '{b}'): "
+            f"{_n(len(across_splits), 'image appears', 'images appear')} in more than one "
+            f"split (e.g. '{a}' = '{b}'): "
             "test images seen in training make scores look better than they are (leakage). "
             "Remove them from one split."
         )
@@ -905,7 +932,8 @@ def _warnings(
     if tiny:
         rel, w, h = tiny[0]
         out.append(
-            f"{len(tiny)} images are smaller than {TINY_SIDE} px on a side (e.g. '{rel}' is "
+            f"{_n(len(tiny), 'image is', 'images are')} smaller than {TINY_SIDE} px on a side "
+            f"(e.g. '{rel}' is "
             f"{w}x{h}); they get upscaled and look blurry. Use larger images if you have them."
         )
 
@@ -913,7 +941,8 @@ def _warnings(
         kinds = Counter(_skip_category(s["reason"]) for s in skipped)
         listed = "; ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
         out.append(
-            f"{len(skipped)} files were skipped ({listed}); see the list of skipped files. "
+            f"{_n(len(skipped), 'file was', 'files were')} skipped ({listed}); see the list of "
+            "skipped files. "
             "Fix or remove them if they should be part of the dataset."
         )
     return out
@@ -944,8 +973,9 @@ def _scan(
     rels = sorted(rel for classes in groups.values() for rels in classes.values() for rel in rels)
 
     pixel_limit = _max_pixels()
+    max_bytes = _max_file_bytes()
     chunks = [
-        ([str(base / r) for r in rels[i : i + _CHUNK]], pixel_limit)
+        ([str(base / r) for r in rels[i : i + _CHUNK]], pixel_limit, max_bytes)
         for i in range(0, len(rels), _CHUNK)
     ]
     done = [0]

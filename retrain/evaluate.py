@@ -748,6 +748,25 @@ def grad_cam(model_path: str | Path, image: Any, class_index: int | None = None)
     return cam / peak if peak > 0 and math.isfinite(peak) else cam
 
 
+def grad_cam_overlay(model_path: str | Path, image: Any, alpha: float = 0.5) -> Any:
+    """The image at the model's input size with its Grad-CAM map blended in red (uint8), or
+    None where Grad-CAM does not apply (see `grad_cam`)."""
+    from PIL import Image
+
+    model, meta = load_model(model_path)
+    size = model_image_size(model, meta)
+    pixels = _image_array(image, size, meta.get("resize_mode", "squash"))
+    cam = grad_cam(model_path, pixels)
+    if cam is None:
+        return None
+    heat = Image.fromarray(np.uint8(np.clip(cam, 0, 1) * 255)).resize(
+        (size[1], size[0]), Image.BILINEAR
+    )
+    weight = (np.asarray(heat, dtype=np.float32) / 255.0 * alpha)[..., None]
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    return np.uint8(pixels.astype(np.float32) * (1 - weight) + red * weight)
+
+
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
@@ -763,6 +782,9 @@ def cli_forgetting(args: Any) -> dict[str, Any]:
     return forgetting(args.original, args.run, args.data, args.workspace)
 
 
-def cli_predict(args: Any) -> list[dict[str, Any]]:
-    """`python -m retrain predict --model MODEL.keras IMAGE...`."""
-    return predict(args.model, list(args.images), args.top_k)
+def cli_predict(args: Any) -> dict[str, Any]:
+    """`python -m retrain predict --model MODEL.keras IMAGE...` -> ``{"model", "predictions"}``."""
+    return {
+        "model": str(args.model),
+        "predictions": predict(args.model, list(args.images), args.top_k),
+    }

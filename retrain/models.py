@@ -82,7 +82,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("EfficientNetB0", "inside", (224, 224), "top_dropout", "EfficientNet"),
         ZooEntry("EfficientNetV2B0", "inside", (224, 224), "top_dropout", "EfficientNet"),
         ZooEntry("ResNet50V2", "tf", (224, 224), "predictions", "ResNet"),
-        ZooEntry("ConvNeXtTiny", "inside", (224, 224), "predictions", "ConvNeXt"),
+        ZooEntry("ConvNeXtTiny", "inside", (224, 224), "convnext_tiny_head_dense", "ConvNeXt"),
     )
 }
 
@@ -516,9 +516,17 @@ def _known_keras3(cls: str, entry: dict) -> bool:
     keras = _keras()
     registered = entry.get("registered_name")
     module = str(entry.get("module") or "keras")
-    if registered not in (None, cls) or not module.startswith("keras"):
+    if registered not in (None, cls) or not (module == "keras" or module.startswith("keras.")):
         return False
-    return cls in _CONTAINERS or hasattr(keras.layers, cls)
+    if cls in _CONTAINERS or hasattr(keras.layers, cls):
+        return True
+    # Keras's own unexported layers (e.g. ConvNeXt's LayerScale) live in keras.src modules.
+    import importlib
+
+    try:
+        return isinstance(getattr(importlib.import_module(module), cls, None), type)
+    except ImportError:
+        return False
 
 
 def _known_legacy(cls: str, entry: dict) -> bool:
@@ -581,23 +589,21 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
     _check_config(config, path.name, _known_legacy)
     info: dict[str, Any] = {"format": f"HDF5 (Keras {version or '?'})"}
     keras = _keras()
-    first_error: BaseException | None = None
-    if not str(version).startswith("2."):
-        try:
-            return keras.saving.load_model(path, compile=False, safe_mode=True), info
-        except Exception as err:  # a Keras 2 style file Keras 3 cannot read: convert below
-            first_error = err
+    info["teachable_machine"] = _looks_like_teachable_machine(config)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True), info
+    except Exception as err:  # Keras 2 files Keras 3 cannot read (TM exports): convert below
+        first_error = err
     try:
         model, diff = convert_keras2_h5(path)
     except ModelError:
         raise
     except Exception as err:  # report the first failure; conversion was the fallback
-        reason = first_error or err
+        reason = err if "tf_keras" in str(err) else first_error
         raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
     info.update(
         converted="Keras 2 file rebuilt as Keras 3 (read with tf_keras)",
         conversion_max_abs_diff=diff,
-        teachable_machine=_looks_like_teachable_machine(config),
     )
     return model, info
 

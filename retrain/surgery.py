@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retrain.errors import ConfigError, ModelError
-from retrain.models import BaseModel, _keras, is_model, iter_layers, output_leaf
+from retrain.models import (
+    BaseModel,
+    _keras,
+    check_image_model,
+    is_model,
+    iter_layers,
+    output_leaf,
+)
 
 POOLINGS = ("auto", "avg", "max", "flatten", "none")
 FREEZE_MODES = ("all", "none", "top", "names")
@@ -183,6 +190,7 @@ class _Replay:
         self.copies: dict[int, Any] = {}
         self.taken = taken  # names already used in the new graph (front layers)
         self.renamed: dict[str, str] = {}
+        self.mixed = _keras().config.dtype_policy().name != "float32"
 
     def run(self, model: Any, inputs: Any) -> Any:
         keras = _keras()
@@ -212,6 +220,8 @@ class _Replay:
         if is_model(op):
             return self.run(op, args[0] if len(args) == 1 else list(args))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("training",)}
+        if not isinstance(op, _keras().layers.Layer):  # a stateless op (``x + y``) in the graph
+            return op(*args, **kwargs)
         copy = self.copies.get(id(op))
         first = copy is None
         if first:
@@ -239,9 +249,18 @@ class _Replay:
             config = {**config, "name": new}
             name = new
         self.taken.add(name)
+        if self.mixed and _is_float32_policy(config.get("dtype")):
+            # Let the global mixed-precision policy apply to the kept layers too.
+            config = {k: v for k, v in config.items() if k != "dtype"}
         copy = type(layer).from_config(config)
         copy.trainable = layer.trainable
         return copy
+
+
+def _is_float32_policy(dtype: Any) -> bool:
+    if isinstance(dtype, dict):
+        dtype = (dtype.get("config") or {}).get("name")
+    return dtype in (None, "float32")
 
 
 # --------------------------------------------------------------------------------------
@@ -424,6 +443,7 @@ def replace_head(
     image_size = (int(image_size[0]), int(image_size[1]))
     if min(image_size) < 8:
         raise ConfigError(f"Image size {image_size} is too small; use at least 8x8 pixels.")
+    check_image_model(base.model, base.name)
     cut_index, cut_name = resolve_cut(base, cut_at)
 
     taken = {layer.name for _, layer in iter_layers(base.model)}

@@ -739,14 +739,26 @@ def _keras_classes() -> dict[str, type]:
                 self.model.stop_training = True
 
     class BestCheckpoint(keras.callbacks.Callback):
-        """Save ``best.keras`` (the full model) whenever val accuracy improves.
+        """Keep ``best.keras`` (the full model) at the epoch with the best val accuracy.
 
-        Without validation data the training accuracy decides.
+        Without validation data the training accuracy decides. Writing a .keras file takes
+        a fraction of a second while a cached-feature epoch takes less, so an improvement is
+        snapshotted in memory and written at most every ``min_interval`` seconds, and always
+        when the fit ends (finished, stopped or early-stopped).
         """
 
-        def __init__(self, run_state: RunState, model_to_save: Any, metadata: dict) -> None:
+        def __init__(
+            self,
+            run_state: RunState,
+            model_to_save: Any,
+            metadata: dict,
+            min_interval: float = 10.0,
+        ) -> None:
             super().__init__()
             self.state, self.model_to_save, self.metadata = run_state, model_to_save, metadata
+            self.min_interval = min_interval
+            self._pending: tuple[int, float, list] | None = None
+            self._last_write = time.monotonic()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if self.state.diverged_epoch is not None:
@@ -758,10 +770,29 @@ def _keras_classes() -> dict[str, type]:
             best = self.state.best_val_accuracy
             if best is None or score > best:
                 self.state.best_val_accuracy, self.state.best_epoch = score, epoch + 1
-                from retrain.modelfile import save_model
+                self._pending = (epoch + 1, score, self.model_to_save.get_weights())
+                if time.monotonic() - self._last_write >= self.min_interval:
+                    self.flush()
 
-                meta = dict(self.metadata, epoch=epoch + 1, val_accuracy=score)
+        def on_train_end(self, logs: dict | None = None) -> None:
+            self.flush()
+
+        def flush(self) -> None:
+            """Write the pending best epoch's model to ``best.keras``."""
+            if self._pending is None:
+                return
+            from retrain.modelfile import save_model
+
+            epoch, score, weights = self._pending
+            current = self.model_to_save.get_weights()
+            self.model_to_save.set_weights(weights)
+            try:
+                meta = dict(self.metadata, epoch=epoch, val_accuracy=score)
                 save_model(self.model_to_save, self.state.run_dir / "best.keras", meta)
+            finally:
+                self.model_to_save.set_weights(current)
+            self._pending = None
+            self._last_write = time.monotonic()
 
     class EpochCheckpoint(keras.callbacks.Callback):
         """Save weights, optimizer state and the epoch counter after every epoch (``--resume``)."""
@@ -912,11 +943,9 @@ def cached_features(
         if len(cached) == len(images):
             return cached
     chunk = max(batch_size, 256)
-    first = np.asarray(features_model.predict(np.asarray(images[:1]), verbose=0))
+    shape = tuple(int(d) for d in features_model.outputs[0].shape[1:])
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float32, shape=(len(images), *first.shape[1:])
-    )
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), *shape))
     for start in range(0, len(images), chunk):
         stop = min(start + chunk, len(images))
         out[start:stop] = features_model.predict(
@@ -1272,7 +1301,9 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
     cls = _keras_classes()
     feature_seconds = 0.0
 
-    def fit(model: Any, lr: float, x_train, x_val, first: int, last: int, phase: int) -> None:
+    def fit(
+        model: Any, lr: float, x_train, x_val, first: int, last: int, phase: int, workers: int
+    ) -> None:
         state.phase = phase
         optimizer = _make_optimizer(config.optimizer, lr)
         if checkpoint is not None and first == start_epoch and start_epoch > 0:
@@ -1293,13 +1324,11 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             shuffle=True,
             seed=config.seed + first,
             sample_weight=sample_weight,
-            workers=config.workers,
+            workers=workers,
         )
         val_data = None
         if val_idx is not None:
-            val_data = cls["ArrayDataset"](
-                x_val, y_val_all, val_idx, global_batch, workers=config.workers
-            )
+            val_data = cls["ArrayDataset"](x_val, y_val_all, val_idx, global_batch, workers=workers)
         model.fit(
             train_data,
             validation_data=val_data,
@@ -1327,7 +1356,7 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
                         "train",
                         policy,
                     ),
-                    batch_size=global_batch,
+                    batch_size=max(global_batch, 64),
                 )
                 x_val = x_train
                 if val_cache is not None and val_cache is not train_cache:
@@ -1343,15 +1372,22 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
                             "val",
                             policy,
                         ),
-                        batch_size=global_batch,
+                        batch_size=max(global_batch, 64),
                     )
             feature_seconds = time.perf_counter() - t0
             model = surgery.head
+            # Features are small next to images: read them into memory when they fit easily.
+            if x_train.nbytes < 1 << 30:
+                same = x_val is x_train
+                x_train = np.array(x_train)
+                x_val = x_train if same else np.array(x_val)
+            workers = 1  # batches are array slices: threads would only add overhead
         else:
             x_train = train_cache.images
             x_val = val_cache.images if val_cache is not None else None
             model = _augmented(surgery, config.seed) if config.augment else surgery.model
-        fit(model, config.lr, x_train, x_val, start_epoch, config.epochs, phase=1)
+            workers = config.workers
+        fit(model, config.lr, x_train, x_val, start_epoch, config.epochs, 1, workers)
         if not state.halted:
             # Early stopping may end phase 1 before config.epochs: remember where it ended,
             # so a resumed run goes on with phase 2 rather than more of phase 1.
@@ -1379,7 +1415,8 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
                 val_cache.images if val_cache is not None else None,
                 first,
                 last,
-                phase=2,
+                2,
+                config.workers,
             )
 
     if state.diverged_epoch is not None:

@@ -261,3 +261,13 @@ def keras_cache(builtin_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point keras_home() at the session's Keras home (the built-in model is already there)."""
     monkeypatch.setenv("KERAS_HOME", str(builtin_home))
     return builtin_home
+
+
+@pytest.fixture(scope="session")
+def tm_base():
+    """The Teachable Machine export, loaded (and converted) once per session."""
+    if not TM_WATER.is_file():
+        pytest.skip("../shared/models/teachable_machine_water is not present")
+    from retrain import models
+
+    return models.load_base(str(TM_WATER))

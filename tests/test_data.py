@@ -294,9 +294,9 @@ def test_duplicate_warnings_within_and_across_classes(ws, tmp_path):
     entries["dog/cat-in-dogs.png"] = entries["cat/1.png"]
     ds = ingest(_zip(tmp_path / "d.zip", entries), ws)
     text = " | ".join(ds.warnings)
-    assert "1 images are exact copies of another image in the same class" in text
+    assert "1 image is an exact copy of another image in the same class" in text
     assert "'cat/0.png' = 'cat/copy.png'" in text
-    assert "1 images appear in more than one class" in text
+    assert "1 image appears in more than one class" in text
 
 
 def test_duplicates_across_splits_warn_about_leakage(ws, tmp_path):
@@ -454,6 +454,29 @@ def test_per_file_size_limit_skips_the_file(ws, tmp_path, monkeypatch):
     ds = ingest(_zip(tmp_path / "d.zip", entries), ws)
     assert _reasons(ds)["cat/huge.png"].startswith("too large (117.")
     assert not (ds.root / "cat/huge.png").exists()
+
+
+def test_folder_skips_symlinks_hidden_folders_and_huge_files(
+    ws, tmp_path, make_image_folder, monkeypatch
+):
+    folder = make_image_folder(per_class=12)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "x.png").write_bytes(_png())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png(seed=3))
+    (folder / "cat" / "link.png").symlink_to(outside)
+    (folder / "dog_link").symlink_to(folder / "dog")
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "dog" / "huge.png")
+    monkeypatch.setenv("RETRAIN_MAX_FILE_MB", "0.05")
+    ds = ingest(folder, ws)
+    reasons = _reasons(ds)
+    assert reasons[".git/"] == "hidden folder"
+    assert reasons["cat/link.png"] == "symbolic link (not followed)"
+    assert reasons["dog_link/"] == "symbolic link (not followed)"
+    assert reasons["dog/huge.png"].startswith("too large (117.")
+    assert ds.class_names == ["cat", "dog"]
+    assert ds.counts() == {"train": {"cat": 12, "dog": 12}}
 
 
 def test_bad_limit_setting(ws, tmp_path, monkeypatch):

@@ -181,6 +181,8 @@ def test_grad_cam_highlights_a_map_for_a_conv_model(run_dir, dataset):
         return
     assert cam.ndim == 2 and cam.shape[0] > 1
     assert cam.min() >= 0.0 and cam.max() <= 1.0
+    overlay = evaluate.grad_cam_overlay(run_dir / "best.keras", image)
+    assert overlay.shape == (16, 16, 3) and overlay.dtype == np.uint8
 
 
 # --------------------------------------------------------------------------- forgetting
@@ -291,6 +293,17 @@ def test_cli_evaluate_prints_the_report(run_dir, workspace, capsys):
     for key in ("accuracy", "loss", "class_names", "per_class", "macro", "weighted"):
         assert key in report
     assert {"confusion_matrix", "top_k", "misclassified"} <= set(report)
+
+
+def test_cli_predict_prints_top_k_per_image(run_dir, dataset, capsys):
+    image = str(Path(dataset.root) / dataset.splits["train"][0][0])
+    code, out, err = _cli(
+        ["predict", "--model", str(run_dir / "best.keras"), image, "--top-k", "2"], capsys
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert [p["path"] for p in result["predictions"]] == [image]
+    assert len(result["predictions"][0]["top_k"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 
 from retrain import models
 from retrain.errors import ModelError
-from tests.conftest import TM_WATER, needs_tm_model
+from tests.conftest import needs_tm_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,6 +168,22 @@ def test_labels_that_do_not_fit_the_head_are_ignored(tmp_path: Path):
     base = models.load_base(str(path))
     assert base.class_names is None
     assert "labels_ignored" in base.origin
+
+
+def test_keras_file_with_raw_ops_and_keras_internal_layers_loads(tmp_path: Path):
+    """ConvNeXt-style graphs hold stateless ops (``x + y``) and unexported Keras layers."""
+    import keras
+    from keras.src.applications.convnext import LayerScale
+
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inp)
+    x = LayerScale(0.5, 4, name="scale")(x) + x
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    path = tmp_path / "ops.keras"
+    keras.Model(inp, keras.layers.Dense(2, name="out")(x)).save(path)
+    base = models.load_base(str(path))
+    assert base.suggested_cut == "gap"
+    assert [r["name"] for r in models.describe(base)["layers"]] == ["conv", "scale", "gap", "out"]
 
 
 def test_keras3_h5_loads_with_the_keras3_loader(tmp_path: Path):
@@ -329,8 +345,8 @@ def test_keras2_nested_h5_is_converted_faithfully(tmp_path: Path):
 
 
 @needs_tm_model
-def test_teachable_machine_export_loads_and_matches_tf_keras():
-    base = models.load_base(str(TM_WATER))
+def test_teachable_machine_export_loads_and_matches_tf_keras(tm_base):
+    base = tm_base
     assert base.class_names == ["5 Galoon", "500ML"]
     assert base.preprocessing == "tf"
     assert base.input_size == (224, 224)

@@ -56,7 +56,12 @@ def test_sample_button_loads_the_digits():
     at = _page()
     at.button(key="use_sample").click().run()
     assert not at.exception
-    assert _metrics(at) == {"Classes": "5", "Images": "896", "Train images": "896"}
+    assert _metrics(at) == {
+        "Classes": "5",
+        "Images": "896",
+        "Smallest class": "174",
+        "Largest class": "182",
+    }
     assert at.session_state["dataset_label"] == "digits-5-6-7-8-9: 5 classes, 896 images"
     assert Path(at.session_state["dataset"]).name == "manifest.json"
     spec = _chart_spec(at)
@@ -77,13 +82,28 @@ def test_uploaded_zip_shows_summary_warnings_and_skips(pets_zip):
     assert at.session_state["dataset_label"] == "pets: 2 classes, 18 images"
     warnings = [w.value for w in at.warning]
     assert any("Class 'dog' has only 6 images; add at least 10" in w for w in warnings)
-    assert any("1 files were skipped" in w for w in warnings)
+    assert any("1 file was skipped" in w for w in warnings)
     assert at.expander[0].label == "Skipped files (1)"
     assert _chart_spec(at)["data"][0]["y"] == [12, 6]
     # A rerun (any click) neither ingests again nor loses the dataset.
     manifest = at.session_state["dataset"]
     at.run()
     assert at.session_state["dataset"] == manifest and _metrics(at)["Images"] == "18"
+
+
+def test_split_folders_show_each_split(make_image_folder, make_zip):
+    folder = make_image_folder(per_class=12, splits=("train", "val", "test"))
+    at = _page()
+    at.file_uploader(key="dataset_upload").upload("split.zip", make_zip(folder).read_bytes())
+    at.run()
+    assert not at.exception
+    assert _metrics(at) == {
+        "Classes": "2",
+        "Images": "72",
+        "Train images": "24",
+        "Val / Test images": "24 / 24",
+    }
+    assert [bar["name"] for bar in _chart_spec(at)["data"]] == ["train", "val", "test"]
 
 
 def test_bad_upload_shows_one_line_error_and_keeps_it(tmp_path):

@@ -221,3 +221,18 @@ def test_failed_and_queued_runs_say_what_happened(session):
     assert "position 2 in the queue" in _text(at)
     table = at.dataframe[0].value
     assert set(table["state"]) == {"failed", "queued"}
+
+
+def test_a_reload_reattaches_through_the_run_link(session):
+    _fabricate(session["workspace"], "run-linked", "done", 2)
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGE)
+    at.session_state["workspace"] = session["workspace"]
+    at.session_state["dataset"] = session["manifest"]
+    at.session_state["base"] = "builtin:digits-cnn"
+    at.query_params["run"] = "run-linked"
+    at.run()
+    assert not at.exception
+    assert at.session_state["run_id"] == "run-linked"
+    assert [h.value for h in at.subheader if h.value.startswith("Run ")] == ["Run run-linked"]
+    assert all(len(t["x"]) == 2 for c in _charts(at) for t in c["data"])

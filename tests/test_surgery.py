@@ -10,7 +10,7 @@ import pytest
 from retrain import models
 from retrain.errors import ConfigError, ModelError
 from retrain.surgery import FreezeSpec, HeadSpec, apply_freeze, kept_layers, replace_head, summary
-from tests.conftest import TM_WATER, needs_tm_model
+from tests.conftest import needs_tm_model
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -98,7 +98,7 @@ def images(n: int = 4, size: int = 16, seed: int = 0) -> np.ndarray:
 
 
 def layer_output(model, name: str, x: np.ndarray) -> np.ndarray:
-    """The original model's output at leaf layer ``name`` (nested models flattened)."""
+    """``model``'s output at its leaf layer ``name`` (pass the nested model that holds it)."""
     import keras
 
     probe = keras.Model(model.inputs, _find(model, name).output)
@@ -181,7 +181,10 @@ def test_nested_model_cut_by_name_index_and_nested_model_name():
     s = replace_head(base, ["a", "b"])
     assert s.cut_at == "gap"
     np.testing.assert_allclose(
-        np.asarray(s.features(x)), layer_output(model, "gap", prepared), rtol=1e-5, atol=1e-5
+        np.asarray(s.features(x)),
+        layer_output(model.layers[0], "gap", prepared),
+        rtol=1e-5,
+        atol=1e-5,
     )
     assert s.diff["removed"] == ["old_hidden", "old_out"]
     # Layer names survive, flattened into one graph.
@@ -195,7 +198,10 @@ def test_nested_model_cut_by_name_index_and_nested_model_name():
     s2 = replace_head(base, ["a", "b"], cut_at="backbone")
     assert s2.cut_at == "b_conv2"
     np.testing.assert_allclose(
-        np.asarray(s2.features(x)), layer_output(model, "b_conv2", prepared), rtol=1e-5, atol=1e-5
+        np.asarray(s2.features(x)),
+        layer_output(model.layers[0].layers[0], "b_conv2", prepared),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -361,6 +367,33 @@ def test_saved_model_loads_without_custom_objects(tmp_path: Path):
     assert rows[-1]["name"] == "head_output" and rows[-1]["part"] == "head"
 
 
+def test_stateless_ops_in_the_graph_are_kept():
+    import keras
+
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inp)
+    x = keras.ops.relu(x) + x  # raw ops, as ConvNeXt's graph has them
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out")(x))
+    s = replace_head(as_base(model), ["a", "b"])
+    x = images()
+    expected = layer_output(model, "gap", x.astype("float32") / 255.0)
+    np.testing.assert_allclose(np.asarray(s.features(x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_policy_reaches_kept_layers():
+    import keras
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        s = replace_head(as_base(functional_model()), CLASSES)
+        assert s.features.get_layer("stem").compute_dtype == "float16"
+        assert s.head.get_layer("head_output").compute_dtype == "float32"
+        assert np.asarray(s.model(images())).dtype == np.float32
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
 def test_duplicate_names_across_nested_models_are_made_unique():
     import keras
 
@@ -392,8 +425,8 @@ def test_builtin_surgery_for_the_new_digits(keras_cache: Path):
 
 
 @needs_tm_model
-def test_teachable_machine_surgery_keeps_the_1280_features():
-    base = models.load_base(str(TM_WATER))
+def test_teachable_machine_surgery_keeps_the_1280_features(tm_base):
+    base = tm_base
     s = replace_head(base, ["small", "large"], image_size=(64, 64))
     assert s.cut_at == "global_average_pooling2d_GlobalAveragePooling2D1"
     assert s.diff["cut_output_shape"] == [None, 1280]
@@ -401,6 +434,7 @@ def test_teachable_machine_surgery_keeps_the_1280_features():
     assert s.diff["added"][:2] == ["retrain_resize", "retrain_scale"]
     x = images(2, 224)
     direct = replace_head(base, ["small", "large"])
-    expected = layer_output(base.model, s.cut_at, x.astype("float32") / 127.5 - 1.0)
+    inner = base.model.layers[0]  # the Sequential holding MobileNetV2 + pooling
+    expected = layer_output(inner, s.cut_at, x.astype("float32") / 127.5 - 1.0)
     np.testing.assert_allclose(np.asarray(direct.features(x)), expected, atol=1e-4)
     assert np.asarray(s.model(images(2, 64))).shape == (2, 2)

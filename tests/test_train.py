@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
     return subprocess.run(
         [sys.executable, "-m", "retrain", *args],
         cwd=ROOT,
@@ -418,7 +419,7 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
 
-def test_kill_9_is_reported_interrupted_and_resume_runs_each_epoch_once(
+def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     make_image_folder, tmp_path, tiny_base
 ):
     from retrain import jobs
@@ -428,22 +429,38 @@ def test_kill_9_is_reported_interrupted_and_resume_runs_each_epoch_once(
     config = TrainConfig(
         data=str(folder), base=str(tiny_base), epochs=40, batch_size=4, lr=1e-2, workers=1
     )
+
+    def wait_for(predicate, what: str) -> None:
+        deadline = time.time() + 120
+        while not predicate():
+            assert time.time() < deadline, f"{what}: " + jobs.read_log_tail(run_dir)
+            time.sleep(0.05)
+
+    def epochs_done() -> int:
+        return len(train_module.read_metrics_file(run_dir))
+
     run_dir = jobs.start_run(config, workspace)
-    deadline = time.time() + 120
-    while len(train_module.read_metrics_file(run_dir)) < 2:
-        assert time.time() < deadline, (run_dir / "log.txt").read_text()[-2000:]
-        assert jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES
-        time.sleep(0.05)
+    wait_for(lambda: epochs_done() >= 2, "first epochs")
     os.killpg(int((run_dir / "pid").read_text()), signal.SIGKILL)
     time.sleep(0.3)
-    out = _cli("status", str(run_dir))
-    status = json.loads(out.stdout)
+    status = json.loads(_cli("status", str(run_dir)).stdout)
     assert status["state"] == "interrupted" and status["resumable"], status
-    done_before = len(train_module.read_metrics_file(run_dir))
-    assert done_before < 40
+    killed_at = epochs_done()
+    assert killed_at < 40
 
+    # Resume as a worker, then stop it: it ends "done" with stopped=true.
+    jobs.resume_run(run_dir, workspace)
+    wait_for(lambda: epochs_done() >= killed_at + 2, "resumed epochs")
+    jobs.request_stop(run_dir)
+    wait_for(lambda: jobs.read_status(run_dir)["state"] not in jobs.ACTIVE_STATES, "stop")
+    status = jobs.read_status(run_dir)
+    assert status["state"] == "done" and status["stopped"] is True, status
+    assert epochs_done() < 40
+
+    # Resume in the foreground to the end: every epoch exactly once, in order.
     out = _cli("train", "--resume", str(run_dir), "--workspace", str(workspace))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = train_module.read_metrics_file(run_dir)
     assert [r["epoch"] for r in rows] == list(range(1, 41))
-    assert json.loads(_cli("status", str(run_dir)).stdout)["state"] == "done"
+    status = json.loads(_cli("status", str(run_dir)).stdout)
+    assert status["state"] == "done" and status["stopped"] is False

@@ -1,0 +1,125 @@
+"""The Evaluate page: guards, metrics, the confusion-matrix drill-down, forgetting, try an image."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from retrain import evaluate
+from retrain.workspace import new_session_token, session_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = "run-page-eval"
+
+
+@pytest.fixture(scope="module")
+def trained(make_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with one finished run (trained once per module)."""
+    workspace = tmp_path_factory.mktemp("page_eval_ws")
+    make_run(workspace, classes=("cat", "dog", "owl"), epochs=2, run_id=RUN_ID)
+    return workspace
+
+
+def _session(trained: Path, **remembered) -> tuple[str, Path]:
+    token = new_session_token()
+    workspace = session_workspace(token)
+    shutil.copytree(trained, workspace, dirs_exist_ok=True)
+    (workspace / "session.json").write_text(json.dumps(remembered))
+    return token, workspace
+
+
+def _open(token: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["s"] = token
+    at.run()
+    assert not at.exception, at.exception
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _set_config(workspace: Path, **values) -> None:
+    path = workspace / "runs" / RUN_ID / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def test_without_a_run_it_asks_to_train_first(trained):
+    token, _ = _session(trained)
+    at = _open(token)
+    assert "Train a model first" in at.info[0].value
+
+
+def test_an_unfinished_run_is_not_evaluated(trained):
+    token, workspace = _session(trained, run_id=RUN_ID)
+    (workspace / "runs" / RUN_ID / "status.json").write_text(json.dumps({"state": "failed"}))
+    at = _open(token)
+    assert "is failed" in at.info[0].value
+    assert not at.metric
+
+
+def test_metrics_confusion_cells_and_mistakes_match_the_report(trained):
+    token, workspace = _session(trained, run_id=RUN_ID)
+    report = evaluate.evaluate_run(workspace / "runs" / RUN_ID)
+    at = _open(token)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Accuracy"] == f"{report['accuracy']:.1%}"
+    assert metrics["Loss"] == f"{report['loss']:.3f}"
+    assert metrics["Images"] == str(report["num_images"])
+    assert "Did it forget" not in [s.value for s in at.subheader]  # no base with a head
+
+    # Pick a cell (the chart's click selection is not available in AppTest).
+    names = report["class_names"]
+    at.selectbox(key="eval_cell_true").select(names[0]).run()
+    at.selectbox(key="eval_cell_pred").select(names[0]).run()
+    count = report["confusion_matrix"][0][0]
+    assert any(
+        f"**{count}** images of **{names[0]}** predicted as **{names[0]}**" in m.value
+        for m in at.markdown
+    )
+
+
+def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
+    token, workspace = _session(trained, run_id=RUN_ID)
+    run_dir = workspace / "runs" / RUN_ID
+    # The run's own model as "the original": its kept layers are unchanged -> drop 0.
+    original = tmp_path / "original.keras"
+    shutil.copy(run_dir / "best.keras", original)
+    _set_config(workspace, base=str(original))
+    at = _open(token)
+    assert "Did it forget the original task?" in [s.value for s in at.subheader]
+
+    buf = io.BytesIO()
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    with zipfile.ZipFile(buf, "w") as zf:
+        for file in sorted(data.rglob("*.png")):
+            zf.write(file, file.relative_to(data).as_posix())
+    at.get("file_uploader")[0].set_value(("old.zip", buf.getvalue(), "application/zip")).run()
+    at.button(key="eval_forget_run").click().run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Drop"] == "0.0%"
+    assert metrics["Before retraining"] == metrics["After retraining"]
+    assert any("drop 0 by construction" in i.value for i in at.info)
+
+
+def test_try_an_image_shows_the_top_classes(trained):
+    token, workspace = _session(trained, run_id=RUN_ID)
+    data = Path(json.loads((workspace / "runs" / RUN_ID / "config.json").read_text())["data"])
+    image = data / "owl" / "0.png"
+    at = _open(token)
+    at.slider(key="eval_k").set_value(2).run()
+    at.toggle(key="eval_gradcam").set_value(True).run()
+    uploader = [u for u in at.get("file_uploader") if u.proto.id.endswith("eval_try_images")]
+    uploader[0].set_value([("owl.png", image.read_bytes(), "image/png")]).run()
+    assert not at.exception, at.exception
+    expected = evaluate.predict(workspace / "runs" / RUN_ID / "best.keras", [image], 2)[0]
+    best = expected["top_k"][0]
+    assert any(f"**{best['class']}** ({best['probability']:.0%})" in m.value for m in at.markdown)
+    images = [e for e in at.main if type(e).__name__ == "Image"]
+    assert any("Grad-CAM" in str(e.proto) for e in images)

@@ -1,0 +1,63 @@
+"""The Export page: guard, build with progress, self-test table, downloads, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from retrain.workspace import new_session_token, session_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = "run-page-export"
+
+
+@pytest.fixture(scope="module")
+def trained(make_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workspace = tmp_path_factory.mktemp("page_export_ws")
+    make_run(workspace, classes=("cat", "dog"), epochs=2, run_id=RUN_ID)
+    return workspace
+
+
+def _open(trained: Path, **remembered) -> tuple[AppTest, Path]:
+    token = new_session_token()
+    workspace = session_workspace(token)
+    shutil.copytree(trained, workspace, dirs_exist_ok=True)
+    (workspace / "session.json").write_text(json.dumps(remembered))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+    at.query_params["s"] = token
+    at.run()
+    at.switch_page("pages/export.py").run()
+    assert not at.exception, at.exception
+    return at, workspace
+
+
+def test_without_a_finished_run_it_points_to_train(trained):
+    at, _ = _open(trained)
+    assert "Train a model first" in at.info[0].value
+    at, workspace = _open(trained, run_id="run-that-does-not-exist")
+    assert "is missing" in at.info[0].value
+
+
+def test_build_shows_self_test_downloads_and_the_model_card(trained):
+    at, workspace = _open(trained, run_id=RUN_ID)
+    formats = at.multiselect(key="export_formats")
+    assert formats.value == ["keras", "labels", "card"]  # the quick ones by default
+    assert {"savedmodel", "tflite", "tflite-int8"} <= set(formats.options)
+    assert not at.get("download_button")  # nothing built yet
+
+    at.button(key="export_build").click().run()
+    assert not at.exception, at.exception
+
+    table = at.dataframe[0].value
+    assert list(table["format"]) == ["keras", "labels", "card"]
+    assert list(table["ok"]) == ["yes", "yes", "yes"]
+    assert table.loc[0, "max |diff|"] < 1e-5
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(label.startswith("model.keras") for label in labels)
+    assert any(label.startswith("labels.txt") for label in labels)
+    assert "Everything as one zip" in labels
+    assert any(m.value.startswith("# Model card") for m in at.markdown)

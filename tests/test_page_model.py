@@ -1,0 +1,148 @@
+"""The Model page, driven with Streamlit's AppTest: each source, the head controls, the diff."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "model.py")
+BUILTIN = "builtin:digits-cnn"
+
+
+def page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=120)
+
+
+def texts(at: AppTest, kind: str) -> list[str]:
+    return [element.value for element in getattr(at, kind)]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture
+def dataset_manifest(tmp_path: Path, make_image_folder) -> str:
+    """A real 3-class dataset ingested into a workspace; returns its manifest path."""
+    from retrain.data import ingest
+
+    folder = make_image_folder(classes=("cat", "dog", "owl"), per_class=3, size=32)
+    return str(ingest(folder, tmp_path / "ws").manifest_path)
+
+
+def test_builtin_model_without_a_dataset_shows_the_architecture(keras_cache: Path):
+    at = page().run()
+    assert not at.exception, at.exception
+    assert at.radio(key="model_source").value == "Built-in starter model"
+    shown = metrics(at)
+    assert shown["Parameters"] == "24,005" and shown["Layers"] == "11"
+    assert shown["Input size"] == "32×32" and shown["Original classes"] == "5"
+    assert any("No dataset yet" in text for text in texts(at, "info"))
+    assert at.session_state["base"] == BUILTIN
+    assert len(at.get("plotly_chart")) == 1
+    assert "Before → after" not in texts(at, "subheader")
+    # The layer search filters the table.
+    at.text_input(key="layer_search").input("conv").run()
+    table = at.dataframe[0].value
+    assert list(table["name"]) == ["conv1", "conv2", "conv3"]
+
+
+def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, dataset_manifest):
+    at = page()
+    at.session_state["dataset"] = dataset_manifest
+    at.run()
+    assert not at.exception, at.exception
+    assert "Before → after" in texts(at, "subheader")
+    assert at.session_state["surgery"] == {
+        "cut_at": "features",
+        "freeze": "all",
+        "hidden_units": 0,
+        "dropout": 0.2,
+        "add_conv": 0,
+        "binary_sigmoid": False,
+    }
+    shown = metrics(at)
+    assert shown["Trainable base layers"] == "0" and shown["Frozen layers"] == "4"
+    assert any("3 units" in text for text in texts(at, "markdown"))
+
+    at.radio(key="freeze_mode").set_value("top").run()
+    at.slider(key="freeze_k").set_value(3).run()
+    at.number_input(key="hidden_units").set_value(32).run()
+    assert not at.exception, at.exception
+    assert at.session_state["surgery"]["freeze"] == "top:3"
+    assert at.session_state["surgery"]["hidden_units"] == 32
+    assert metrics(at)["Trainable base layers"] == "1"  # conv3 (relu2/pool2 have no weights)
+    saved = json.loads((Path(at.session_state["workspace"]) / "session.json").read_text())
+    assert saved["surgery"]["freeze"] == "top:3" and saved["base"] == BUILTIN
+
+    # An added conv block after a flat cut is refused in one line.
+    at.number_input(key="add_conv").set_value(16).run()
+    assert any("needs a 4-D cut output" in text for text in texts(at, "error"))
+
+
+def test_zoo_without_weights_needs_no_download(monkeypatch: pytest.MonkeyPatch):
+    from keras.src.utils import file_utils
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the page tried to download weights")
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_download)
+    at = page().run()
+    at.radio(key="model_source").set_value("Keras applications (ImageNet)").run()
+    # ImageNet is the default, but nothing loads until asked for.
+    assert any("Load model" in text for text in texts(at, "info"))
+    at.selectbox(key="zoo_name").set_value("MobileNetV3Small").run()
+    at.radio(key="zoo_weights").set_value("None (random weights)").run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at, "error")
+    shown = metrics(at)
+    assert shown["Input size"] == "224×224" and shown["Original classes"] == "1000"
+    assert at.session_state["base"] == "applications:MobileNetV3Small:none"
+    cut = at.selectbox(key="cut_at::applications:MobileNetV3Small:none")
+    assert cut.value is not None and "activation_18" in cut.format_func(cut.value)
+
+
+def test_uploaded_keras_model_with_labels(tmp_path: Path, dataset_manifest):
+    import keras
+
+    inp = keras.Input((32, 32, 3), name="pixels")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="my_conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="my_pool")(x)
+    out = keras.layers.Dense(2, activation="softmax", name="my_out")(x)
+    path = tmp_path / "mine.keras"
+    keras.Model(inp, out).save(path)
+
+    at = page()
+    at.session_state["dataset"] = dataset_manifest
+    at.run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    assert any("Upload a .keras or .h5 model" in text for text in texts(at, "info"))
+    at.file_uploader(key="model_upload").set_value(
+        [
+            ("mine.keras", path.read_bytes(), "application/zip"),
+            ("labels.txt", b"0 yes\n1 no\n", "text/plain"),
+        ]
+    ).run()
+    assert not at.exception, at.exception
+    spec = at.session_state["base"]
+    saved = Path(spec)
+    assert saved.name == "mine.keras" and saved.parent.parent.name == "models"
+    assert Path(at.session_state["workspace"]) in saved.parents
+    assert (saved.parent / "labels.txt").is_file()
+    assert any("Original classes: yes, no" in text for text in texts(at, "caption"))
+    assert at.session_state["surgery"]["cut_at"] == "my_pool"
+    assert metrics(at)["Layers"] == "3"
+
+
+def test_upload_of_a_broken_file_says_what_is_wrong():
+    at = page().run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    at.file_uploader(key="model_upload").set_value(
+        ("broken.h5", b"\x00" * 100, "application/octet-stream")
+    ).run()
+    assert not at.exception, at.exception
+    errors = texts(at, "error")
+    assert len(errors) == 1 and "not a readable HDF5 model" in errors[0]

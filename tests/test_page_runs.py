@@ -1,0 +1,111 @@
+"""The Runs page: table, overlaid curves, reuse a config, delete with confirmation."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from retrain.workspace import new_session_token, session_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_run(workspace: Path, run_id: str, best: float, state: str = "done", age: float = 0):
+    """A run directory as the worker writes it (no model needed on this page)."""
+    run_dir = workspace / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    config = {
+        "data": "/data/flowers.zip",
+        "dataset_name": "flowers",
+        "base": "applications:MobileNetV2",
+        "epochs": 3,
+        "lr": 0.001,
+        "freeze": "all",
+        "fine_tune_epochs": 2,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    now = time.time() - age
+    status = {"state": state, "created": now - 100, "started": now - 100, "finished": now - 58}
+    if state == "running":
+        status.update(pid=1, finished=None)
+    (run_dir / "status.json").write_text(json.dumps(status))
+    rows = [
+        {"epoch": e, "loss": 1 / e, "accuracy": best * e / 3, "val_loss": 1.2 / e,
+         "val_accuracy": best * e / 3, "seconds": 1.0}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def _open(runs: list[tuple[str, float, str]]) -> tuple[AppTest, Path]:
+    token = new_session_token()
+    workspace = session_workspace(token)
+    for i, (run_id, best, state) in enumerate(runs):
+        _fake_run(workspace, run_id, best, state, age=100 * (len(runs) - i))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["s"] = token
+    at.run()
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception, at.exception
+    return at, workspace
+
+
+def test_no_runs_yet():
+    at, _ = _open([])
+    assert "No runs yet" in at.info[0].value
+
+
+def test_table_lists_state_config_best_accuracy_and_duration():
+    at, _ = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "failed")])
+    table = at.dataframe[0].value.set_index("run")
+    assert list(table.index) == ["run-b", "run-a"]  # newest first
+    assert table.loc["run-a", "state"] == "done" and table.loc["run-b", "state"] == "failed"
+    assert table.loc["run-b", "best val accuracy"] == 0.9
+    assert table.loc["run-a", "duration (s)"] == 42.0
+    assert "MobileNetV2" in table.loc["run-a", "config"]
+    assert "+2 fine-tune" in table.loc["run-a", "config"]
+
+
+def test_two_selected_runs_are_overlaid_one_is_not():
+    at, _ = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "done")])
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {trace["name"] for trace in spec["data"]} == {"run-a", "run-b"}
+    assert [trace["y"][-1] for trace in spec["data"]] == [0.9, 0.6]
+    at.multiselect(key="runs_compare").set_value(["run-a"]).run()
+    assert not at.get("plotly_chart")
+    assert any("at least two runs" in c.value for c in at.caption)
+
+
+def test_start_a_new_run_from_a_runs_config_remembers_it():
+    at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "done")])
+    at.selectbox(key="runs_pick").select("run-a").run()
+    at.button(key="runs_reuse").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["run_id"] == "run-a"
+    assert at.session_state["base"] == "applications:MobileNetV2"
+    # The Train page's widgets (keyed by TrainConfig field names) are prefilled.
+    assert at.session_state["epochs"] == 3 and at.session_state["fine_tune_epochs"] == 2
+    assert at.session_state["lr"] == 0.001
+    assert at.session_state["surgery"]["freeze"] == "all"
+    saved = json.loads((workspace / "session.json").read_text())
+    assert saved["run_id"] == "run-a"
+
+
+def test_delete_needs_confirmation_and_removes_the_run():
+    at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "done")])
+    at.selectbox(key="runs_pick").select("run-a").run()
+    assert (workspace / "runs" / "run-a").is_dir()  # opening the popover deletes nothing
+    at.button(key="runs_delete_confirm").click().run()
+    assert not at.exception, at.exception
+    assert not (workspace / "runs" / "run-a").exists()
+    assert list(at.dataframe[0].value["run"]) == ["run-b"]
+
+
+def test_a_running_run_cannot_be_deleted():
+    at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "running")])
+    at.selectbox(key="runs_pick").select("run-b").run()
+    assert any("cannot be deleted" in c.value for c in at.caption)
