@@ -218,7 +218,8 @@ if base_info["has_head"]:
         )
         if upload is not None:
             old_data = str(_save_upload(upload, workspace / "uploads"))
-    if old_data and st.button("Check forgetting", key="eval_forget_run"):
+    # A toggle, not a button: the (cached) result stays on screen while other widgets change.
+    if old_data and st.toggle("Check forgetting", key="eval_forget_run"):
         try:
             result = _forgetting(
                 base_spec, str(run_dir), old_data, str(workspace), model_path.stat().st_mtime

@@ -234,6 +234,10 @@ def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
         help="Teachable Machine exports (keras_model.h5 + labels.txt) work as they are.",
     )
     if not files:
+        earlier = st.session_state.get("base", "")
+        if earlier and ":" not in earlier and Path(earlier).is_file():
+            st.caption(f"Using the model uploaded earlier: {Path(earlier).name}")
+            return earlier, True
         return None, False
     return save_upload(files, workspace), True
 

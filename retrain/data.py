@@ -1474,4 +1474,7 @@ def thumbnails(
 
 def cli_ingest(args: Any) -> dict:
     """``python -m retrain ingest DATA --workspace W``: the dataset's summary as JSON."""
-    return ingest(args.data, Path(args.workspace)).summary()
+    from retrain.workspace import home
+
+    workspace = getattr(args, "workspace", None)
+    return ingest(args.data, Path(workspace) if workspace else home()).summary()

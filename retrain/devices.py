@@ -327,7 +327,8 @@ def distribution(batch_size: int) -> tuple[contextlib.AbstractContextManager, in
       ``scope()``, and the model must be built and compiled inside it.
     - One device, or PyTorch (Keras's ``fit`` has no multi-GPU path there): a null context.
 
-    Build (or load) the model, compile it and fit it inside the returned context. Keep
+    Build (or load) the model, compile it and fit it inside the returned context; it may be
+    entered as often as needed (build, then compile and fit for each phase). Keep
     ``batch_size`` per device: each device sees that many images per step, the same memory
     and BatchNorm statistics as a single-device run, and the step processes
     ``batch_size * devices`` images. Scale the learning rate yourself if you want the same
@@ -352,13 +353,34 @@ def distribution(batch_size: int) -> tuple[contextlib.AbstractContextManager, in
 
         data_parallel = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
         keras.distribution.set_distribution(data_parallel)
-        return data_parallel.scope(), batch_size * hw.count
+        return _ReusableScope(data_parallel.scope), batch_size * hw.count
     import tensorflow as tf
 
     kind = "GPU" if hw.platform == "gpu" else "CPU"
     names = [d.name for d in tf.config.list_logical_devices(kind)]
     strategy = tf.distribute.MirroredStrategy(devices=names)
-    return strategy.scope(), batch_size * strategy.num_replicas_in_sync
+    return _ReusableScope(strategy.scope), batch_size * strategy.num_replicas_in_sync
+
+
+class _ReusableScope(contextlib.AbstractContextManager):
+    """A context that can be entered again and again (build, compile and fit each enter it).
+
+    Keras's ``Distribution.scope()`` is a one-shot generator context; this makes a fresh one
+    for every ``with``.
+    """
+
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self._active: list[contextlib.AbstractContextManager] = []
+
+    def __enter__(self) -> Any:
+        context = self._factory()
+        value = context.__enter__()
+        self._active.append(context)
+        return value
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self._active.pop().__exit__(*exc_info)
 
 
 def limit_threads(n: int | None = None) -> int:

@@ -1,8 +1,10 @@
 """How good a model really is: metrics, mistakes, forgetting, predictions.
 
 Every number comes from ``sklearn.metrics`` applied to the model's class probabilities, so
-anyone can recompute the report from the predictions. The code uses Keras 3 only (no
-``tf.*``), so it runs with any Keras backend; Keras is imported inside the functions.
+anyone can recompute the report from the predictions. Scoring, forgetting and prediction use
+Keras 3 only (no ``tf.*``), so they run with any Keras backend; Keras is imported inside the
+functions. The optional Grad-CAM needs gradients, which are backend-specific: it uses
+TensorFlow's ``GradientTape`` and returns None on other backends.
 
 Class folders of the data are matched to the model's class names *by name*: a test folder
 may hold a subset of the model's classes (e.g. only the hard ones), but a folder the model

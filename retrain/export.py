@@ -85,12 +85,18 @@ def tensorflow_available() -> bool:
 
 
 def _require_tensorflow(fmt: str) -> None:
-    if not tensorflow_available():
-        import keras
+    import keras
 
+    backend = keras.backend.backend()
+    if not tensorflow_available():
         raise ConfigError(
             f"The '{fmt}' export needs TensorFlow, which this installation lacks (Keras backend "
-            f"'{keras.backend.backend()}'). Install tensorflow or export 'keras' instead."
+            f"'{backend}'). Install tensorflow or export 'keras' instead."
+        )
+    if backend not in ("tensorflow", "jax"):
+        raise ConfigError(
+            f"The '{fmt}' export needs the TensorFlow or JAX backend, not '{backend}'. "
+            "Export 'keras', or run with KERAS_BACKEND=tensorflow."
         )
 
 

@@ -419,6 +419,10 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
             # The page stays interactive while the live view refreshes: open the worker log,
             # go to another page and come back to the run.
             screenshot(page, "05a-train-running")
+            drawn = max_epochs_drawn(page)
+            if seen[-1] != drawn:
+                seen.append(drawn)
+                note(f"training chart shows {drawn} epoch(s)")
             t = time.monotonic()
             page.get_by_text("Worker log").first.click()
             go_to(page, "1 · Dataset")

@@ -259,6 +259,7 @@ TINY_FIT = """
                       jit_compile=devices.jit_compile_default())
         x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
         y = (x[:, 0] > 0).astype("int64")
+    with scope:  # entered again, as retrain.train does for each phase
         history = model.fit(x, y, batch_size=global_batch, epochs=2, verbose=0)
     print(json.dumps({{"info": info, "global_batch": global_batch, "extra": {extra},
                       "loss": history.history["loss"]}}))
