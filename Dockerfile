@@ -27,8 +27,7 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app \
 
 WORKDIR /app
 COPY requirements.txt ./
-RUN pip install --upgrade pip \
-    && pip install -r requirements.txt \
+RUN pip install -r requirements.txt \
     && if [ "$GPU" = "1" ]; then \
          pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow==//p' requirements.txt)"; \
        fi
@@ -38,7 +37,11 @@ COPY --chown=app:app retrain ./retrain
 COPY --chown=app:app pages ./pages
 COPY --chown=app:app app.py ./
 
-USER app
+USER 1000:1000
+# Train the built-in starter model now (seconds, into /data/keras) rather than on the first
+# visit of the Model page; a new named volume starts with it.
+RUN python -m retrain describe builtin:digits-cnn > /dev/null
+
 # Sessions, uploads, runs and the Keras cache (ImageNet weights, starter model) live here.
 VOLUME ["/data"]
 EXPOSE 8501

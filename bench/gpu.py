@@ -191,25 +191,23 @@ def timed_predict(model: Any, x: np.ndarray, batch: int) -> float:
     return time.perf_counter() - start
 
 
-class EpochTimer:
-    """Keras callback factory: seconds of each epoch."""
+def epoch_timer() -> Any:
+    """A Keras callback that records the seconds of each epoch in ``.seconds``."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+            self._start = 0.0
 
-        class _Timer(keras.callbacks.Callback):
-            def __init__(self) -> None:
-                super().__init__()
-                self.seconds: list[float] = []
-                self._t = 0.0
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self._t = time.perf_counter()
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
 
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self._t)
-
-        return _Timer()
+    return EpochTimer()
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,7 +297,7 @@ def frozen_head(args: argparse.Namespace, pool: np.ndarray, labels: np.ndarray) 
         x, y = whole_batches(pool, labels, small)
         model, _ = build_model(args.image_size, uint8_input=False, frozen=True)
         compile_model(model, "auto")
-        timer = EpochTimer()
+        timer = epoch_timer()
         start = time.perf_counter()
         model.fit(to_float(x), y, batch_size=small, epochs=args.frozen_epochs, verbose=0,
                   callbacks=[timer])  # fmt: skip

@@ -81,10 +81,15 @@ class Stats:
         self.texts: dict[int, list[str]] = {}
         self.tokens: dict[int, str] = {}
         self.training: dict[str, Any] = {}
+        self.train_window: tuple[float, float] | None = None  # monotonic start, end
         self.rss: dict[str, float] = {"server_peak_mb": 0.0, "workers_peak_mb": 0.0}
 
     def load(self, session: int, page: str, seconds: float) -> None:
-        self.loads.append({"session": session, "page": page, "seconds": round(seconds, 3)})
+        end = time.monotonic()
+        self.loads.append(
+            {"session": session, "page": page, "seconds": round(seconds, 3),
+             "start": end - seconds, "end": end}
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- page helpers
@@ -213,6 +218,7 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
             await asyncio.sleep(0.5)
         else:
             raise Failure(f"training did not finish {epochs} epochs within 180 s")
+        stats.train_window = (t0, time.monotonic())
         stats.training = {
             "epochs": epochs,
             "seconds_to_first_epoch_on_chart": round(first_epoch or -1, 1),
@@ -248,7 +254,7 @@ async def visitor(
         await settle(page, 60)
         stats.load(i, "upload", time.monotonic() - t0)
         texts.append(await visible_text(page))
-        while (not done.is_set() or rounds == 0) and time.monotonic() < deadline:
+        while (not done.is_set() or rounds < 2) and time.monotonic() < deadline:
             for link, title in PAGES:
                 try:
                     stats.load(i, title, await open_page(page, link, title))
@@ -351,12 +357,24 @@ def summarize(stats: Stats) -> dict[str, Any]:
         values = sorted(values)
         return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 2)
 
-    navigations = [r["seconds"] for r in stats.loads if r["page"] in {title for _, title in PAGES}]
+    titles = {title for _, title in PAGES}
+    navigations = [r["seconds"] for r in stats.loads if r["page"] in titles]
+    window = stats.train_window
+    during = [
+        r["seconds"]
+        for r in stats.loads
+        if r["page"] in titles and window and r["end"] > window[0] and r["start"] < window[1]
+    ]
     return {
         "page_loads": len(navigations),
         "p50_s": pct(navigations, 0.5) if navigations else None,
         "p95_s": pct(navigations, 0.95) if navigations else None,
         "max_s": round(max(navigations), 2) if navigations else None,
+        "during_training": {
+            "page_loads": len(during),
+            "p50_s": pct(during, 0.5) if during else None,
+            "p95_s": pct(during, 0.95) if during else None,
+        },
         "per_page": {
             page: {
                 "n": len(v),

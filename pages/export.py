@@ -61,7 +61,10 @@ try:
 except RetrainError:
     status = {"state": "missing"}
 if status.get("state") != "done":
-    st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: export it once it is done.")
+    if status.get("state") == "missing":
+        st.info(f"Run '{run_id}' is not in this session. Train a model or pick one on Runs.")
+    else:
+        st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: export it once it is done.")
     st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
     st.stop()
 

@@ -196,10 +196,17 @@ def _parse_capability(value: Any) -> tuple[int, int] | None:
 
 
 def _nvidia_smi_memory_gb(index: int) -> float | None:
-    """Total memory of GPU ``index`` from nvidia-smi (TF and JAX expose no total)."""
+    """Total memory of visible GPU ``index`` from nvidia-smi (TF and JAX expose no total).
+
+    nvidia-smi numbers GPUs physically and ignores ``CUDA_VISIBLE_DEVICES``, so the visible
+    index is mapped through that variable when it lists numbers.
+    """
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    if index < len(visible) and visible[index].isdigit():
+        index = int(visible[index])
     try:
         out = subprocess.run(
             [exe, f"--id={index}", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],

@@ -795,16 +795,22 @@ def _keras_classes() -> dict[str, type]:
             self._last_write = time.monotonic()
 
     class EpochCheckpoint(keras.callbacks.Callback):
-        """Save weights, optimizer state and the epoch counter after every epoch (``--resume``)."""
+        """Save weights, optimizer state and the epoch counter after every epoch (``--resume``).
 
-        def __init__(self, run_state: RunState, model_to_save: Any) -> None:
+        ``scope`` names what ``model_to_save`` is ("model" or "head": with a frozen base only
+        the head changes, and saving just the head keeps this cheap).
+        """
+
+        def __init__(self, run_state: RunState, model_to_save: Any, scope: str = "model") -> None:
             super().__init__()
-            self.state, self.model_to_save = run_state, model_to_save
+            self.state, self.model_to_save, self.scope = run_state, model_to_save, scope
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             if self.state.diverged_epoch is not None:
                 return
-            save_checkpoint(self.state, self.model_to_save, self.model.optimizer, epoch + 1)
+            save_checkpoint(
+                self.state, self.model_to_save, self.model.optimizer, epoch + 1, self.scope
+            )
 
     return {
         "ArrayDataset": ArrayDataset,
@@ -844,8 +850,13 @@ def _to_numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable.value))
 
 
-def save_checkpoint(run_state: RunState, model: Any, optimizer: Any, epoch: int) -> Path:
-    """Write ``last.npz``: ``model``'s weights, the optimizer's variables, the epoch counter."""
+def save_checkpoint(
+    run_state: RunState, model: Any, optimizer: Any, epoch: int, scope: str = "model"
+) -> Path:
+    """Write ``last.npz``: ``model``'s weights, the optimizer's variables, the epoch counter.
+
+    ``scope`` ("model" | "head") records which part of the surgery ``model`` is.
+    """
     arrays = {f"w{i}": _to_numpy(v) for i, v in enumerate(model.weights)}
     opt_vars = list(getattr(optimizer, "variables", []) or [])
     arrays.update({f"o{i}": _to_numpy(v) for i, v in enumerate(opt_vars)})
@@ -854,6 +865,7 @@ def save_checkpoint(run_state: RunState, model: Any, optimizer: Any, epoch: int)
         "phase": run_state.phase,
         "phase1_end": run_state.phase1_end,
         "weights": len(model.weights),
+        "scope": scope,
         "optimizer_variables": len(opt_vars),
         "best_val_accuracy": run_state.best_val_accuracy,
         "best_epoch": run_state.best_epoch,
@@ -946,11 +958,17 @@ def cached_features(
     shape = tuple(int(d) for d in features_model.outputs[0].shape[1:])
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(images), *shape))
+    chunk = chunk // batch_size * batch_size
     for start in range(0, len(images), chunk):
         stop = min(start + chunk, len(images))
-        out[start:stop] = features_model.predict(
-            np.asarray(images[start:stop]), batch_size=batch_size, verbose=0
-        )
+        batch = np.asarray(images[start:stop])
+        short = -len(batch) % batch_size
+        if short:
+            # Pad the last batch to full size: a new batch shape would trace the model again.
+            batch = np.concatenate([batch, np.zeros((short, *batch.shape[1:]), batch.dtype)])
+        out[start:stop] = features_model.predict(batch, batch_size=batch_size, verbose=0)[
+            : stop - start
+        ]
     out.flush()
     del out
     os.replace(tmp, path)
@@ -1245,12 +1263,13 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         notes.append("No finished epoch to resume from; starting from epoch 1.")
     if checkpoint is not None:
         meta, npz = checkpoint
-        if meta["weights"] != len(surgery.model.weights):
+        target = surgery.head if meta.get("scope") == "head" else surgery.model
+        if meta["weights"] != len(target.weights):
             raise RunError(
                 f"The checkpoint in '{run_dir}' does not match the model it configures; "
                 "start a new run."
             )
-        surgery.model.set_weights([npz[f"w{i}"] for i in range(meta["weights"])])
+        target.set_weights([npz[f"w{i}"] for i in range(meta["weights"])])
         start_epoch = int(meta["epoch"])
         state.phase1_end = int(meta.get("phase1_end", config.epochs))
         state.best_val_accuracy = meta.get("best_val_accuracy")
@@ -1267,6 +1286,12 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     monitor = "val_loss" if val_idx is not None else "loss"
 
+    def checkpoint_part(phase: int) -> tuple[Any, str]:
+        """What changes while training: only the head while the base is frozen."""
+        if phase == 1 and frozen_base:
+            return surgery.head, "head"
+        return surgery.model, "model"
+
     def callbacks_for(phase: int, batches: int, to_save: Any, first: int) -> list:
         cls = _keras_classes()
         cbs = [
@@ -1275,7 +1300,7 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             cls["ProgressWriter"](state, phase, batches, global_batch),
             cls["MetricsWriter"](state, phase, n_train),
             cls["BestCheckpoint"](state, to_save, metadata),
-            cls["EpochCheckpoint"](state, to_save),
+            cls["EpochCheckpoint"](state, *checkpoint_part(phase)),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=first > 0),
         ]
         if keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tensorboard"):
@@ -1393,7 +1418,8 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             # so a resumed run goes on with phase 2 rather than more of phase 1.
             done = read_metrics_file(run_dir)
             state.phase1_end = max([r["epoch"] for r in done], default=start_epoch)
-            save_checkpoint(state, surgery.model, model.optimizer, state.phase1_end)
+            part, scope = checkpoint_part(1)
+            save_checkpoint(state, part, model.optimizer, state.phase1_end, scope)
 
     # Phase 2: unfreeze the top of the base at a lower learning rate, continuing the count.
     if config.fine_tune_epochs and not state.halted:

@@ -218,6 +218,19 @@ def test_torch_with_several_gpus_trains_on_one(fake_hardware):
         pass
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [((8, 0), (8, 0)), ("9.0", (9, 0)), ("12.0a", (12, 0)), (None, None), ("gpu", None)],
+)
+def test_compute_capability_forms(value, expected):
+    assert devices._parse_capability(value) == expected
+
+
+def test_gpu_memory_without_nvidia_smi_is_unknown(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    assert devices._nvidia_smi_memory_gb(0) is None
+
+
 # --- threads (in a subprocess: pinning would slow down the test process) -----------------------
 
 

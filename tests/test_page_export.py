@@ -39,7 +39,7 @@ def test_without_a_finished_run_it_points_to_train(trained):
     at, _ = _open(trained)
     assert "Train a model first" in at.info[0].value
     at, workspace = _open(trained, run_id="run-that-does-not-exist")
-    assert "is missing" in at.info[0].value
+    assert "is not in this session" in at.info[0].value
 
 
 def test_build_shows_self_test_downloads_and_the_model_card(trained):
