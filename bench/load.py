@@ -112,8 +112,8 @@ async def settle(page, timeout: float, quiet_polls: int = 2) -> None:
 
 
 async def visible_text(page) -> str:
-    """What the user can read: the main area and the sidebar."""
-    return await page.locator("body").inner_text()
+    """What the page shows: its text and its HTML (widget values, links, attributes)."""
+    return await page.locator("body").inner_text() + "\n" + await page.content()
 
 
 async def wait_text(page, pattern: str, timeout: float) -> str:
@@ -345,6 +345,10 @@ def leaks(home: Path, stats: Stats) -> list[str]:
                 found.append(f"session {i} saw the session token of session {j}")
     if len(set(stats.tokens.values())) != len(stats.tokens):
         found.append(f"two browser sessions shared a token: {stats.tokens}")
+    # The check must be able to fail: the trainer does see its own run id.
+    own_runs = run_ids.get(stats.tokens.get(0, ""), [])
+    if not own_runs or not any(r in "\n".join(stats.texts.get(0, [])) for r in own_runs):
+        found.append("the trainer never saw its own run id: this check would miss leaks")
     return found
 
 

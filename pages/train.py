@@ -116,14 +116,23 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
     """Render the settings; return the values of the fields shown."""
     values: dict[str, Any] = {}
     max_epochs = DEMO_MAX_EPOCHS if demo_mode() else None
-    st.caption(
-        "Phase 1 trains only the new head with the base frozen: it keeps what the model already "
-        "knows and is fast (the base's outputs are computed once)."
-    )
+    freeze = surgery.get("freeze") or "all"
+    if freeze == "all":
+        st.caption(
+            "Phase 1 trains only the new head with the base frozen: it keeps what the model "
+            "already knows and is fast (the base's outputs are computed once)."
+        )
+    else:
+        st.caption(
+            f"Phase 1 trains the new head and the base layers you unfroze ({freeze}); "
+            "slower than a frozen base, and the feature cache is off."
+        )
     columns = st.columns(len(BASIC))
     for column, name in zip(columns, BASIC, strict=True):
         with column:
             values[name] = _widget(name, max_epochs)
+            why = FIELDS[name].metadata["help"]
+            st.caption(why[:1].upper() + why[1:])
     if max_epochs:
         st.caption(f"Demo: at most {max_epochs} epochs per run.")
     warning = _imbalanced(manifest)

@@ -95,6 +95,8 @@ _MB = 1024 * 1024
 _ROUTINE_SKIPS = ("macOS metadata", "hidden file", "hidden folder", "Windows system file")
 _CHUNK = 32  # images per task: one memory-mapped window per chunk keeps memory flat
 _PARALLEL_MIN = 64  # below this many images a thread pool costs more than it saves
+# Bilinear (antialiased when shrinking) like Keras' Resizing default, and cheaper than bicubic.
+_FILTER = Image.Resampling.BILINEAR
 
 Progress = Callable[[float, str], None]
 
@@ -318,12 +320,12 @@ def _decode_resized(
                 im = ImageOps.exif_transpose(im)
             rgb = _to_rgb(im)
             if resize_mode == "squash":
-                out = rgb if rgb.size == (width, height) else rgb.resize((width, height))
+                out = rgb if rgb.size == (width, height) else rgb.resize((width, height), _FILTER)
             elif resize_mode == "pad":
-                out = ImageOps.pad(rgb, (width, height), color=(0, 0, 0))
+                out = ImageOps.pad(rgb, (width, height), _FILTER, color=(0, 0, 0))
             else:
-                out = ImageOps.fit(rgb, (width, height))
-            return np.asarray(out.convert("RGB"), dtype=np.uint8)
+                out = ImageOps.fit(rgb, (width, height), _FILTER)
+            return np.asarray(out, dtype=np.uint8)
     except _ImageProblem:
         raise
     except _DECODE_ERRORS:

@@ -41,6 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    "--disable-dev-shm-usage",  # CI containers often have a tiny /dev/shm
 ]
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 20  # >= 10, so the dataset carries no "too few images" warning
@@ -441,6 +442,7 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
             raise AssertionError("the training failed:\n" + text[-1500:])
         page.wait_for_timeout(300)
     wait_idle(page)
+    assert seen[0] < EPOCHS, "the chart should be drawn by the live view after the start"
     assert max_epochs_drawn(page) == EPOCHS, f"the chart should end at {EPOCHS} epochs, saw {seen}"
     assert interacted, "the page never showed the run as starting/running"
     screenshot(page, "05b-train-done")
@@ -466,6 +468,12 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
         has_text=re.compile(r"\.keras|keras", re.I)
     )
     if keras_button.count() == 0:
+        formats = widget(page, "export_formats")
+        if formats.count() and ".keras" not in formats.first.inner_text():
+            formats.first.locator("input").first.click()
+            page.get_by_role("option", name=re.compile(r"^\.keras")).first.click()
+            page.keyboard.press("Escape")
+            wait_idle(page)
         build = page.get_by_role("button", name=re.compile(r"export|build", re.I))
         build.first.click()
         wait_idle(page, timeout=120)
@@ -486,6 +494,14 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     token = re.search(r"[?&]s=([A-Za-z0-9_-]+)", page.url).group(1)
     assert token.encode() not in target.read_bytes(), "the session id leaks into the download"
     note(f"downloaded {target.name} ({target.stat().st_size} bytes), entries {sorted(names)}")
+
+    # 8. Runs: the session's history lists the run.
+    run_id = re.search(r"run-[0-9]{8}-[0-9]{6}-[0-9a-f]+", page.url + main_text(page))
+    go_to(page, "Runs")
+    if run_id:
+        wait_for_text(page, re.escape(run_id.group(0)), timeout=30)
+    screenshot(page, "08-runs")
+    note("runs page lists the run")
     elapsed = time.monotonic() - t0
     note(f"whole flow: {elapsed:.0f} s")
     assert elapsed < 240, f"the flow took {elapsed:.0f} s; keep it under ~3 minutes"

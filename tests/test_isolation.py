@@ -241,6 +241,9 @@ def test_upload_file_name_cannot_escape_the_workspace(two_sessions):
                 zf.writestr(f"{cls}/{i}.png", _png_bytes(label * 10 + i))
     uploader.set_value((evil_name, buf.getvalue(), "application/zip")).run()
     assert not at.exception
+    manifest = at.session_state.get("dataset")
+    assert manifest, "the upload should have become the session's dataset"
+    assert is_within(Path(manifest), ws_a)
     assert _new_files_outside(before, home(), ws_a) == []
     assert not (ws_b / "evil.zip").exists()
     assert "evil.zip" not in {p.name for p in ws_b.rglob("*")}

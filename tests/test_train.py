@@ -374,6 +374,46 @@ def test_cached_and_uncached_runs_reach_the_same_accuracy(make_image_folder, tmp
     assert len(cache_files) == 1  # keyed by dataset/base/cut/size: one file for both runs
 
 
+def test_two_phases_with_augmentation_and_class_weights(make_image_folder, tmp_path, tiny_base):
+    """Phase 2 continues the epoch count at lr/10; every option of the fit path is exercised."""
+    folder = make_image_folder(classes=("red", "green"), per_class={"red": 12, "green": 4})
+    config = TrainConfig(
+        data=str(folder),
+        base=str(tiny_base),
+        epochs=2,
+        fine_tune_epochs=2,
+        fine_tune_layers=2,
+        batch_size=4,
+        lr=1e-2,
+        augment=True,
+        class_weights=True,
+        early_stopping=5,
+        reduce_lr=True,
+        workers=1,
+    )
+    summary = train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
+    assert summary["feature_cache"] is False  # augmentation changes the base's input
+    rows = train_module.read_metrics_file(tmp_path / "run")
+    assert [(r["epoch"], r["phase"]) for r in rows] == [(1, 1), (2, 1), (3, 2), (4, 2)]
+    assert rows[0]["lr"] == pytest.approx(1e-2) and rows[2]["lr"] == pytest.approx(1e-3)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["feature_cache"] is False and saved["label_encoding"] == "index"
+    from retrain.modelfile import load_model
+
+    model, meta = load_model(tmp_path / "run" / "best.keras")
+    assert not any(layer.name.startswith("augment") for layer in model.layers)
+    assert meta["class_names"] == ["green", "red"]
+
+
+def test_cache_on_with_augmentation_is_a_config_error(make_image_folder, tmp_path, tiny_base):
+    folder = make_image_folder()
+    config = TrainConfig(data=str(folder), base=str(tiny_base), augment=True, cache_features="on")
+    with pytest.raises(ConfigError, match="--cache-features on needs a frozen base"):
+        train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("--cache-features on")
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 
@@ -407,7 +447,10 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     assert status["state"] == "done" and status["stopped"] is False
     config = json.loads((run_dir / "config.json").read_text())
     assert config["class_names"] == ["blue", "green", "red"]
-    assert config["backend"] and config["device"]["device"] and config["versions"]["keras"]
+    import keras
+
+    assert config["backend"] == keras.backend.backend()  # the worker ran on this backend
+    assert config["device"]["device"] and config["versions"]["keras"]
     assert config["dataset_id"] and config["seed"] == 42
     assert (run_dir / "history.csv").read_text().count("\n") == 3
     from retrain.modelfile import load_model
