@@ -14,6 +14,9 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 ``run_id``          the run the Train / Evaluate / Export pages show
 ==================  =====================================================================
 
+Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
+rerun from ingesting the same upload twice); widget keys are named in each page.
+
 The remembered choices (all but ``token`` and ``workspace``) are written through to
 ``<workspace>/session.json``, so a browser reload or a new tab with the same link loses
 nothing.
@@ -116,15 +119,14 @@ def require(key: str, message: str, page: str) -> Any:
 
 
 def render_sidebar() -> None:
-    """The guided flow's steps with what is chosen so far."""
+    """The guided flow's choices so far, each ticked once made."""
+    rows = [
+        ("Dataset", st.session_state.get("dataset_label")),
+        ("Base model", st.session_state.get("base_label")),
+        ("Run", st.session_state.get("run_id")),
+    ]
     with st.sidebar:
         st.caption("YOUR CHOICES")
-        st.markdown(
-            "\n".join(
-                [
-                    f"**Dataset:** {st.session_state.get('dataset_label', '_not chosen_')}",
-                    f"\n**Base model:** {st.session_state.get('base_label', '_not chosen_')}",
-                    f"\n**Run:** {st.session_state.get('run_id', '_none yet_')}",
-                ]
-            )
-        )
+        for title, value in rows:
+            icon = ":material/check_circle:" if value else ":material/radio_button_unchecked:"
+            st.markdown(f"{icon} **{title}:** {value or '_not yet_'}")

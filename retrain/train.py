@@ -1323,6 +1323,11 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         return cbs
 
     jit = devices.jit_compile_default()
+    if config.augment and jit is True:
+        # Keras's RandomRotation/RandomZoom cannot be XLA-compiled; say so instead of letting
+        # Keras fall back with a warning in the log.
+        jit = False
+        notes.append("Augmentation (rotation, zoom) runs without XLA compilation.")
     cls = _keras_classes()
     feature_seconds = 0.0
 
@@ -1418,8 +1423,8 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             # so a resumed run goes on with phase 2 rather than more of phase 1.
             done = read_metrics_file(run_dir)
             state.phase1_end = max([r["epoch"] for r in done], default=start_epoch)
-            part, scope = checkpoint_part(1)
-            save_checkpoint(state, part, model.optimizer, state.phase1_end, scope)
+            part, part_name = checkpoint_part(1)
+            save_checkpoint(state, part, model.optimizer, state.phase1_end, part_name)
 
     # Phase 2: unfreeze the top of the base at a lower learning rate, continuing the count.
     if config.fine_tune_epochs and not state.halted:

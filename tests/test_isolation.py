@@ -124,10 +124,14 @@ def test_each_session_gets_its_own_unguessable_workspace(two_sessions):
 
 @pytest.mark.parametrize("token", HOSTILE_TOKENS)
 def test_hostile_session_tokens_are_refused(token):
-    before = _all_files(home().parent)
+    def snapshot() -> tuple[set[Path], set[Path]]:
+        # Everything under home, and what sits beside it (where "../x" tokens would land).
+        return _all_files(home()) | set(home().rglob("*")), set(home().parent.iterdir())
+
+    before = snapshot()
     with pytest.raises(ConfigError, match="Invalid session id"):
         session_workspace(token)
-    assert _all_files(home().parent) == before
+    assert snapshot() == before
     assert not (home() / "sessions").exists() or all(
         is_valid_token(p.name) for p in (home() / "sessions").iterdir()
     )
