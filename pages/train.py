@@ -2,7 +2,7 @@
 
 Training runs in a worker process (``retrain.jobs``); this page only reads the run directory.
 The live view is a fragment that reruns every second while the run is active: it reads the
-new lines of ``metrics.jsonl`` and ``progress.json`` into ``st.session_state["train_live"]``
+new lines of ``metrics.jsonl`` and ``progress.json`` into ``st.session_state["_train_live"]``
 and redraws the curves. A reload reattaches through ``?run=<run_id>`` (and the remembered
 ``run_id``).
 """
@@ -23,7 +23,7 @@ from retrain.train import TrainConfig
 from retrain.workspace import run_path
 
 DEMO_MAX_EPOCHS = 5
-LIVE_KEY = "train_live"  # {run_id: {"offset", "rows", "progress"}}: the fragment's cache
+LIVE_KEY = "_train_live"  # {run_id: {"offset", "rows", "progress"}}: the fragment's cache
 BASIC = ("epochs", "batch_size", "lr", "val_split")
 EXPANDERS = {
     "Augmentation and class balance": ("augment", "class_weights"),

@@ -182,7 +182,7 @@ def test_running_run_draws_the_epochs_that_exist_and_progress(session):
     assert "shapes" not in charts[0]["layout"] or not charts[0]["layout"]["shapes"]
     bar = at.get("progress")[0].proto
     assert "Epoch 3/5 · batch 2/4 · 123 images/s · ETA 12 s" in bar.text
-    assert at.session_state["train_live"]["run-live"]["offset"] > 0
+    assert at.session_state["_train_live"]["run-live"]["offset"] > 0
     assert at.button(key="start_training").disabled is True
 
     # A new epoch appears on the next poll; Stop writes the stop request.
