@@ -154,6 +154,9 @@ def test_labels_and_model_card(exported, run_dir):
     assert "held-out validation images" in card
     assert "## Versions" in card and "keras" in card
     assert "Exported 20" in card  # the date
+    # A card gets shared; server paths (which name the session's workspace) must not leak.
+    assert str(run_dir.parent) not in card
+    assert str(Path(run_dir).resolve().parent) not in card
 
 
 def test_zip_of_everything_holds_every_file(exported, run_dir):
