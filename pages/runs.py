@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
 from retrain import evaluate, jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
-from retrain.workspace import is_within, run_path, runs_dir
+from retrain.workspace import is_within, run_path
 
 ACTIVE_STATES = ("queued", "running", "stopping")
 # Choices the Model page makes (the "surgery" session key), not Train page widgets.
@@ -83,6 +82,7 @@ def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Fi
             )
         )
     fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=340, margin=dict(t=10, b=10))
+    fig.update_xaxes(tickmode="linear", dtick=1, tick0=1)
     return fig
 
 
@@ -194,9 +194,11 @@ if cols[1].button(
 with cols[2].popover("Delete run", disabled=state in ACTIVE_STATES):
     st.write(f"Delete **{chosen}** and all its files? This cannot be undone.")
     if st.button("Yes, delete it", type="primary", key="runs_delete_confirm"):
-        folder = run_path(workspace, chosen)
-        if is_within(folder, runs_dir(workspace)) and folder.is_dir():
-            shutil.rmtree(folder)
+        try:
+            jobs.delete_run(workspace, chosen)
+        except RetrainError as err:
+            st.error(str(err))
+            st.stop()
         if st.session_state.get("run_id") == chosen:
             remember(run_id=None)
         st.rerun()

@@ -199,6 +199,8 @@ def _curve_figure(rows: list[dict], metric: str, title: str) -> go.Figure:
         margin=dict(l=10, r=10, t=40, b=10),
         legend=dict(orientation="h", y=-0.25),
     )
+    # Epochs are whole numbers; without this plotly labels 1.2, 1.4, ...
+    fig.update_xaxes(tickmode="linear", dtick=max(1, len(epochs) // 10), tick0=1)
     return fig
 
 

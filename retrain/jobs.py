@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -315,6 +316,22 @@ def request_stop(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     _check_run_dir(run_dir)
     (run_dir / STOP_FILE).write_text(str(time.time()))
+
+
+def delete_run(workspace: Path, run_id: str) -> None:
+    """Delete a finished run of ``workspace`` and all its files.
+
+    Raises:
+        RunError: the run is still queued, running or stopping.
+        ConfigError: ``run_id`` is not a plain run id.
+    """
+    run_dir = run_path(workspace, run_id)
+    if not run_dir.is_dir():
+        return
+    state = read_status(run_dir).get("state")
+    if state in ACTIVE_STATES:
+        raise RunError(f"Run '{run_id}' is {state}; stop it on the Train page before deleting it.")
+    shutil.rmtree(run_dir)
 
 
 def best_val_accuracy(metrics: list[dict[str, Any]]) -> float | None:

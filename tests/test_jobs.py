@@ -176,3 +176,15 @@ def test_cli_status_and_stop(tmp_path):
     assert main(["stop", str(run_dir)]) == 0
     assert (run_dir / "stop").exists()
     assert main(["status", str(tmp_path / "nope")]) == 2
+
+
+def test_delete_run_removes_a_finished_run_and_refuses_a_live_one(tmp_path):
+    import os
+
+    done = _run_dir(tmp_path, "run-done", state="done")
+    jobs.delete_run(tmp_path, "run-done")
+    assert not done.exists()
+    live = _run_dir(tmp_path, "run-live", state="running", pid=os.getpid())
+    with pytest.raises(RunError, match="stop it on the Train page"):
+        jobs.delete_run(tmp_path, "run-live")
+    assert live.exists()
