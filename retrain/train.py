@@ -574,11 +574,15 @@ def _keras_classes() -> dict[str, type]:
             seed: int = 0,
             sample_weight: np.ndarray | None = None,
             workers: int = 1,
+            multiple_of: int = 1,
         ) -> None:
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
             self.x, self.y, self.sample_weight = x, y, sample_weight
             self.indices = np.asarray(indices, dtype=np.int64)
             self.batch_size = int(batch_size)
+            # Data-parallel training splits every batch evenly over the devices, so each
+            # epoch uses a multiple of the device count (a shuffled epoch drops < devices).
+            self._n = max(len(self.indices) - len(self.indices) % multiple_of, multiple_of)
             self.shuffle = shuffle
             self._rng = np.random.default_rng(seed)
             self._order = self.indices.copy()
@@ -586,10 +590,11 @@ def _keras_classes() -> dict[str, type]:
                 self._rng.shuffle(self._order)
 
         def __len__(self) -> int:
-            return max(1, math.ceil(len(self.indices) / self.batch_size))
+            return max(1, math.ceil(self._n / self.batch_size))
 
         def __getitem__(self, index: int):
-            rows = np.sort(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+            stop = min((index + 1) * self.batch_size, self._n)
+            rows = np.sort(self._order[index * self.batch_size : stop])
             x, y = np.asarray(self.x[rows]), self.y[rows]
             if self.sample_weight is not None:
                 return x, y, self.sample_weight[rows]
@@ -1187,6 +1192,7 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         _say("warning: " + notes[-1])
         batch_size = n_train
     scope, global_batch = devices.distribution(batch_size)
+    replicas = max(1, global_batch // batch_size)
 
     with scope:
         surgery = surgery_module.replace_head(
@@ -1335,14 +1341,16 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         model: Any, lr: float, x_train, x_val, first: int, last: int, phase: int, workers: int
     ) -> None:
         state.phase = phase
-        optimizer = _make_optimizer(config.optimizer, lr)
-        if checkpoint is not None and first == start_epoch and start_epoch > 0:
-            meta, npz = checkpoint
-            if meta.get("phase") == phase and not _restore_optimizer(
-                optimizer, model.trainable_variables, npz, int(meta["optimizer_variables"])
-            ):
-                notes.append("Optimizer state could not be restored; it restarts on resume.")
+        # The optimizer's variables must be created under the same distribution as the model
+        # (MirroredStrategy refuses to mix them).
         with scope:
+            optimizer = _make_optimizer(config.optimizer, lr)
+            if checkpoint is not None and first == start_epoch and start_epoch > 0:
+                meta, npz = checkpoint
+                if meta.get("phase") == phase and not _restore_optimizer(
+                    optimizer, model.trainable_variables, npz, int(meta["optimizer_variables"])
+                ):
+                    notes.append("Optimizer state could not be restored; it restarts on resume.")
             model.compile(
                 optimizer=optimizer, loss=surgery.loss, metrics=["accuracy"], jit_compile=jit
             )
@@ -1355,10 +1363,13 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             seed=config.seed + first,
             sample_weight=sample_weight,
             workers=workers,
+            multiple_of=replicas,
         )
         val_data = None
         if val_idx is not None:
-            val_data = cls["ArrayDataset"](x_val, y_val_all, val_idx, global_batch, workers=workers)
+            val_data = cls["ArrayDataset"](
+                x_val, y_val_all, val_idx, global_batch, workers=workers, multiple_of=replicas
+            )
         model.fit(
             train_data,
             validation_data=val_data,

@@ -320,3 +320,52 @@ def test_tensorflow_mirrored_strategy_over_two_logical_cpus():
     assert result["global_batch"] == 8
     assert result["extra"] == {"strategy": "MirroredStrategy", "replicas": 2}
     assert len(result["loss"]) == 2 and all(math.isfinite(v) for v in result["loss"])
+
+
+# --- the real training path on two devices ----------------------------------------------------
+
+TRAIN_TWO_DEVICES = """
+    import json
+    {setup}
+    import keras
+    from retrain.modelfile import save_model
+    from retrain.train import TrainConfig, train
+    inp = keras.Input((32, 32, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="old_head")(x)
+    save_model(keras.Model(inp, out), {base!r}, {{}})
+    config = TrainConfig(data={data!r}, base={base!r}, out={out!r}, epochs=2, batch_size=4,
+                         fine_tune_epochs=1, fine_tune_layers=2, cache_features="off")
+    import pathlib
+    summary = train(config, pathlib.Path({out!r}))
+    print(json.dumps({{"state": summary.get("state"), "devices": summary.get("global_batch_size")}}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_two_phase_training_runs_data_parallel_on_two_devices(backend, make_image_folder, tmp_path):
+    """An odd number of images and a fine-tune phase on two devices (uneven last batches,
+    optimizer created under the distribution) train to the end."""
+    if backend == "jax" and importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install -r requirements-jax.txt)")
+    data = make_image_folder(classes=("a", "b"), per_class={"a": 7, "b": 6})
+    setup, env = "", {"KERAS_BACKEND": backend}
+    if backend == "jax":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    else:
+        setup = (
+            "import tensorflow as tf; cpu = tf.config.list_physical_devices('CPU')[0]; "
+            "tf.config.set_logical_device_configuration("
+            "cpu, [tf.config.LogicalDeviceConfiguration()] * 2)"
+        )
+    code = TRAIN_TWO_DEVICES.format(
+        setup=setup, data=str(data), base=str(tmp_path / "base.keras"), out=str(tmp_path / "run")
+    )
+    env["RETRAIN_HOME"] = str(tmp_path / "home")
+    result = _run(code, env, timeout=300)
+    assert result["state"] == "done"
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["phase"] for m in metrics] == [1, 1, 2]
