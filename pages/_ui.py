@@ -118,6 +118,33 @@ def require(key: str, message: str, page: str) -> Any:
     st.stop()
 
 
+def require_finished_run(workspace: Path, action: str) -> Path:
+    """Return the remembered run's folder if it finished; else say why not, link to Train, stop.
+
+    ``action`` completes "... it once it is done" (e.g. "evaluate", "export").
+    """
+    from retrain import jobs
+    from retrain.errors import RetrainError
+    from retrain.workspace import run_path
+
+    run_id = require(
+        "run_id", f"Train a model first: this page needs a finished run to {action}.", "train"
+    )
+    try:
+        run_dir = run_path(workspace, run_id)
+        state = jobs.read_status(run_dir).get("state", "unknown")
+    except RetrainError:
+        state = "missing"
+    if state == "done":
+        return run_dir
+    if state == "missing":
+        st.info(f"Run '{run_id}' is not in this session. Train a model or pick one on Runs.")
+    else:
+        st.info(f"Run '{run_id}' is {state}: {action} it once it is done.")
+    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    st.stop()
+
+
 def render_sidebar() -> None:
     """The guided flow's choices so far, each ticked once made."""
     rows = [

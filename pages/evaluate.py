@@ -10,10 +10,9 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, ensure_session, require
-from retrain import evaluate, jobs
+from pages._ui import ensure_session, require_finished_run
+from retrain import evaluate
 from retrain.errors import RetrainError
-from retrain.workspace import run_path
 
 GALLERY_MAX = 24
 
@@ -117,19 +116,8 @@ workspace = ensure_session()
 st.title("Evaluate")
 st.caption("How good the model really is, on images it did not train on.")
 
-run_id = require("run_id", "Train a model first: this page evaluates a finished run.", "train")
-run_dir = run_path(workspace, run_id)
-try:
-    status = jobs.read_status(run_dir)
-except RetrainError:
-    status = {"state": "missing"}
-if status.get("state") != "done":
-    if status.get("state") == "missing":
-        st.info(f"Run '{run_id}' is not in this session. Train a model or pick one on Runs.")
-    else:
-        st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: evaluate it once it is done.")
-    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
-    st.stop()
+run_dir = require_finished_run(workspace, "evaluate")
+run_id = run_dir.name
 
 try:
     model_path = evaluate.run_model_path(run_dir)

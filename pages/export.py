@@ -8,10 +8,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages._ui import PAGE_FILES, ensure_session, require
-from retrain import export, jobs
+from pages._ui import ensure_session, require_finished_run
+from retrain import export
 from retrain.errors import RetrainError
-from retrain.workspace import run_path
 
 FORMAT_LABELS = {
     "keras": ".keras (Keras 3: raw images in, probabilities out)",
@@ -54,19 +53,8 @@ workspace = ensure_session()
 st.title("Export")
 st.caption("Take the model away: every file is reloaded in a fresh process and checked.")
 
-run_id = require("run_id", "Train a model first: this page exports a finished run.", "train")
-run_dir = run_path(workspace, run_id)
-try:
-    status = jobs.read_status(run_dir)
-except RetrainError:
-    status = {"state": "missing"}
-if status.get("state") != "done":
-    if status.get("state") == "missing":
-        st.info(f"Run '{run_id}' is not in this session. Train a model or pick one on Runs.")
-    else:
-        st.info(f"Run '{run_id}' is {status.get('state', 'unknown')}: export it once it is done.")
-    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
-    st.stop()
+run_dir = require_finished_run(workspace, "export")
+run_id = run_dir.name
 
 has_tf = export.tensorflow_available()
 options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFLOW]
