@@ -18,7 +18,7 @@ from retrain.errors import RetrainError
 from retrain.models import PREPROCESSING, ZOO
 
 SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
-WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Local weights file")
+WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Upload a weights file")
 FREEZE = {
     "all": "Frozen base (feature extraction)",
     "top": "Fine-tune the top K layers",
@@ -224,7 +224,13 @@ def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
             return f"applications:{name}:imagenet", False
         if weights == WEIGHTS[1]:
             return f"applications:{name}:none", True
-        path = st.text_input("Weights file on the server", key="zoo_weights_file")
+        # An upload, not a server path: a hosted app must never read files outside the session.
+        upload = st.file_uploader(
+            "Weights file (.weights.h5 / .h5) for this backbone",
+            type=["h5"],
+            key="zoo_weights_file",
+        )
+        path = save_upload([upload], workspace) if upload else None
         return (f"applications:{name}:{path}" if path else None), False
     files = st.file_uploader(
         "Model file (.keras or .h5) and optional labels.txt",

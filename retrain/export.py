@@ -36,6 +36,7 @@ import numpy as np
 
 from retrain import evaluate, modelfile
 from retrain.errors import ConfigError, RunError
+from retrain.workspace import shareable
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "labels", "card")
 FILE_NAMES = {
@@ -192,13 +193,6 @@ def _read_metrics(run_dir: Path) -> list[dict]:
         return []
 
 
-def _shareable(value: Any) -> Any:
-    """Strip server paths to their last part: a card is shared, and paths name the session."""
-    if isinstance(value, str) and ("/" in value or "\\" in value) and Path(value).is_absolute():
-        return Path(value).name
-    return value
-
-
 def model_card(
     run_dir: str | Path, meta: dict[str, Any] | None = None, evaluation: dict | None = None
 ) -> str:
@@ -207,10 +201,10 @@ def model_card(
     ``evaluation`` (optional) holds held-out scores to show: accuracy, macro_f1, images.
     """
     run_dir = Path(run_dir)
-    config = {k: _shareable(v) for k, v in evaluate.read_run_config(run_dir).items()}
+    config = {k: shareable(v) for k, v in evaluate.read_run_config(run_dir).items()}
     if meta is None:
         meta = modelfile.read_metadata(evaluate.run_model_path(run_dir))
-    meta = {k: _shareable(v) for k, v in meta.items()}
+    meta = {k: shareable(v) for k, v in meta.items()}
     class_names = meta.get("class_names") or config.get("class_names") or []
     metrics = _read_metrics(run_dir)
     vals = [m.get("val_accuracy") for m in metrics if m.get("val_accuracy") is not None]

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from retrain.errors import ConfigError, RetrainError, RunError
+from retrain.workspace import shareable
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 RESIZE_MODES = ("squash", "pad", "center-crop")
@@ -1226,7 +1227,8 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         "class_names": list(dataset.class_names),
         "image_size": list(image_size),
         "resize_mode": config.resize_mode,
-        "base": config.base,
+        # The file is shared: keep the base's name, not the server path (it names the session).
+        "base": shareable(config.base),
         "loss": surgery.loss,
         "label_encoding": surgery.label_encoding,
         "preprocessing": preprocessing,

@@ -20,7 +20,8 @@ import re
 import secrets
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from retrain.errors import ConfigError
 
@@ -97,6 +98,21 @@ def is_within(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![A-Za-z0-9_.])/[^\s:'\"`]+")
+
+
+def shareable(value: Any) -> Any:
+    """Replace absolute server paths inside a string by their last part.
+
+    Files people download and share (exported models' metadata, model cards) must not carry
+    server paths: they name the session's workspace, and the session id in them opens it.
+    ``"applications:MobileNetV2:/srv/sessions/abc/models/w.h5"`` -> ``"applications:MobileNetV2:w.h5"``.
+    """
+    if not isinstance(value, str):
+        return value
+    return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group()).name, value)
 
 
 def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -> list[Path]:

@@ -458,6 +458,8 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     model, meta = load_model(run_dir / "model.keras")
     assert meta["class_names"] == ["blue", "green", "red"] and meta["image_size"] == [32, 32]
     assert meta["loss"] == "sparse_categorical_crossentropy" and meta["label_encoding"] == "index"
+    # The file gets shared: the base is named, its server path (the session's folder) is not.
+    assert meta["base"] == Path(tiny_base).name
     probs = np.asarray(model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0))
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
