@@ -8,13 +8,20 @@ import threading
 
 import streamlit as st
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, render_sidebar
+from pages._ui import (
+    PAGE_FILES,
+    demo_mode,
+    ensure_session,
+    preselect_demo,
+    render_sidebar,
+    sidebar_choices,
+)
 from retrain.workspace import cleanup_sessions
 
 st.set_page_config(
     page_title="Retrain Studio", page_icon=":material/model_training:", layout="wide"
 )
-ensure_session()
+workspace = ensure_session()
 
 
 @st.cache_resource(ttl="1h", show_spinner=False)
@@ -40,6 +47,7 @@ steps = [
 ]
 history = [st.Page(PAGE_FILES["runs"], title="Runs", icon=":material/history:")]
 page = st.navigation({"Retrain a model": steps, "History": history})
+preselect_demo(workspace)
 
 with st.sidebar:
     st.markdown("### Retrain Studio")
@@ -51,5 +59,9 @@ if demo_mode():
         "run it locally for your own data and bigger models.",
         icon=":material/info:",
     )
-render_sidebar()
+shown = render_sidebar()
 page.run()
+if sidebar_choices() != shown:
+    # The page just chose something (a dataset, a model, a run): draw the sidebar again so it
+    # never lags a page behind. Pages cache their heavy work, so the rerun is cheap.
+    st.rerun()

@@ -87,6 +87,34 @@ def _read_saved(workspace: Path) -> dict[str, Any]:
         return {}
 
 
+def dataset_label(dataset: Any) -> str:
+    """The sidebar's one line for a `retrain.data.Dataset`."""
+    return f"{dataset.name}: {len(dataset.class_names)} classes, {dataset.num_images():,} images"
+
+
+def preselect_demo(workspace: Path) -> None:
+    """In demo mode, choose the sample digits and the starter model for a new session.
+
+    So the banner's promise holds: a visitor can go straight to Train. Once per session;
+    what the visitor chooses afterwards is kept.
+    """
+    if not demo_mode() or st.session_state.get("_demo_preselected"):
+        return
+    st.session_state["_demo_preselected"] = True
+    if not st.session_state.get("dataset"):
+        from retrain.data import ingest
+        from retrain.sample import sample_dataset
+        from retrain.workspace import home
+
+        with st.spinner("Preparing the sample digits…"):
+            dataset = ingest(sample_dataset(home()), workspace)
+        remember(dataset=str(dataset.manifest_path), dataset_label=dataset_label(dataset))
+    if not st.session_state.get("base"):
+        from retrain.models import BUILTIN_LABELS
+
+        remember(base="builtin:digits-cnn", base_label=BUILTIN_LABELS["digits-cnn"])
+
+
 def remember(**values: Any) -> None:
     """Set remembered keys in session state and write them to ``session.json``.
 
@@ -145,15 +173,21 @@ def require_finished_run(workspace: Path, action: str) -> Path:
     st.stop()
 
 
-def render_sidebar() -> None:
-    """The guided flow's choices so far, each ticked once made."""
-    rows = [
+def sidebar_choices() -> tuple[tuple[str, str | None], ...]:
+    """What the sidebar shows: (step, chosen value or None) for each step."""
+    return (
         ("Dataset", st.session_state.get("dataset_label")),
         ("Base model", st.session_state.get("base_label")),
         ("Run", st.session_state.get("run_id")),
-    ]
+    )
+
+
+def render_sidebar() -> tuple[tuple[str, str | None], ...]:
+    """Draw the guided flow's choices so far, each ticked once made; return what was drawn."""
+    rows = sidebar_choices()
     with st.sidebar:
         st.caption("YOUR CHOICES")
         for title, value in rows:
             icon = ":material/check_circle:" if value else ":material/radio_button_unchecked:"
             st.markdown(f"{icon} **{title}:** {value or '_not yet_'}")
+    return rows

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import ensure_session, remember
+from pages._ui import dataset_label, ensure_session, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
 from retrain.errors import RetrainError
 from retrain.sample import sample_dataset
@@ -25,13 +25,8 @@ def _thumbnails(manifest_path: str, per_class: int) -> dict:
     return thumbnails(load_dataset(manifest_path), per_class=per_class, size=96)
 
 
-def _label(dataset: Dataset) -> str:
-    return f"{dataset.name}: {len(dataset.class_names)} classes, {dataset.num_images():,} images"
-
-
 def _use(dataset: Dataset) -> None:
-    remember(dataset=str(dataset.manifest_path), dataset_label=_label(dataset))
-    st.rerun()  # the sidebar (drawn before this page) shows the new dataset
+    remember(dataset=str(dataset.manifest_path), dataset_label=dataset_label(dataset))
 
 
 def _ingest_with_progress(run, what: str) -> Dataset | str:

@@ -157,7 +157,29 @@ def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> Trai
     if settings.get("cut_at") is not None:
         settings["cut_at"] = str(settings["cut_at"])
     clean = {k: v for k, v in values.items() if v is not None}
+    if demo_mode():
+        # The cap holds for the whole run (both phases), whatever the widgets allowed.
+        clean["epochs"] = min(int(clean.get("epochs", DEMO_MAX_EPOCHS)), DEMO_MAX_EPOCHS)
+        left = DEMO_MAX_EPOCHS - clean["epochs"]
+        clean["fine_tune_epochs"] = min(int(clean.get("fine_tune_epochs", 0)), left)
     return TrainConfig(data=manifest, base=base, **settings, **clean)
+
+
+def _prefill_from_run(run_dir: Path) -> None:
+    """Show the shown run's settings in the form, except those the person is editing.
+
+    Streamlit forgets a widget's value when its page is left; without this the form would
+    come back with the defaults while the run below it used other settings.
+    """
+    try:
+        config = jobs.read_config(run_dir)
+    except RetrainError:
+        return
+    for name in (*BASIC, *(n for names in EXPANDERS.values() for n in names)):
+        if name in config and name not in st.session_state:
+            if config[name] is None and FIELDS[name].default is not None:
+                continue
+            st.session_state[name] = config[name]
 
 
 def _live(run_id: str, run_dir: Path) -> dict[str, Any]:
@@ -312,6 +334,8 @@ if run_id and st.query_params.get("run") != run_id:
 if run_id and st.session_state.get("run_id") != run_id:
     remember(run_id=run_id)
 active = status.get("state") in jobs.ACTIVE_STATES
+if run_dir is not None:
+    _prefill_from_run(run_dir)
 
 with st.container(border=True):
     st.subheader("Settings")

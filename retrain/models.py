@@ -42,6 +42,7 @@ PREPROCESSING: dict[str, str] = {
 }
 
 BUILTIN_MODELS = {"digits-cnn": "small CNN trained on the built-in sample's digits 0-4"}
+BUILTIN_LABELS = {"digits-cnn": "Digits CNN (built-in, digits 0-4)"}  # display names
 
 # Layer types that make up a classifier tail (the "original head"), walking back from the end.
 _TAIL_FREE = {"Activation", "Softmax", "Dropout", "Flatten", "Reshape"}
@@ -796,7 +797,7 @@ def _load_builtin(spec: str) -> BaseModel:
     return BaseModel(
         model=model,
         spec=f"builtin:{name}",
-        name="Digits CNN (built-in, digits 0-4)",
+        name=BUILTIN_LABELS[name],
         input_size=(32, 32),
         preprocessing="inside",
         class_names=list(meta.get("class_names") or []) or None,

@@ -393,6 +393,9 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     wait_for_text(page, r"Parameters", timeout=30)
     screenshot(page, "03-model-architecture")
     note("starter model loaded; layer stack and layer table visible")
+    # The sidebar shows the choice made on this page at once, not one page later.
+    sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+    assert "Digits CNN" in sidebar and "shapes" in sidebar, sidebar
 
     # 4. Replace the head: one output unit per new class, plus a hidden layer.
     text = wait_for_text(page, r"Removed.*Added.*Output", timeout=60)

@@ -112,6 +112,36 @@ def test_demo_mode_caps_epochs(session, monkeypatch):
     assert at.number_input(key="epochs").max == 5
 
 
+def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkeypatch):
+    from retrain import jobs
+
+    monkeypatch.setenv("RETRAIN_DEMO", "1")
+    started = {}
+
+    def fake_start(config, workspace):
+        started["config"] = config
+        return _fabricate(Path(workspace), "run-demo", "done", 1)
+
+    monkeypatch.setattr(jobs, "start_run", fake_start)
+    at = _app(session).run()
+    at.number_input(key="epochs").set_value(4)
+    at.number_input(key="fine_tune_epochs").set_value(50)
+    at.button(key="start_training").click().run()
+    config = started["config"]
+    assert config.epochs == 4 and config.fine_tune_epochs == 1
+
+
+def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
+    """Leaving the page forgets widget values; the form must not fall back to the defaults
+    while the run below it used other settings."""
+    _fabricate(session["workspace"], "run-done", "done", 3)  # config: 3 epochs + 2 fine-tune
+    at = _app(session, "run-done").run()
+    assert at.number_input(key="epochs").value == 3
+    assert at.number_input(key="fine_tune_epochs").value == 2
+    at.number_input(key="epochs").set_value(7).run()  # what the person types is kept
+    assert at.number_input(key="epochs").value == 7
+
+
 def test_start_builds_the_config_and_attaches_to_the_new_run(session, monkeypatch):
     from retrain import jobs
 
