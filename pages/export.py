@@ -25,6 +25,15 @@ QUICK_FORMATS = ("keras", "labels", "card")
 MIME = {".keras": "application/zip", ".tflite": "application/octet-stream", ".md": "text/markdown"}
 
 
+def _size_text(size: int) -> str:
+    """'812 bytes', '17 KB', '3.4 MB': never '0 KB' for a small file."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024**2:
+        return f"{size / 1024:,.0f} KB"
+    return f"{size / 1024**2:,.1f} MB"
+
+
 def _read_result(out: Path) -> dict | None:
     try:
         return json.loads((out / "export.json").read_text())
@@ -104,7 +113,7 @@ for i, path in enumerate(files):
         else (lambda path=path: path.read_bytes())
     )
     st.download_button(
-        f"{name} ({size / 1024:,.0f} KB)",
+        f"{name} ({_size_text(size)})",
         payload,
         file_name=name,
         mime=MIME.get(path.suffix, "application/zip" if folder else "application/octet-stream"),

@@ -403,7 +403,8 @@ if preview is not None:
     cols[0].metric(
         "Parameters",
         f"{diff['params_after']:,}",
-        f"{diff['params_after'] - diff['params_before']:,}",
+        f"{diff['params_after'] - diff['params_before']:+,} vs before",
+        delta_color="off",  # fewer parameters is not bad news
     )
     cols[1].metric("Trainable parameters", f"{diff['trainable_params']:,}")
     cols[2].metric("Frozen layers", diff["frozen"], help=f"{diff['batchnorm_frozen']} BatchNorm")
@@ -440,6 +441,8 @@ query = st.text_input("Search layers (name or type)", key="layer_search")
 table = pd.DataFrame(stack)
 table["output_shape"] = table["output_shape"].astype(str)
 columns = [c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table]
+if "parent" in table and not table["parent"].notna().any():
+    columns.remove("parent")  # not a nested model: the column would say "None" on every row
 if query:
     mask = table["name"].str.contains(query, case=False, regex=False) | table["type"].str.contains(
         query, case=False, regex=False
