@@ -15,7 +15,8 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 ==================  =====================================================================
 
 Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
-rerun from ingesting the same upload twice); widget keys are named in each page.
+rerun from ingesting the same upload twice; ``_touched``, when the workspace was last marked
+as in use; ``_demo_preselected``); widget keys are named in each page.
 
 The remembered choices (all but ``token`` and ``workspace``) are written through to
 ``<workspace>/session.json``, so a browser reload or a new tab with the same link loses
@@ -24,8 +25,10 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,13 @@ def ensure_session() -> Path:
     """Attach this browser session to its workspace (from ``?s=`` or a new one); return it."""
     if "workspace" in st.session_state:
         _keep_token_in_url()
-        return st.session_state["workspace"]
+        workspace = st.session_state["workspace"]
+        if time.time() - st.session_state.get("_touched", 0) > 600:
+            # A session in use is not idle: keep the TTL sweep away from it.
+            st.session_state["_touched"] = time.time()
+            with contextlib.suppress(OSError):
+                os.utime(workspace)
+        return workspace
     token = st.query_params.get("s", "")
     if not is_valid_token(token):
         token = new_session_token()

@@ -147,9 +147,30 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
                 if name == "class_weights" and not warning:
                     continue
                 values[name] = _widget(name)
-    head = ", ".join(f"{k} {surgery[k]}" for k in SURGERY_FIELDS if k in surgery)
-    st.caption(f"New head (from the Model page): {head or 'defaults'}.")
+    st.caption(f"New head (from the Model page): {_head_text(surgery)}.")
     return values
+
+
+def _head_text(surgery: dict) -> str:
+    """The Model page's choices in the user's words."""
+    if not surgery:
+        return "the defaults"
+    freeze = surgery.get("freeze") or "all"
+    frozen = {"all": "base frozen", "none": "whole base trains"}.get(
+        freeze,
+        f"top {freeze.partition(':')[2]} base layers train"
+        if freeze.startswith("top:")
+        else freeze,
+    )
+    parts = [f"cut after '{surgery['cut_at']}'" if surgery.get("cut_at") else "", frozen]
+    if surgery.get("hidden_units"):
+        parts.append(f"a hidden layer of {surgery['hidden_units']} units")
+    if surgery.get("add_conv"):
+        parts.append(f"an added conv block of {surgery['add_conv']} filters")
+    parts.append(f"dropout {surgery.get('dropout', 0.2):g}")
+    if surgery.get("binary_sigmoid"):
+        parts.append("one sigmoid output")
+    return ", ".join(p for p in parts if p)
 
 
 def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> TrainConfig:
