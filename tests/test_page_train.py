@@ -108,8 +108,8 @@ def test_form_is_built_from_the_config_and_offers_class_weights(session):
 def test_demo_mode_caps_epochs(session, monkeypatch):
     monkeypatch.setenv("RETRAIN_DEMO", "1")
     at = _app(session).run()
-    assert at.number_input(key="epochs").value == 5
-    assert at.number_input(key="epochs").max == 5
+    assert at.number_input(key="epochs").value == 10
+    assert at.number_input(key="epochs").max == 20
 
 
 def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkeypatch):
@@ -124,11 +124,11 @@ def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkey
 
     monkeypatch.setattr(jobs, "start_run", fake_start)
     at = _app(session).run()
-    at.number_input(key="epochs").set_value(4)
+    at.number_input(key="epochs").set_value(15)
     at.number_input(key="fine_tune_epochs").set_value(50)
     at.button(key="start_training").click().run()
     config = started["config"]
-    assert config.epochs == 4 and config.fine_tune_epochs == 1
+    assert config.epochs == 15 and config.fine_tune_epochs == 5
 
 
 def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
