@@ -451,6 +451,8 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
 
     assert config["backend"] == keras.backend.backend()  # the worker ran on this backend
     assert config["device"]["device"] and config["versions"]["keras"]
+    if config["backend"] == "tensorflow":
+        assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert config["dataset_id"] and config["seed"] == 42
     assert (run_dir / "history.csv").read_text().count("\n") == 3
     from retrain.modelfile import load_model
