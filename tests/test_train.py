@@ -511,3 +511,36 @@ def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     assert [r["epoch"] for r in rows] == list(range(1, 41))
     status = json.loads(_cli("status", str(run_dir)).stdout)
     assert status["state"] == "done" and status["stopped"] is False
+
+
+def test_a_model_trained_on_this_backend_scores_the_same_on_the_other(
+    make_image_folder, tmp_path, tiny_base
+):
+    """Saved models are plain Keras 3: trained on TensorFlow they evaluate on JAX, and back."""
+    import importlib.util
+
+    import keras
+
+    from retrain import evaluate
+
+    other = "jax" if keras.backend.backend() == "tensorflow" else "tensorflow"
+    if importlib.util.find_spec(other) is None:
+        pytest.skip(f"{other} is not installed (make test-backends installs jax)")
+    folder = make_image_folder(classes=("red", "green", "blue"), per_class=8, size=32)
+    run_dir = tmp_path / "run"
+    config = TrainConfig(data=str(folder), base=str(tiny_base), epochs=2, batch_size=8)
+    train_module.train(config, run_dir, workspace=tmp_path / "ws")
+    here = evaluate.evaluate_model(run_dir / "model.keras", str(folder), "all")
+    env_backend = {"KERAS_BACKEND": other}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run(
+        [sys.executable, "-m", "retrain", "evaluate", "--model", str(run_dir / "model.keras"),
+         "--data", str(folder), "--split", "all", "--workspace", str(tmp_path / "ws2")],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3", **env_backend),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    there = json.loads(out.stdout)
+    assert there["accuracy"] == pytest.approx(here["accuracy"])
+    assert there["loss"] == pytest.approx(here["loss"], abs=1e-4)
+    assert there["confusion_matrix"] == here["confusion_matrix"]
