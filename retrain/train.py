@@ -523,6 +523,7 @@ class RunState:
         self.diverged_epoch: int | None = None
         self.best_val_accuracy: float | None = None
         self.best_epoch: int | None = None
+        self.best_loss: float | None = None  # breaks ties of accuracy (small val sets tie often)
         self.phase = 1
         self.phase1_end = total_epochs
 
@@ -747,7 +748,9 @@ def _keras_classes() -> dict[str, type]:
     class BestCheckpoint(keras.callbacks.Callback):
         """Keep ``best.keras`` (the full model) at the epoch with the best val accuracy.
 
-        Without validation data the training accuracy decides. Writing a .keras file takes
+        Equal accuracies (one image is a whole percent of a small validation set) are
+        decided by the lower validation loss, so a later, more confident epoch wins a tie.
+        Without validation data the training accuracy and loss decide. Writing a .keras file takes
         a fraction of a second while a cached-feature epoch takes less, so an improvement is
         snapshotted in memory and written at most every ``min_interval`` seconds, and always
         when the fit ends (finished, stopped or early-stopped).
@@ -773,9 +776,12 @@ def _keras_classes() -> dict[str, type]:
             score = _finite(logs.get("val_accuracy", logs.get("accuracy")))
             if score is None:
                 return
-            best = self.state.best_val_accuracy
-            if best is None or score > best:
+            loss = _finite(logs.get("val_loss", logs.get("loss")))
+            best, best_loss = self.state.best_val_accuracy, self.state.best_loss
+            tie_won = score == best and loss is not None and (best_loss is None or loss < best_loss)
+            if best is None or score > best or tie_won:
                 self.state.best_val_accuracy, self.state.best_epoch = score, epoch + 1
+                self.state.best_loss = loss
                 self._pending = (epoch + 1, score, self.model_to_save.get_weights())
                 if time.monotonic() - self._last_write >= self.min_interval:
                     self.flush()

@@ -544,3 +544,20 @@ def test_a_model_trained_on_this_backend_scores_the_same_on_the_other(
     assert there["accuracy"] == pytest.approx(here["accuracy"])
     assert there["loss"] == pytest.approx(here["loss"], abs=1e-4)
     assert there["confusion_matrix"] == here["confusion_matrix"]
+
+
+def test_best_checkpoint_takes_the_best_accuracy_and_breaks_ties_by_loss(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    state = train_module.RunState(tmp_path, total_epochs=4)
+    best = train_module.BestCheckpoint(state, model, {"class_names": ["a", "b"]}, 1e9)
+    logs = [(0.90, 0.50), (0.90, 0.30), (0.90, 0.40), (0.95, 0.60)]
+    picked = []
+    for epoch, (acc, loss) in enumerate(logs):
+        best.on_epoch_end(epoch, {"val_accuracy": acc, "val_loss": loss})
+        picked.append(state.best_epoch)
+    # a tie with a lower loss wins (epoch 2); a tie with a higher loss does not (epoch 3)
+    assert picked == [1, 2, 2, 4]
+    best.on_train_end()
+    assert (tmp_path / "best.keras").is_file()
