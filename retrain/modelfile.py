@@ -57,6 +57,11 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"No model file at '{path}'. Train a model first or check the path.")
+    if path.suffix.lower() != ".keras":
+        raise ModelError(
+            f"'{path.name}' is not a .keras model. Use a run's best.keras or model.keras, "
+            "or an exported model.keras."
+        )
     import keras
 
     try:

@@ -349,3 +349,21 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: No model file") and "Traceback" not in proc.stderr
+
+
+def test_evaluate_refuses_a_file_that_is_not_a_keras_model_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+    out = subprocess.run(
+        [sys.executable, "-m", "retrain", "evaluate", "--model", str(not_a_model),
+         "--data", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: 'notes.txt' is not a .keras model. Use a run's best.keras or model.keras, "
+        "or an exported model.keras."
+    )
