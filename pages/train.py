@@ -77,7 +77,7 @@ def _widget(name: str, max_epochs: int | None = None) -> Any:
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if "int" in str(f.type):
         if name == "epochs" and max_epochs:
-            hi, default = max_epochs, min(default, max_epochs)
+            hi = default = max_epochs  # the demo's head epochs are cheap; use them all
         return st.number_input(
             _label(name),
             min_value=lo,

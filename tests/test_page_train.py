@@ -108,7 +108,7 @@ def test_form_is_built_from_the_config_and_offers_class_weights(session):
 def test_demo_mode_caps_epochs(session, monkeypatch):
     monkeypatch.setenv("RETRAIN_DEMO", "1")
     at = _app(session).run()
-    assert at.number_input(key="epochs").value == 10
+    assert at.number_input(key="epochs").value == 20
     assert at.number_input(key="epochs").max == 20
 
 
