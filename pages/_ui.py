@@ -26,7 +26,6 @@ nothing.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,13 @@ from typing import Any
 import streamlit as st
 
 from retrain.errors import ConfigError
-from retrain.workspace import is_valid_token, new_session_token, session_workspace
+from retrain.workspace import (
+    is_valid_token,
+    new_session_token,
+    read_json,
+    session_workspace,
+    write_json,
+)
 
 REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
 
@@ -90,10 +95,8 @@ def _keep_token_in_url() -> None:
 
 
 def _read_saved(workspace: Path) -> dict[str, Any]:
-    try:
-        return json.loads((workspace / "session.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    saved = read_json(workspace / "session.json")
+    return saved if isinstance(saved, dict) else {}
 
 
 def dataset_label(dataset: Any) -> str:
@@ -138,9 +141,7 @@ def remember(**values: Any) -> None:
             st.session_state[key] = value
     workspace = ensure_session()
     data = {k: st.session_state[k] for k in REMEMBERED if k in st.session_state}
-    tmp = workspace / "session.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(workspace / "session.json")
+    write_json(workspace / "session.json", data)
 
 
 def require(key: str, message: str, page: str) -> Any:

@@ -63,6 +63,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 )
 
 from retrain.errors import ConfigError, DatasetError
+from retrain.workspace import write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -1045,12 +1046,6 @@ def _size_stats(info: dict[str, tuple[str, int, int]]) -> dict[str, int]:
 # Manifest
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _write_manifest(
     folder: Path, scan: dict[str, Any], name: str, root: Path, source: Path
 ) -> Dataset:
@@ -1080,7 +1075,7 @@ def _write_manifest(
         "skipped": scan["skipped"],
         "warnings": scan["warnings"],
     }
-    _write_json(manifest_path, data)
+    write_json(manifest_path, data)
     return load_dataset(manifest_path)
 
 
@@ -1210,7 +1205,7 @@ def _ingest_zip(path: Path, workspace: Path, progress: Progress | None) -> Datas
             files.rename(final_files)
         dataset = _write_manifest(target, scan, name, final_files / prefix, path)
         known.parent.mkdir(exist_ok=True)
-        _write_json(known, {"dataset_id": dataset.dataset_id})
+        write_json(known, {"dataset_id": dataset.dataset_id})
         return dataset
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1228,7 +1223,7 @@ def _rename(dataset: Dataset, name: str) -> Dataset:
     """The same zip uploaded under another name: keep everything, show the new name."""
     manifest = json.loads(dataset.manifest_path.read_text(encoding="utf-8"))
     manifest["name"] = name
-    _write_json(dataset.manifest_path, manifest)
+    write_json(dataset.manifest_path, manifest)
     return load_dataset(dataset.manifest_path)
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from retrain.errors import ConfigError, RetrainError, RunError
-from retrain.workspace import shareable
+from retrain.workspace import json_default, read_json, shareable, write_json
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 RESIZE_MODES = ("squash", "pad", "center-crop")
@@ -440,32 +440,6 @@ def config_to_args(config: TrainConfig) -> list[str]:
 # Run-directory files (plain JSON, written atomically so readers never see half a file).
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file; None when it is missing or unreadable (e.g. being replaced)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
 def _finite(value: Any) -> float | None:
     try:
         value = float(value)
@@ -508,7 +482,7 @@ def read_metrics_file(run_dir: Path) -> list[dict[str, Any]]:
 
 def _append_line(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=_json_default) + "\n")
+        f.write(json.dumps(row, default=json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

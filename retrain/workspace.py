@@ -15,6 +15,7 @@ The CLI uses the home folder itself as its workspace unless ``--workspace`` says
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -113,6 +114,31 @@ def shareable(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group()).name, value)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a uniquely named temporary file, then a
+    rename), so readers never see half a file and two writers never share a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=json_default, ensure_ascii=False), "utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; None when it is missing or unreadable (e.g. being replaced)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` default: numpy scalars and arrays as Python values, anything else as str."""
+    # numpy scalars and arrays without importing numpy here
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -> list[Path]:
