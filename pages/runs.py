@@ -10,47 +10,24 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
-from retrain import evaluate, jobs
+from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
-from retrain.workspace import is_within, run_path
+from retrain.workspace import is_within
 
-ACTIVE_STATES = ("queued", "running", "stopping")
 # Choices the Model page makes (the "surgery" session key), not Train page widgets.
 SURGERY_KEYS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _details(run_dir: str, mtime: float) -> dict:
-    """Config summary, metrics and duration of one run (recomputed when its files change)."""
-    path = Path(run_dir)
-    status = jobs.read_status(path)
-    try:
-        config = evaluate.read_run_config(path)
-    except RetrainError:
-        config = {}
-    metrics = jobs.read_metrics(path)
-    vals = [m["val_accuracy"] for m in metrics if isinstance(m.get("val_accuracy"), int | float)]
-    started, finished = status.get("started"), status.get("finished")
+def _details(run: dict) -> dict:
+    """What the page shows of one `jobs.list_runs` row, with its duration."""
+    started, finished = run.get("started"), run.get("finished")
     if isinstance(started, int | float):
         end = finished if isinstance(finished, int | float) else time.time()
         duration = end - started
     else:
-        duration = sum(m.get("seconds") or 0 for m in metrics) or None
-    return {
-        "state": status.get("state", "unknown"),
-        "config": config,
-        "metrics": metrics,
-        "best_val_accuracy": max(vals) if vals else None,
-        "duration_s": duration,
-    }
-
-
-def _mtime(run_dir) -> float:
-    return max(
-        (p.stat().st_mtime for p in run_dir.glob("*") if p.is_file()),
-        default=run_dir.stat().st_mtime,
-    )
+        duration = sum(m.get("seconds") or 0 for m in run["metrics"]) or None
+    return {**run, "duration_s": duration}
 
 
 def _summary(config: dict) -> str:
@@ -124,11 +101,7 @@ if not runs:
     st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
     st.stop()
 
-details: dict[str, dict] = {}
-for run in runs:
-    folder = run_path(workspace, run["run_id"])
-    if folder.is_dir():
-        details[run["run_id"]] = _details(str(folder), _mtime(folder))
+details = {run["run_id"]: _details(run) for run in runs}
 run_ids = list(details)
 
 table = pd.DataFrame(
@@ -191,7 +164,7 @@ if cols[1].button(
     _prefill_train(details[chosen]["config"])
     remember(run_id=chosen)
     st.switch_page(PAGE_FILES["train"])
-with cols[2].popover("Delete run", disabled=state in ACTIVE_STATES):
+with cols[2].popover("Delete run", disabled=state in jobs.ACTIVE_STATES):
     st.write(f"Delete **{chosen}** and all its files? This cannot be undone.")
     if st.button("Yes, delete it", type="primary", key="runs_delete_confirm"):
         try:
@@ -202,5 +175,5 @@ with cols[2].popover("Delete run", disabled=state in ACTIVE_STATES):
         if st.session_state.get("run_id") == chosen:
             remember(run_id=None)
         st.rerun()
-if state in ACTIVE_STATES:
+if state in jobs.ACTIVE_STATES:
     st.caption("A run in progress cannot be deleted; stop it on the Train page first.")

@@ -341,7 +341,8 @@ def best_val_accuracy(metrics: list[dict[str, Any]]) -> float | None:
 
 
 def list_runs(workspace: Path) -> list[dict[str, Any]]:
-    """The runs of one workspace, newest first: id, state, config summary, best val accuracy."""
+    """The runs of one workspace, newest first: id, live state (dead workers show as
+    interrupted), config, metrics, best val accuracy, start/finish times."""
     runs = []
     for run_dir in runs_dir(workspace).iterdir():
         if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).is_file():
@@ -361,6 +362,10 @@ def list_runs(workspace: Path) -> list[dict[str, Any]]:
                 "epochs": int(config.get("epochs", 0)) + int(config.get("fine_tune_epochs", 0)),
                 "epochs_done": len(metrics),
                 "best_val_accuracy": best_val_accuracy(metrics),
+                "started": status.get("started"),
+                "finished": status.get("finished"),
+                "config": config,
+                "metrics": metrics,
             }
         )
     runs.sort(key=lambda r: (r["created"], r["run_id"]), reverse=True)

@@ -141,11 +141,24 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+def _has_live_run(session: Path) -> bool:
+    """Whether a run of ``session`` is queued, running or stopping with its worker alive."""
+    from retrain.jobs import ACTIVE_STATES, read_status  # jobs imports this module
+
+    for run_dir in session.glob("runs/*"):
+        try:
+            if read_status(run_dir).get("state") in ACTIVE_STATES:
+                return True
+        except ValueError:  # not a run directory
+            continue
+    return False
+
+
 def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -> list[Path]:
     """Delete session workspaces idle for longer than the TTL; return what was deleted.
 
-    The TTL defaults to ``$RETRAIN_SESSION_TTL_HOURS`` or 24 hours. A session with a
-    running worker (``runs/*/status.json`` saying running) is kept.
+    The TTL defaults to ``$RETRAIN_SESSION_TTL_HOURS`` or 24 hours. A session with a live
+    run is kept; one whose worker died (the run is interrupted) is not.
     """
     ttl = (
         ttl_hours
@@ -166,10 +179,7 @@ def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -
         )
         if now - last < ttl * 3600:
             continue
-        running = any(
-            '"running"' in p.read_text(errors="ignore") for p in folder.glob("runs/*/status.json")
-        )
-        if running:
+        if _has_live_run(folder):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -81,7 +83,15 @@ def _all_files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
 
-def _fake_run(workspace: Path, run_id: str, classes: list[str], state: str = "done") -> Path:
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _fake_run(
+    workspace: Path, run_id: str, classes: list[str], state: str = "done", **status
+) -> Path:
     """A finished run directory as the worker writes it (DESIGN.md), without training."""
     run_dir = run_path(workspace, run_id)
     run_dir.mkdir(parents=True)
@@ -97,7 +107,7 @@ def _fake_run(workspace: Path, run_id: str, classes: list[str], state: str = "do
     }
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "status.json").write_text(
-        json.dumps({"state": state, "run_id": run_id, "started": time.time() - 60})
+        json.dumps({"state": state, "run_id": run_id, "started": time.time() - 60, **status})
     )
     lines = [
         {"epoch": e, "phase": "head", "loss": 1.0 / e, "accuracy": 0.5 + e / 10, "val_loss": 1.1,
@@ -348,7 +358,9 @@ def test_cleanup_deletes_idle_sessions_and_keeps_active_and_running_ones():
     recent = session_workspace(new_session_token())
     (recent / "session.json").write_text("{}")
     running = session_workspace(new_session_token())
-    _fake_run(running, "run-live", ["a", "b"], state="running")
+    _fake_run(running, "run-live", ["a", "b"], state="running", pid=os.getpid())
+    crashed = session_workspace(new_session_token())  # says running, but its worker is gone
+    _fake_run(crashed, "run-dead", ["a", "b"], state="running", pid=_dead_pid())
     active_run = session_workspace(new_session_token())
     _fake_run(active_run, "run-writing", ["a", "b"], state="done")
     not_a_session = home() / "sessions" / "README"
@@ -359,6 +371,7 @@ def test_cleanup_deletes_idle_sessions_and_keeps_active_and_running_ones():
 
     _age(idle, 2 * day, now)
     _age(running, 2 * day, now)
+    _age(crashed, 2 * day, now)
     _age(active_run, 2 * day, now)
     os.utime(active_run / "runs" / "run-writing" / "metrics.jsonl", (now, now))
     _age(not_a_session, 2 * day, now)
@@ -366,8 +379,8 @@ def test_cleanup_deletes_idle_sessions_and_keeps_active_and_running_ones():
 
     removed = cleanup_sessions(ttl_hours=24, now=now)
 
-    assert removed == [idle]
-    assert not idle.exists()
+    assert sorted(removed) == sorted([idle, crashed])
+    assert not idle.exists() and not crashed.exists()
     assert recent.is_dir() and running.is_dir() and active_run.is_dir()
     assert not_a_session.is_dir()
     assert (keras_cache / "weights.h5").is_file()

@@ -109,3 +109,18 @@ def test_a_running_run_cannot_be_deleted():
     at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "running")])
     at.selectbox(key="runs_pick").select("run-b").run()
     assert any("cannot be deleted" in c.value for c in at.caption)
+
+
+def test_a_run_whose_worker_died_shows_as_interrupted_and_can_be_deleted():
+    import subprocess
+    import sys
+
+    at, workspace = _open([])
+    run_dir = _fake_run(workspace, "run-crashed", 0.5, "running")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "pid": dead.pid}))
+    at.run()
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["run-crashed", "state"] == "interrupted"
