@@ -99,6 +99,31 @@ def _read_saved(workspace: Path) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _dataset_at(manifest: str, mtime_ns: int) -> Any:
+    from retrain.data import load_dataset
+
+    return load_dataset(manifest)
+
+
+def load_dataset_cached(manifest: str) -> Any:
+    """The `retrain.data.Dataset` of ``manifest``, parsed once per version of the file.
+
+    Pages rerun on every click; a large manifest takes tens of ms to parse each time.
+    Datasets are frozen, so one object is shared safely.
+
+    Raises:
+        DatasetError: the manifest is missing or unreadable.
+    """
+    try:
+        mtime_ns = Path(manifest).stat().st_mtime_ns
+    except OSError:
+        from retrain.data import load_dataset
+
+        return load_dataset(manifest)  # raises its own one-line DatasetError
+    return _dataset_at(str(manifest), mtime_ns)
+
+
 def dataset_label(dataset: Any) -> str:
     """The sidebar's one line for a `retrain.data.Dataset`."""
     return f"{dataset.name}: {len(dataset.class_names)} classes, {dataset.num_images():,} images"

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import dataset_label, ensure_session, remember
+from pages._ui import dataset_label, ensure_session, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
 from retrain.errors import RetrainError
 from retrain.sample import sample_dataset
@@ -179,7 +179,7 @@ if not current:
     st.stop()
 
 try:
-    dataset = load_dataset(current)
+    dataset = load_dataset_cached(current)
 except RetrainError as err:
     st.error(str(err), icon=":material/error:")
     remember(dataset=None, dataset_label=None)

@@ -41,6 +41,22 @@ def _forgetting(spec: str, run_dir: str, data: str, workspace: str, model_mtime:
     return evaluate.forgetting(spec, run_dir, data, workspace)
 
 
+def _mtime(path: Path) -> int:
+    return Path(path).stat().st_mtime_ns
+
+
+# Uploads are saved under content-hash names, so (model file version, paths) is a safe key:
+# clicks elsewhere on the page no longer re-decode and re-predict every uploaded image.
+@st.cache_data(show_spinner="Classifying...", max_entries=16)
+def _predict(model_path: str, mtime_ns: int, paths: tuple[str, ...], top_k: int) -> list:
+    return evaluate.predict(model_path, list(paths), top_k)
+
+
+@st.cache_data(show_spinner="Computing Grad-CAM...", max_entries=32)
+def _grad_cam(model_path: str, mtime_ns: int, path: str):
+    return evaluate.grad_cam_overlay(model_path, path)
+
+
 def _save_upload(upload, folder: Path) -> Path:
     """Store an uploaded file under the session's workspace (content-addressed, safe name)."""
     payload = upload.getvalue()
@@ -243,7 +259,7 @@ show_cam = st.toggle(
 if uploads:
     paths = [_save_upload(u, workspace / "uploads") for u in uploads]
     try:
-        predictions = evaluate.predict(model_path, paths, top_k)
+        predictions = _predict(str(model_path), _mtime(model_path), tuple(map(str, paths)), top_k)
     except RetrainError as err:
         st.error(str(err))
     else:
@@ -251,7 +267,7 @@ if uploads:
             cols = st.columns([1, 3])
             cols[0].image(str(path), caption=upload.name, width="stretch")
             if show_cam:
-                overlay = evaluate.grad_cam_overlay(model_path, path)
+                overlay = _grad_cam(str(model_path), _mtime(model_path), str(path))
                 if overlay is None:
                     cols[0].caption("Grad-CAM needs a conv base and the TensorFlow backend.")
                 else:

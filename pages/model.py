@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, load_dataset_cached, remember
 from retrain.errors import RetrainError
 from retrain.models import PREPROCESSING, ZOO
 
@@ -90,18 +90,9 @@ def dataset_classes() -> list[str] | None:
     if not manifest:
         return None
     try:
-        from retrain.data import load_dataset
-    except ImportError:
-        load_dataset = None
-    try:
-        if load_dataset is not None:
-            return list(load_dataset(manifest).class_names)
-        classes = json.loads(Path(manifest).read_text()).get("classes") or []
-    except (RetrainError, OSError, ValueError):
+        return list(load_dataset_cached(manifest).class_names)
+    except RetrainError:
         return None
-    if isinstance(classes, dict):
-        classes = list(classes)
-    return [c["name"] if isinstance(c, dict) else str(c) for c in classes] or None
 
 
 def save_upload(files: list[Any], workspace: Path) -> str | None:

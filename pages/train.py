@@ -16,7 +16,14 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember, require
+from pages._ui import (
+    PAGE_FILES,
+    demo_mode,
+    ensure_session,
+    load_dataset_cached,
+    remember,
+    require,
+)
 from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
@@ -103,10 +110,8 @@ def _widget(name: str, max_epochs: int | None = None) -> Any:
 
 def _imbalanced(manifest: str) -> str | None:
     """The dataset's imbalance warning, if it has one."""
-    from retrain import data
-
     try:
-        dataset = data.load_dataset(manifest)
+        dataset = load_dataset_cached(manifest)
     except RetrainError:
         return None
     return next((w for w in dataset.warnings if "imbalanc" in w.lower()), None)

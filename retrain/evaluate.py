@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from retrain import modelfile
+from retrain import jobs, modelfile
 from retrain.errors import ConfigError, DatasetError, ModelError, RunError
 
 DEFAULT_TOP_K = 3
@@ -583,7 +583,7 @@ def forgetting(
         )
     dataset = resolve_dataset(old_data, workspace)
     mapping = match_classes(base.class_names, dataset.class_names)
-    config = read_run_config(run_dir) if (run_dir / "config.json").is_file() else {}
+    config = jobs.read_config(run_dir)
     size = base.input_size or model_image_size(run_model, run_meta)
     resize_mode = run_meta.get("resize_mode", config.get("resize_mode", "squash"))
     images, labels, _ = load_split(dataset, _default_split(dataset), size, resize_mode)
@@ -599,8 +599,8 @@ def forgetting(
         return float(accuracy_score(y_true, probs.argmax(axis=1)))
 
     before = accuracy(original)
-    # A second, independent copy of the original, so the caller's cached model stays intact.
-    retrained = models.load_base(original_spec, workspace=Path(workspace)).model
+    # load_base gives this call its own model: put the retrained layers into it in place.
+    retrained = original
     counts = transplant_weights(features, retrained)
     if counts["copied"] == 0:
         raise RunError(
