@@ -197,10 +197,7 @@ def _prefill_from_run(run_dir: Path) -> None:
     Streamlit forgets a widget's value when its page is left; without this the form would
     come back with the defaults while the run below it used other settings.
     """
-    try:
-        config = jobs.read_config(run_dir)
-    except RetrainError:
-        return
+    config = jobs.read_config(run_dir)  # {} when unreadable
     for name in (*BASIC, *(n for names in EXPANDERS.values() for n in names)):
         if name in config and name not in st.session_state:
             if config[name] is None and FIELDS[name].default is not None:

@@ -37,20 +37,20 @@ import platform
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retrain.data import RESIZE_MODES  # one list, owned by the image cache
+from retrain.devices import PRECISION_CHOICES
 from retrain.errors import ConfigError, RetrainError, RunError
 from retrain.workspace import json_default, read_json, shareable, write_json
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-RESIZE_MODES = ("squash", "pad", "center-crop")
 CACHE_FEATURES = ("auto", "on", "off")
-PRECISIONS = ("off", "auto", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = PRECISION_CHOICES
 _FREEZE_RE = re.compile(r"^(all|none|top:\d+|names:[^,\s]+(,[^,\s]+)*)$")
 # Files of a run directory (DESIGN.md).
 CONFIG_FILE = "config.json"
@@ -1073,16 +1073,10 @@ def train(
     except RetrainError as err:
         write_status(run_dir, "failed", error=str(err), finished=time.time())
         raise
-    except MemoryError as err:
-        message = (
-            f"Out of memory while training; lower --batch-size (now {config.batch_size}) "
-            "or --image-size."
-        )
-        write_status(run_dir, "failed", error=message, finished=time.time())
-        raise RunError(message) from err
-    except Exception as err:
+    except Exception as err:  # the worker's last word: any failure becomes one status line
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        if "out of memory" in first.lower() or "ResourceExhausted" in type(err).__name__:
+        out_of_memory = isinstance(err, MemoryError) or "ResourceExhausted" in type(err).__name__
+        if out_of_memory or "out of memory" in first.lower():
             message = (
                 f"Out of memory while training; lower --batch-size (now {config.batch_size}) "
                 "or --image-size."
@@ -1366,37 +1360,21 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
         if use_cache:
             write_json(run_dir / PROGRESS_FILE, {"phase": "caching features", "time": time.time()})
             t0 = time.perf_counter()
-            with scope:
-                x_train = cached_features(
-                    surgery.features,
-                    train_cache.images,
-                    feature_cache_path(
-                        dataset,
-                        config.base,
-                        surgery.cut_at,
-                        image_size,
-                        config.resize_mode,
-                        "train",
-                        policy,
-                    ),
-                    batch_size=max(global_batch, 64),
+
+            def features_of(split: str, images: np.ndarray) -> np.ndarray:
+                path = feature_cache_path(
+                    dataset, config.base, surgery.cut_at, image_size, config.resize_mode,
+                    split, policy,
+                )  # fmt: skip
+                return cached_features(
+                    surgery.features, images, path, batch_size=max(global_batch, 64)
                 )
+
+            with scope:
+                x_train = features_of("train", train_cache.images)
                 x_val = x_train
                 if val_cache is not None and val_cache is not train_cache:
-                    x_val = cached_features(
-                        surgery.features,
-                        val_cache.images,
-                        feature_cache_path(
-                            dataset,
-                            config.base,
-                            surgery.cut_at,
-                            image_size,
-                            config.resize_mode,
-                            "val",
-                            policy,
-                        ),
-                        batch_size=max(global_batch, 64),
-                    )
+                    x_val = features_of("val", val_cache.images)
             feature_seconds = time.perf_counter() - t0
             model = surgery.head
             # Features are small next to images: read them into memory when they fit easily.
@@ -1493,7 +1471,6 @@ def cli_train(args: argparse.Namespace) -> dict[str, Any]:
         from retrain import devices
 
         devices.limit_threads(int(threads))
-    warnings.filterwarnings("ignore", message=".*PyDataset.*super.*")
     resume = bool(getattr(args, "resume", None))
     if resume:
         run_dir = Path(args.resume)
