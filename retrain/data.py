@@ -1342,7 +1342,7 @@ def load_images(
                 str(tmp_images),
                 offset,
                 i,
-                [str(dataset.root / rel) for rel in paths[i : i + _CHUNK]],
+                [str(dataset.image_path(rel)) for rel in paths[i : i + _CHUNK]],
                 (height, width),
                 resize_mode,
                 pixel_limit,
@@ -1460,7 +1460,7 @@ def thumbnails(
             try:
                 images.append(
                     _decode_resized(
-                        dataset.root / rels[i], (size, size), "center-crop", pixel_limit
+                        dataset.image_path(rels[i]), (size, size), "center-crop", pixel_limit
                     )
                 )
             except _ImageProblem:

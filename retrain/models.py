@@ -41,8 +41,8 @@ PREPROCESSING: dict[str, str] = {
     "raw": "raw 0-255 pixels",
 }
 
-BUILTIN_MODELS = {"digits-cnn": "small CNN trained on the built-in sample's digits 0-4"}
-BUILTIN_LABELS = {"digits-cnn": "Digits CNN (built-in, digits 0-4)"}  # display names
+# builtin:<name> -> display name
+BUILTIN_LABELS = {"digits-cnn": "Digits CNN (built-in, digits 0-4)"}
 
 # Layer types that make up a classifier tail (the "original head"), walking back from the end.
 _TAIL_FREE = {"Activation", "Softmax", "Dropout", "Flatten", "Reshape"}
@@ -60,14 +60,12 @@ class ZooEntry:
         preprocessing: key of `PREPROCESSING` (its ``preprocess_input``, as Keras layers).
         input_size: default (H, W) of the ImageNet weights.
         classifier_start: name of the first layer of the ImageNet classifier.
-        family: display name of the family.
     """
 
     name: str
     preprocessing: str
     input_size: tuple[int, int]
     classifier_start: str
-    family: str
 
     def constructor(self) -> Any:
         """Return the ``keras.applications`` function that builds this backbone."""
@@ -77,13 +75,13 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("MobileNetV2", "tf", (224, 224), "predictions", "MobileNet"),
-        ZooEntry("MobileNetV3Small", "inside", (224, 224), "logits", "MobileNet"),
-        ZooEntry("MobileNetV3Large", "inside", (224, 224), "logits", "MobileNet"),
-        ZooEntry("EfficientNetB0", "inside", (224, 224), "top_dropout", "EfficientNet"),
-        ZooEntry("EfficientNetV2B0", "inside", (224, 224), "top_dropout", "EfficientNet"),
-        ZooEntry("ResNet50V2", "tf", (224, 224), "predictions", "ResNet"),
-        ZooEntry("ConvNeXtTiny", "inside", (224, 224), "convnext_tiny_head_dense", "ConvNeXt"),
+        ZooEntry("MobileNetV2", "tf", (224, 224), "predictions"),
+        ZooEntry("MobileNetV3Small", "inside", (224, 224), "logits"),
+        ZooEntry("MobileNetV3Large", "inside", (224, 224), "logits"),
+        ZooEntry("EfficientNetB0", "inside", (224, 224), "top_dropout"),
+        ZooEntry("EfficientNetV2B0", "inside", (224, 224), "top_dropout"),
+        ZooEntry("ResNet50V2", "tf", (224, 224), "predictions"),
+        ZooEntry("ConvNeXtTiny", "inside", (224, 224), "convnext_tiny_head_dense"),
     )
 }
 
@@ -159,19 +157,23 @@ def layer_output_shape(layer: Any) -> list[int | None] | None:
     return list(shape)
 
 
+def count_params(weights: Any) -> int:
+    """The number of scalars in a list of weights (variables or arrays)."""
+    total = 0
+    for w in weights:
+        n = 1
+        for d in w.shape:
+            n *= int(d)
+        total += n
+    return total
+
+
 def _params(layer: Any) -> int:
-    return int(sum(int(_size(w.shape)) for w in layer.weights))
+    return count_params(layer.weights)
 
 
 def _trainable_params(layer: Any) -> int:
-    return int(sum(int(_size(w.shape)) for w in layer.trainable_weights))
-
-
-def _size(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    return count_params(layer.trainable_weights)
 
 
 def check_image_model(model: Any, label: str) -> tuple[int, int] | None:
@@ -619,7 +621,7 @@ def _looks_like_teachable_machine(config: dict) -> bool:
 # Keras 2 conversion
 
 
-def convert_keras2_h5(path: str | Path, check: bool = True) -> tuple[Any, float]:
+def convert_keras2_h5(path: str | Path) -> tuple[Any, float]:
     """Read a Keras 2 .h5 with ``tf_keras`` and rebuild it as an equivalent Keras 3 model.
 
     The nesting (Sequential of Sequentials of a Functional, as Teachable Machine writes) and
@@ -627,7 +629,7 @@ def convert_keras2_h5(path: str | Path, check: bool = True) -> tuple[Any, float]
 
     Returns:
         ``(keras3_model, max_abs_diff)``: the largest absolute difference of the two models'
-        outputs on random input (0.0 when ``check`` is False).
+        outputs on random input.
 
     Raises:
         ModelError: tf_keras is missing, or the rebuilt model's outputs differ by > 1e-4.
@@ -652,8 +654,6 @@ def convert_keras2_h5(path: str | Path, check: bool = True) -> tuple[Any, float]
     )
     model = _rebuild(legacy, tf_keras)
     _copy_weights(legacy, model, tf_keras)
-    if not check:
-        return model, 0.0
     shape = [d or 224 for d in legacy.input_shape[1:]]
     x = np.random.default_rng(0).uniform(-1, 1, size=(2, *shape)).astype("float32")
     expected = np.asarray(legacy(x, training=False))
@@ -787,10 +787,10 @@ def _load_builtin(spec: str) -> BaseModel:
     from retrain import modelfile
 
     name = spec.partition(":")[2].strip()
-    if name not in BUILTIN_MODELS:
+    if name not in BUILTIN_LABELS:
         raise ModelError(
             f"Unknown built-in model '{name}'. Available: "
-            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_LABELS)
         )
     path = ensure_builtin(name)
     model, meta = modelfile.load_model(path)
@@ -939,8 +939,8 @@ def describe(base: BaseModel) -> dict[str, Any]:
     rows = layer_rows(model)
     names = [r["name"] for r in rows]
     cut_index = names.index(base.suggested_cut) if base.suggested_cut in names else len(rows) - 1
-    total = int(sum(_size(w.shape) for w in model.weights))
-    trainable = int(sum(_size(w.shape) for w in model.trainable_weights))
+    total = _params(model)
+    trainable = _trainable_params(model)
     return {
         "name": base.name,
         "spec": base.spec,

@@ -23,13 +23,13 @@ from retrain.models import (
     BaseModel,
     _keras,
     check_image_model,
+    count_params,
     is_model,
     iter_layers,
     output_leaf,
 )
 
 POOLINGS = ("auto", "avg", "max", "flatten", "none")
-FREEZE_MODES = ("all", "none", "top", "names")
 _FRONT_PREFIX = "retrain_"
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
@@ -372,16 +372,6 @@ def _model_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")[:60] or "model"
 
 
-def _count(weights: Any) -> int:
-    total = 0
-    for w in weights:
-        n = 1
-        for d in w.shape:
-            n *= int(d)
-        total += n
-    return total
-
-
 def kept_layers(surgery: Surgery) -> list[Any]:
     """The base layers kept in ``surgery.features`` (front layers excluded), in graph order."""
     keras = _keras()
@@ -483,7 +473,7 @@ def replace_head(
             "removed": removed,
             "added": [layer.name for layer in front] + head_names,
             "renamed": dict(replay.renamed),
-            "params_before": _count(base.model.weights),
+            "params_before": count_params(base.model.weights),
         },
     )
     apply_freeze(surgery, freeze)
@@ -537,9 +527,9 @@ def apply_freeze(surgery: Surgery, freeze: FreezeSpec) -> None:
         batchnorm_frozen=sum(
             isinstance(layer, keras.layers.BatchNormalization) for layer in with_weights
         ),
-        params_after=_count(surgery.model.weights),
-        trainable_params=_count(surgery.model.trainable_weights),
-        frozen_params=_count(surgery.model.non_trainable_weights),
+        params_after=count_params(surgery.model.weights),
+        trainable_params=count_params(surgery.model.trainable_weights),
+        frozen_params=count_params(surgery.model.non_trainable_weights),
     )
 
 
@@ -565,7 +555,7 @@ def summary(surgery: Surgery) -> list[dict[str, Any]]:
                     "name": layer.name,
                     "type": type(layer).__name__,
                     "output_shape": layer_output_shape(layer),
-                    "params": _count(layer.weights),
+                    "params": count_params(layer.weights),
                     "part": "front" if front else ("base" if part == "features" else "head"),
                     "status": "new" if new else ("trainable" if layer.trainable else "frozen"),
                 }
