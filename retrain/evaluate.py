@@ -28,8 +28,6 @@ from retrain.errors import ConfigError, DatasetError, ModelError, RunError
 DEFAULT_TOP_K = 3
 _BATCH = 64
 # Preprocessing of an original (un-retrained) base model, keyed like models.PREPROCESSING.
-_TORCH_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_TORCH_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +352,22 @@ def evaluate_model(
     images, labels, paths = load_split(ds, split, size, meta.get("resize_mode", "squash"))
     if len(images) == 0:
         raise DatasetError(f"The '{split}' split has no images. Pick another split.")
-    y_true = mapping[labels]
+    return _report(
+        model, meta, class_names, mapping[labels], images, paths, split, include_predictions
+    )
+
+
+def _report(
+    model: Any,
+    meta: dict[str, Any],
+    class_names: list[str],
+    y_true: np.ndarray,
+    images: np.ndarray,
+    paths: list[str],
+    split: str,
+    include_predictions: bool,
+) -> dict[str, Any]:
+    """Predict ``images`` and score them against ``y_true`` (model class indices)."""
     probs = class_probabilities(raw_outputs(model, images), meta.get("label_encoding"))
     report = score(y_true, probs, class_names, paths)
     report["split"] = split
@@ -460,13 +473,10 @@ def evaluate_run(
     mapping = match_classes(class_names, dataset.class_names)
     if len(images) == 0:
         raise DatasetError(f"The '{split}' split of this run has no images. Pick another split.")
-    y_true = mapping[labels]
-    probs = class_probabilities(raw_outputs(model, images), meta.get("label_encoding"))
-    report = score(y_true, probs, class_names, paths)
-    report["split"] = split
+    report = _report(
+        model, meta, class_names, mapping[labels], images, paths, split, include_predictions
+    )
     report["model_file"] = model_path.name
-    if include_predictions:
-        _with_predictions(report, y_true, probs, paths, class_names)
     return report
 
 
@@ -483,7 +493,9 @@ def preprocess_for(images: np.ndarray, preprocessing: str, input_dtype: str) -> 
     if preprocessing == "tf":
         return x / 127.5 - 1.0
     if preprocessing == "torch":
-        return (x / 255.0 - _TORCH_MEAN) / _TORCH_STD
+        from retrain.surgery import TORCH_MEAN, TORCH_STD  # the layers use the same numbers
+
+        return (x / 255.0 - np.asarray(TORCH_MEAN, np.float32)) / np.asarray(TORCH_STD, np.float32)
     if preprocessing == "unit":
         return x / 255.0
     return x  # "inside" and "raw": the model takes 0-255

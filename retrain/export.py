@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from retrain import evaluate, modelfile
+from retrain import evaluate, jobs, modelfile
 from retrain.errors import ConfigError, RunError
 from retrain.workspace import shareable
 
@@ -101,24 +101,19 @@ def _require_tensorflow(fmt: str) -> None:
         )
 
 
-def _check_run_done(run_dir: Path) -> dict[str, Any]:
+def _check_run_done(run_dir: Path) -> None:
     if not (run_dir / "config.json").is_file():
         raise RunError(f"'{run_dir}' is not a run directory (no config.json). Pick a finished run.")
-    from retrain import jobs
-
-    status = jobs.read_status(run_dir)
-    state = status.get("state", "unknown")
+    state = jobs.read_status(run_dir).get("state", "unknown")
     if state != "done":
         raise RunError(
             f"Run '{run_dir.name}' is {state}, not done. Export it once training has finished."
         )
-    return status
 
 
-def _check_images(run_dir: Path, config: dict, meta: dict, model: Any):
+def _check_images(run_dir: Path, config: dict, meta: dict, model: Any, class_names: list[str]):
     """Validation images (uint8) and labels (model indices) for the self-test; labels may be None."""
     try:
-        class_names = evaluate.model_class_names(model, meta, run_dir)
         dataset, images, labels, _ = evaluate.run_images(run_dir, config, meta, model, "val")
         labels = evaluate.match_classes(class_names, dataset.class_names)[labels]
     except (RunError, ConfigError):
@@ -184,31 +179,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
-    try:
-        from retrain import jobs
-
-        return jobs.read_metrics(run_dir)
-    except (OSError, ValueError):
-        return []
-
-
-def model_card(
-    run_dir: str | Path, meta: dict[str, Any] | None = None, evaluation: dict | None = None
-) -> str:
+def model_card(run_dir: str | Path, meta: dict[str, Any], evaluation: dict | None = None) -> str:
     """The Markdown model card of a run: data, base, surgery, config, metrics, date, versions.
 
     ``evaluation`` (optional) holds held-out scores to show: accuracy, macro_f1, images.
     """
     run_dir = Path(run_dir)
     config = {k: shareable(v) for k, v in evaluate.read_run_config(run_dir).items()}
-    if meta is None:
-        meta = modelfile.read_metadata(evaluate.run_model_path(run_dir))
     meta = {k: shareable(v) for k, v in meta.items()}
     class_names = meta.get("class_names") or config.get("class_names") or []
-    metrics = _read_metrics(run_dir)
-    vals = [m.get("val_accuracy") for m in metrics if m.get("val_accuracy") is not None]
-    best = max(vals) if vals else None
+    metrics = jobs.read_metrics(run_dir)
+    best = jobs.best_val_accuracy(metrics)
     last = metrics[-1] if metrics else {}
     diff = config.get("diff") if isinstance(config.get("diff"), dict) else {}
     lines = [
@@ -493,7 +474,7 @@ def export_run(
     class_names = evaluate.model_class_names(model, meta, model_path)
     out = run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = _check_images(run_dir, config, meta, model)
+    images, labels = _check_images(run_dir, config, meta, model, class_names)
     if images is None or len(images) == 0:
         # No held-out images left (data gone): a fixed random sample still tests the files.
         size = evaluate.model_image_size(model, meta)

@@ -31,8 +31,8 @@ from retrain.models import (
 
 POOLINGS = ("auto", "avg", "max", "flatten", "none")
 _FRONT_PREFIX = "retrain_"
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -293,8 +293,8 @@ def _front(
     elif prep == "torch":
         added.append(
             layers.Normalization(
-                mean=[255.0 * m for m in _TORCH_MEAN],
-                variance=[(255.0 * s) ** 2 for s in _TORCH_STD],
+                mean=[255.0 * m for m in TORCH_MEAN],
+                variance=[(255.0 * s) ** 2 for s in TORCH_STD],
                 name=name("normalize"),
             )
         )
