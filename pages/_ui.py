@@ -169,15 +169,24 @@ def remember(**values: Any) -> None:
     write_json(workspace / "session.json", data)
 
 
+def link(page: str, label: str, icon: str = ":material/arrow_forward:") -> None:
+    """A link to another step; plain text when the page runs outside the app's navigation
+    (a page opened on its own, as page tests do)."""
+    from streamlit.errors import StreamlitPageNotFoundError
+
+    try:
+        st.page_link(PAGE_FILES[page], label=label, icon=icon)
+    except StreamlitPageNotFoundError:
+        st.markdown(f"→ {label} ({page.capitalize()} in the sidebar)")
+
+
 def require(key: str, message: str, page: str) -> Any:
     """Return ``st.session_state[key]``, or explain what is missing, link to ``page`` and stop."""
     value = st.session_state.get(key)
     if value:
         return value
     st.info(message)
-    st.page_link(
-        PAGE_FILES[page], label=f"Go to {page.capitalize()}", icon=":material/arrow_forward:"
-    )
+    link(page, f"Go to {page.capitalize()}")
     st.stop()
 
 
@@ -204,7 +213,7 @@ def require_finished_run(workspace: Path, action: str) -> Path:
         st.info(f"Run '{run_id}' is not in this session. Train a model or pick one on Runs.")
     else:
         st.info(f"Run '{run_id}' is {state}: {action} it once it is done.")
-    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    link("train", "Go to Train")
     st.stop()
 
 

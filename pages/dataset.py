@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 import streamlit as st
-from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import dataset_label, ensure_session, load_dataset_cached, remember
+from pages._ui import dataset_label, ensure_session, link, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
 from retrain.errors import RetrainError
 from retrain.sample import sample_dataset
@@ -186,8 +185,4 @@ except RetrainError as err:
     st.stop()
 
 _render(dataset)
-try:
-    st.page_link("pages/model.py", label="Next: choose a model", icon=":material/arrow_forward:")
-except StreamlitPageNotFoundError:
-    # The page runs on its own (outside the app's navigation, e.g. in a page test).
-    st.markdown("**Next:** choose a model (step 2 in the sidebar).")
+link("model", "Next: choose a model")

@@ -11,9 +11,8 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from streamlit.errors import StreamlitPageNotFoundError
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, load_dataset_cached, remember
+from pages._ui import demo_mode, ensure_session, link, load_dataset_cached, remember
 from retrain.errors import RetrainError
 from retrain.models import PREPROCESSING, ZOO
 
@@ -74,14 +73,6 @@ def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> di
         "output_shape": list(result.model.outputs[0].shape),
         "kept": len(surgery.kept_layers(result)),
     }
-
-
-def link(page: str, label: str) -> None:
-    """A link to another step (plain text when the page runs outside the app's navigation)."""
-    try:
-        st.page_link(PAGE_FILES[page], label=label, icon=":material/arrow_forward:")
-    except StreamlitPageNotFoundError:
-        st.markdown(f"→ {label}")
 
 
 def dataset_classes() -> list[str] | None:

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, remember
+from pages._ui import PAGE_FILES, demo_mode, ensure_session, link, remember
 from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
@@ -98,7 +98,7 @@ st.caption("Every training run of this session. Compare them, reuse a config, de
 runs = jobs.list_runs(workspace)
 if not runs:
     st.info("No runs yet. Train a model first.")
-    st.page_link(PAGE_FILES["train"], label="Go to Train", icon=":material/arrow_forward:")
+    link("train", "Go to Train")
     st.stop()
 
 details = {run["run_id"]: _details(run) for run in runs}

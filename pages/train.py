@@ -17,9 +17,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._ui import (
-    PAGE_FILES,
     demo_mode,
     ensure_session,
+    link,
     load_dataset_cached,
     remember,
     require,
@@ -308,9 +308,7 @@ def _run_view(run_id: str, run_dir: Path) -> None:
             )
         else:
             st.success(f"{what}.")
-        st.page_link(
-            PAGE_FILES["evaluate"], label="Evaluate the model", icon=":material/fact_check:"
-        )
+        link("evaluate", "Evaluate the model", icon=":material/fact_check:")
     rows = cache["rows"]
     if rows:
         left, right = st.columns(2)

@@ -69,7 +69,7 @@ def test_sample_button_loads_the_digits():
     assert spec["data"][0]["x"] == [f"digit {d}" for d in range(5, 10)]
     assert _thumbnail_count(at) == 5 * 6
     assert at.success and "No problems found" in at.success[0].value
-    assert "**Next:** choose a model" in at.markdown[-1].value
+    assert "Next: choose a model" in at.markdown[-1].value
 
 
 def test_uploaded_zip_shows_summary_warnings_and_skips(pets_zip):
