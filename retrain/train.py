@@ -736,10 +736,14 @@ def _keras_classes() -> dict[str, type]:
             model_to_save: Any,
             metadata: dict,
             min_interval: float = 10.0,
+            changing: Any = None,
         ) -> None:
             super().__init__()
             self.state, self.model_to_save, self.metadata = run_state, model_to_save, metadata
             self.min_interval = min_interval
+            # Only the weights that train are snapshotted: the head alone while the base is
+            # frozen, not a copy of the whole base at every improving epoch.
+            self.changing = changing if changing is not None else model_to_save
             self._pending: tuple[int, float, list] | None = None
             self._last_write = time.monotonic()
 
@@ -756,7 +760,7 @@ def _keras_classes() -> dict[str, type]:
             if best is None or score > best or tie_won:
                 self.state.best_val_accuracy, self.state.best_epoch = score, epoch + 1
                 self.state.best_loss = loss
-                self._pending = (epoch + 1, score, self.model_to_save.get_weights())
+                self._pending = (epoch + 1, score, self.changing.get_weights())
                 if time.monotonic() - self._last_write >= self.min_interval:
                     self.flush()
 
@@ -770,13 +774,13 @@ def _keras_classes() -> dict[str, type]:
             from retrain.modelfile import save_model
 
             epoch, score, weights = self._pending
-            current = self.model_to_save.get_weights()
-            self.model_to_save.set_weights(weights)
+            current = self.changing.get_weights()
+            self.changing.set_weights(weights)
             try:
                 meta = dict(self.metadata, epoch=epoch, val_accuracy=score)
                 save_model(self.model_to_save, self.state.run_dir / "best.keras", meta)
             finally:
-                self.model_to_save.set_weights(current)
+                self.changing.set_weights(current)
             self._pending = None
             self._last_write = time.monotonic()
 
@@ -1281,7 +1285,7 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             cls["StopWatcher"](state),
             cls["ProgressWriter"](state, phase, batches, global_batch),
             cls["MetricsWriter"](state, phase, n_train),
-            cls["BestCheckpoint"](state, to_save, metadata),
+            cls["BestCheckpoint"](state, to_save, metadata, changing=checkpoint_part(phase)[0]),
             cls["EpochCheckpoint"](state, *checkpoint_part(phase)),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=first > 0),
         ]

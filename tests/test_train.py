@@ -561,3 +561,27 @@ def test_best_checkpoint_takes_the_best_accuracy_and_breaks_ties_by_loss(tmp_pat
     assert picked == [1, 2, 2, 4]
     best.on_train_end()
     assert (tmp_path / "best.keras").is_file()
+
+
+def test_best_checkpoint_snapshots_only_the_head_yet_saves_the_whole_model(tmp_path):
+    import keras
+
+    from retrain.modelfile import load_model
+
+    inp = keras.Input((2,))
+    base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="base_dense")])
+    head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head_dense")])
+    model = keras.Model(inp, head(base(inp)))
+    state = train_module.RunState(tmp_path, total_epochs=2)
+    best = train_module.BestCheckpoint(state, model, {}, 1e9, changing=head)
+    best_head = [w.copy() for w in head.get_weights()]
+    best.on_epoch_end(0, {"val_accuracy": 0.9, "val_loss": 0.1})
+    head.set_weights([w + 1 for w in best_head])  # a worse later epoch
+    best.on_epoch_end(1, {"val_accuracy": 0.5, "val_loss": 0.9})
+    best.on_train_end()
+    saved, _ = load_model(tmp_path / "best.keras")
+    x = np.ones((1, 2), np.float32)
+    expected = best_head[0].T @ base.predict(x, verbose=0).T  # head_dense kernel, no bias yet
+    got = np.asarray(saved.predict(x, verbose=0)) - best_head[1]
+    assert np.allclose(got.ravel(), expected.ravel(), atol=1e-5)
+    assert np.allclose(head.get_weights()[0], best_head[0] + 1)  # training weights restored
