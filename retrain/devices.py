@@ -390,6 +390,11 @@ class _ReusableScope(contextlib.AbstractContextManager):
         return self._active.pop().__exit__(*exc_info)
 
 
+def worker_threads() -> int:
+    """CPU threads for a training worker: all allowed cores but one (kept for the dashboard)."""
+    return max(1, len(_allowed_cpus()) - 1)
+
+
 def limit_threads(n: int | None = None) -> int:
     """Cap the CPU threads a training process uses, so the dashboard beside it stays responsive.
 
@@ -415,7 +420,7 @@ def limit_threads(n: int | None = None) -> int:
     """
     allowed = _allowed_cpus()
     if n is None:
-        n = max(1, len(allowed) - 1)
+        n = worker_threads()
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"Thread count must be a positive integer, got {n!r}.")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

@@ -139,16 +139,15 @@ def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
 
 def worker_env() -> dict[str, str]:
     """The environment of a worker: same home, capped CPU threads, unbuffered output."""
+    from retrain.devices import worker_threads
+
     env = dict(os.environ)
-    threads = str(max(1, (os.cpu_count() or 2) - 1))  # one core stays with the dashboard
     env.update(
         {
             "RETRAIN_HOME": str(home()),
             "KERAS_HOME": str(keras_home()),
-            "RETRAIN_WORKER_THREADS": threads,
-            "TF_NUM_INTRAOP_THREADS": threads,
-            "TF_NUM_INTEROP_THREADS": "1",
-            "OMP_NUM_THREADS": threads,
+            # The worker applies it with devices.limit_threads before importing a framework.
+            "RETRAIN_WORKER_THREADS": str(worker_threads()),
             "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
