@@ -267,12 +267,26 @@ def _progress_text(progress: dict) -> tuple[float, str]:
     return min(max(done, 0.0), 1.0), " · ".join(parts)
 
 
+def _log_tail(cache: dict[str, Any], run_dir: Path) -> str:
+    """The log's tail, re-read only when the log grew (the view redraws every second)."""
+    try:
+        size = (run_dir / "log.txt").stat().st_size
+    except OSError:
+        size = -1
+    if cache.get("log_size") != size:
+        cache["log_size"], cache["log"] = size, jobs.read_log_tail(run_dir)
+    return cache["log"]
+
+
 def _run_view(run_id: str, run_dir: Path) -> None:
     """Everything about one run; redrawn every second by the fragment while it is active."""
     status = jobs.read_status(run_dir)
     state = status["state"]
     cache = _live(run_id, run_dir)
-    config = jobs.read_config(run_dir)
+    # config.json is final once the worker has recorded its device: read it once per run.
+    config = cache.get("config") or jobs.read_config(run_dir)
+    if config.get("device"):
+        cache["config"] = config
     device = config.get("device") or {}
     if device:
         st.caption(
@@ -319,7 +333,7 @@ def _run_view(run_id: str, run_dir: Path) -> None:
     elif state in ("queued", "running", "stopping"):
         st.caption("The curves appear when the first epoch finishes.")
     with st.expander("Worker log"):
-        st.code(jobs.read_log_tail(run_dir) or "(empty)", language=None)
+        st.code(_log_tail(cache, run_dir) or "(empty)", language=None)
     if state not in jobs.ACTIVE_STATES and st.session_state.get("_train_was_active") == run_id:
         # The run just ended: rerun the whole page once so the buttons and polling update.
         st.session_state.pop("_train_was_active", None)
