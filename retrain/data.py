@@ -63,7 +63,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 )
 
 from retrain.errors import ConfigError, DatasetError
-from retrain.workspace import write_json
+from retrain.workspace import is_within, write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -630,7 +630,7 @@ def _extract_zip(
         dest_resolved = dest.resolve()
         for done, (info, rel) in enumerate(plan):
             target = dest / rel
-            if not _inside(target, dest_resolved):
+            if not is_within(target, dest_resolved):
                 skipped.append({"path": rel, "reason": "unsafe path (outside the dataset)"})
                 continue
             problem = _extract_one(zf, info, target, max_file)
@@ -641,14 +641,6 @@ def _extract_zip(
             if progress and done % 200 == 0:
                 progress(0.3 * done / max(len(plan), 1), f"Extracting {done:,}/{len(plan):,} files")
     return candidates, skipped, junk
-
-
-def _inside(path: Path, root_resolved: Path) -> bool:
-    try:
-        path.resolve().relative_to(root_resolved)
-    except ValueError:
-        return False
-    return True
 
 
 def _extract_one(
@@ -1471,7 +1463,4 @@ def thumbnails(
 
 def cli_ingest(args: Any) -> dict:
     """``python -m retrain ingest DATA --workspace W``: the dataset's summary as JSON."""
-    from retrain.workspace import home
-
-    workspace = getattr(args, "workspace", None)
-    return ingest(args.data, Path(workspace) if workspace else home()).summary()
+    return ingest(args.data, Path(args.workspace)).summary()  # __main__ defaults the workspace
