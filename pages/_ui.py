@@ -16,7 +16,8 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 
 Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
 rerun from ingesting the same upload twice; ``_touched``, when the workspace was last marked
-as in use; ``_demo_preselected``); widget keys are named in each page.
+as in use; ``_demo_preselected``; ``_model_upload_saved``, the upload already saved);
+widget keys are named in each page.
 
 The remembered choices (all but ``token`` and ``workspace``) are written through to
 ``<workspace>/session.json``, so a browser reload or a new tab with the same link loses

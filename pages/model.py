@@ -14,7 +14,7 @@ import streamlit as st
 
 from pages._ui import demo_mode, ensure_session, link, load_dataset_cached, remember
 from retrain.errors import RetrainError
-from retrain.models import PREPROCESSING, ZOO
+from retrain.models import MODEL_EXTENSIONS, PREPROCESSING, ZOO
 
 SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
 WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Upload a weights file")
@@ -87,10 +87,18 @@ def dataset_classes() -> list[str] | None:
 
 
 def save_upload(files: list[Any], workspace: Path) -> str | None:
-    """Save an uploaded model (+ labels.txt) under the workspace's models/ folder; return its path."""
-    models = [f for f in files if Path(f.name).suffix.lower() in (".keras", ".h5", ".hdf5")]
+    """Save an uploaded model (+ labels.txt) under the workspace's models/ folder; return its path.
+
+    Saved once per upload: the page reruns on every click while the file sits in the uploader,
+    and reading + hashing a large model each time is wasted work.
+    """
+    models = [f for f in files if Path(f.name).suffix.lower() in MODEL_EXTENSIONS]
     if not models:
         return None
+    ids = tuple(f.file_id for f in files)
+    saved = st.session_state.get("_model_upload_saved")
+    if saved and saved[0] == ids and Path(saved[1]).is_file():
+        return saved[1]
     model = models[0]
     data = model.getvalue()
     folder = workspace / "models" / hashlib.sha256(data).hexdigest()[:16]
@@ -102,6 +110,7 @@ def save_upload(files: list[Any], workspace: Path) -> str | None:
     labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]
     if labels:
         (folder / "labels.txt").write_bytes(labels[0].getvalue())
+    st.session_state["_model_upload_saved"] = (ids, str(target))
     return str(target)
 
 
