@@ -45,6 +45,9 @@ from retrain.workspace import (
 
 REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
 
+# The Model page's choices (the ``surgery`` key): TrainConfig fields that Train and Runs carry.
+SURGERY_KEYS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
+
 PAGE_FILES = {
     "dataset": "pages/dataset.py",
     "model": "pages/model.py",

@@ -71,7 +71,6 @@ def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> di
         "loss": result.loss,
         "label_encoding": result.label_encoding,
         "output_shape": list(result.model.outputs[0].shape),
-        "kept": len(surgery.kept_layers(result)),
     }
 
 

@@ -9,14 +9,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, demo_mode, ensure_session, link, remember
+from pages._ui import PAGE_FILES, SURGERY_KEYS, demo_mode, ensure_session, link, remember
 from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
 from retrain.workspace import is_within
-
-# Choices the Model page makes (the "surgery" session key), not Train page widgets.
-SURGERY_KEYS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
 
 
 def _details(run: dict) -> dict:

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._ui import (
+    SURGERY_KEYS,
     demo_mode,
     ensure_session,
     link,
@@ -61,7 +62,6 @@ LABELS = {
     "cache_features": "Feature cache",
     "image_size": "Image size (pixels)",
 }
-SURGERY_FIELDS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -179,7 +179,7 @@ def _head_text(surgery: dict) -> str:
 
 
 def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> TrainConfig:
-    settings = {k: surgery[k] for k in SURGERY_FIELDS if surgery.get(k) is not None}
+    settings = {k: surgery[k] for k in SURGERY_KEYS if surgery.get(k) is not None}
     if settings.get("cut_at") is not None:
         settings["cut_at"] = str(settings["cut_at"])
     clean = {k: v for k, v in values.items() if v is not None}
