@@ -117,6 +117,7 @@ table = pd.DataFrame(
 st.dataframe(
     table,
     hide_index=True,
+    width="stretch",
     key="runs_table",
     column_config={
         "best val accuracy": st.column_config.ProgressColumn(
