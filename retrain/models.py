@@ -28,18 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrain import preprocessing
 from retrain.errors import ModelError
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 
-#: Preprocessing keys: how raw 0-255 RGB pixels become the base model's input.
-PREPROCESSING: dict[str, str] = {
-    "inside": "the model has its own preprocessing layers (takes 0-255 pixels)",
-    "tf": "scaled to [-1, 1] (x / 127.5 - 1)",
-    "torch": "scaled to [0, 1], then ImageNet mean/std normalised",
-    "unit": "scaled to [0, 1] (x / 255)",
-    "raw": "raw 0-255 pixels",
-}
 
 # builtin:<name> -> display name
 BUILTIN_LABELS = {"digits-cnn": "Digits CNN (built-in, digits 0-4)"}
@@ -57,7 +50,7 @@ class ZooEntry:
 
     Attributes:
         name: the constructor's name in ``keras.applications``.
-        preprocessing: key of `PREPROCESSING` (its ``preprocess_input``, as Keras layers).
+        preprocessing: key of `retrain.preprocessing.REGISTRY` (its ``preprocess_input``).
         input_size: default (H, W) of the ImageNet weights.
         classifier_start: name of the first layer of the ImageNet classifier.
     """
@@ -94,7 +87,7 @@ class BaseModel:
     spec: str  # the BASE string it came from (re-loadable by load_base)
     name: str  # display name
     input_size: tuple[int, int] | None  # (H, W) the base expects; None = any
-    preprocessing: str  # key of PREPROCESSING
+    preprocessing: str  # key of retrain.preprocessing.REGISTRY
     class_names: list[str] | None  # the original head's classes if known
     suggested_cut: str  # name of the last layer before the classifier
     has_original_head: bool  # whether layers after suggested_cut form a classifier
@@ -234,10 +227,16 @@ def _cut_before(model: Any, classifier_start: str) -> str:
 
 
 def detect_preprocessing(model: Any) -> tuple[str, str]:
-    """Guess the preprocessing of a loaded model; return (key, how it was found)."""
+    """Guess the preprocessing of a loaded model; return (key, how it was found).
+
+    The key is one of `retrain.preprocessing.REGISTRY`; a model retrained here has its
+    preprocessing inside (layers named ``retrain_...``).
+    """
     leaves = [layer for _, layer in iter_layers(model)][:4]
     for layer in leaves:
-        if type(layer).__name__ in ("Rescaling", "Normalization"):
+        if type(layer).__name__ in ("Rescaling", "Normalization") or layer.name.startswith(
+            preprocessing.LAYER_PREFIX
+        ):
             return "inside", f"{type(layer).__name__} layer '{layer.name}' inside the model"
     names = {layer.name for _, layer in iter_layers(model)}
     if {"Conv1", "bn_Conv1", "out_relu"} <= names or "expanded_conv_depthwise" in names:
@@ -951,7 +950,7 @@ def describe(base: BaseModel) -> dict[str, Any]:
         "layers": rows,
         "suggested_cut": base.suggested_cut,
         "preprocessing": base.preprocessing,
-        "preprocessing_help": PREPROCESSING[base.preprocessing],
+        "preprocessing_help": preprocessing.describe(base.preprocessing),
         "input_size": list(base.input_size) if base.input_size else None,
         "class_names": base.class_names,
         "has_original_head": base.has_original_head,
@@ -961,7 +960,90 @@ def describe(base: BaseModel) -> dict[str, Any]:
     }
 
 
+#: How `original_class_names` named the original outputs.
+CLASS_NAME_RULES = {
+    "model": "the model carries them (labels.txt, built-in or Retrain Studio metadata)",
+    "flag": "given with --original-classes, in output order",
+    "folders": "the old data's class folders, sorted (image_dataset_from_directory's order)",
+}
+
+
+def output_count(base: BaseModel) -> int:
+    """How many classes the original head tells apart (a 1-unit sigmoid head counts 2)."""
+    n = base.model.outputs[0].shape[-1]
+    return 2 if n == 1 else int(n or 0)
+
+
+def original_class_names(
+    base: BaseModel,
+    old_class_folders: list[str] | None = None,
+    original_classes: str | list[str] | None = None,
+) -> tuple[list[str], str]:
+    """Name the original head's outputs, in output order; return ``(names, rule)``.
+
+    The rule (a key of `CLASS_NAME_RULES`) is, by priority: ``"flag"`` when
+    ``original_classes`` is given (``"a,b,c"`` or a list), ``"model"`` when the model carries
+    names, ``"folders"`` when only the old data's class folders are known: sorted, they map
+    to output indices as ``keras.utils.image_dataset_from_directory`` assigned them.
+
+    Raises:
+        ModelError: the model has no classifier head; the names do not match the number of
+            outputs; duplicate or empty names; nothing to name the outputs with.
+    """
+    if not base.has_original_head:
+        raise ModelError(
+            f"'{base.name}' has no classifier head (it ends in "
+            f"{type(output_leaf(base.model)).__name__} '{output_leaf(base.model).name}'), so it "
+            "has no original classes. Use a model whose last layer is a Dense classifier."
+        )
+    n = output_count(base)
+    if original_classes is not None and not isinstance(original_classes, str):
+        original_classes = ",".join(str(c) for c in original_classes)
+    if original_classes is not None and original_classes.strip():
+        names = [c.strip() for c in original_classes.split(",")]
+        rule = "flag"
+        if any(not c for c in names) or len(set(names)) != len(names):
+            raise ModelError(
+                f"--original-classes '{original_classes}' has empty or repeated names; give "
+                f"{n} distinct names, comma-separated, in output order."
+            )
+        if len(names) != n:
+            raise ModelError(
+                f"--original-classes names {len(names)} classes but '{base.name}' has {n} "
+                f"outputs; pass {n} names, comma-separated, in output order."
+            )
+        return names, rule
+    if base.class_names:
+        return list(base.class_names), "model"
+    if old_class_folders:
+        names = sorted(str(c) for c in old_class_folders)
+        if len(names) != n:
+            raise ModelError(
+                f"'{base.name}' carries no class names and the old data has {len(names)} class "
+                f"folders for its {n} outputs; pass --original-classes with {n} names in "
+                "output order."
+            )
+        return names, "folders"
+    raise ModelError(
+        f"'{base.name}' carries no class names for its {n} outputs; pass --original-classes "
+        f'"a,b,..." ({n} names in output order) or the old data (its class folders, sorted).'
+    )
+
+
 def cli_describe(args: Any) -> dict[str, Any]:
-    """``python -m retrain describe BASE``: print the base model's layer table."""
+    """``python -m retrain describe BASE [--original-classes a,b,c]``: the layer table.
+
+    With ``--original-classes`` the output names replace what the model carries, and
+    ``class_names_rule`` says which rule named them.
+    """
     base = load_base(args.base, workspace=getattr(args, "workspace", None))
-    return describe(base)
+    flag = getattr(args, "original_classes", None)
+    if flag:
+        base.class_names, rule = original_class_names(base, None, flag)
+        out = describe(base)
+        out["class_names_rule"] = rule
+        return out
+    out = describe(base)
+    if base.class_names:
+        out["class_names_rule"] = "model"
+    return out

@@ -1,0 +1,95 @@
+"""Keep what it knew: class naming, head extension, forgetting for any model, the keep-old mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retrain import models
+from retrain.errors import ModelError
+
+OLD = ("ant", "bee", "cat", "dog", "eel")  # sorted, as image_dataset_from_directory labels them
+
+
+def save_plain_cnn(path: Path, num_classes: int = 5, size: int = 16, head: bool = True) -> Path:
+    """A plain Keras CNN saved with model.save: no class names inside, no labels.txt."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, 3), name="pixels")
+    x = keras.layers.Rescaling(1 / 255, name="rescale")(inp)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv1")(x)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    if head:
+        x = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inp, x, name="plain_cnn")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_base(tmp_path_factory: pytest.TempPathFactory) -> models.BaseModel:
+    path = save_plain_cnn(tmp_path_factory.mktemp("plain") / "plain.keras")
+    return models.load_base(str(path))
+
+
+# --------------------------------------------------------------------------------------
+# original_class_names
+
+
+def test_names_from_sorted_folders_when_the_model_carries_none(plain_base):
+    assert plain_base.class_names is None
+    names, rule = models.original_class_names(plain_base, ["eel", "ant", "dog", "cat", "bee"])
+    assert (names, rule) == (list(OLD), "folders")
+
+
+def test_flag_names_outputs_in_given_order_and_wins(plain_base):
+    names, rule = models.original_class_names(plain_base, ["a", "b"], "e, d,c,b,a")
+    assert (names, rule) == (["e", "d", "c", "b", "a"], "flag")
+    names, rule = models.original_class_names(plain_base, None, ["v", "w", "x", "y", "z"])
+    assert (names, rule) == (["v", "w", "x", "y", "z"], "flag")
+
+
+def test_names_the_model_carries(keras_cache):
+    base = models.load_base("builtin:digits-cnn")
+    names, rule = models.original_class_names(base, ["zzz"])
+    assert rule == "model"
+    assert names == [f"digit {d}" for d in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("folders", "flag", "match"),
+    [
+        (None, "a,b,c", r"names 3 classes but 'plain.keras' has 5 outputs; pass 5 names"),
+        (None, "a,b,,c,d", "empty or repeated names"),
+        (None, "a,a,b,c,d", "empty or repeated names"),
+        (["a", "b", "c"], None, r"old data has 3 class folders for its 5 outputs; pass "),
+        (None, None, r"carries no class names for its 5 outputs; pass --original-classes"),
+    ],
+)
+def test_count_mismatch_is_one_line_that_says_what_to_pass(plain_base, folders, flag, match):
+    with pytest.raises(ModelError, match=match) as info:
+        models.original_class_names(plain_base, folders, flag)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_without_a_classifier_head_has_no_original_classes(tmp_path):
+    base = models.load_base(str(save_plain_cnn(tmp_path / "nohead.keras", head=False)))
+    with pytest.raises(ModelError, match="has no classifier head"):
+        models.original_class_names(base, list(OLD), None)
+
+
+def test_describe_reads_original_classes(plain_base, capsys):
+    import json
+
+    from retrain.__main__ import main
+
+    code = main(["describe", plain_base.spec, "--original-classes", "v,w,x,y,z"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["class_names"] == ["v", "w", "x", "y", "z"]
+    assert out["class_names_rule"] == "flag"
