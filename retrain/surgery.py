@@ -561,3 +561,222 @@ def summary(surgery: Surgery) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Keep the old classes: extend the original head instead of replacing it
+
+#: Output layer types an original head can be extended from (one row per class).
+_EXTENDABLE = ("Dense",)
+
+
+def merged_classes(old: list[str], new: list[str]) -> list[str]:
+    """The extended head's classes: the old ones in output order, then the new ones.
+
+    A new class whose name equals an old one is that old class (its images join it).
+    """
+    merged = list(old)
+    for name in new:
+        if name not in merged:
+            merged.append(name)
+    return merged
+
+
+def _tail(base: BaseModel, cut_name: str) -> list[Any]:
+    """The original head's leaf layers after ``cut_name``, in graph order."""
+    leaves = [layer for _, layer in iter_layers(base.model)]
+    names = [layer.name for layer in leaves]
+    return leaves[names.index(cut_name) + 1 :]
+
+
+def extend_head(
+    base: BaseModel,
+    old_class_names: list[str],
+    new_class_names: list[str],
+    *,
+    freeze: FreezeSpec = FreezeSpec(),  # noqa: B008 (frozen dataclass, immutable default)
+    image_size: tuple[int, int] | None = None,
+) -> Surgery:
+    """Keep the original head and add outputs for new classes (old classes first, in order).
+
+    The model is cut at the base's suggested cut (just before its classifier); the original
+    head's layers are copied with their weights, and its output layer gets one row per new
+    class appended. New rows start from the mean of the old rows with a bias 2 + log(#new)
+    lower, so every new logit starts below the largest old logit for *any* input: the
+    extended model predicts exactly what the original predicted (the old outputs' logits
+    are untouched; argmax and the old classes' relative probabilities are the same).
+
+    Args:
+        base: the loaded base model (not modified).
+        old_class_names: names of the original outputs in output order
+            (`models.original_class_names`).
+        new_class_names: the new data's classes; a name equal to an old one is that class.
+        freeze: which kept base layers train (the head always trains).
+        image_size: (H, W) the new model takes; default the base's input size.
+
+    Returns:
+        A `Surgery` whose ``class_names`` are `merged_classes`; ``diff`` also has
+        ``old_classes``, ``new_classes`` (the added ones) and ``kept_head``.
+
+    Raises:
+        ModelError: no classifier head, an output layer that is not a softmax Dense, or a
+            head that could not be rebuilt faithfully.
+        ConfigError: names that do not fit the outputs.
+    """
+    import numpy as np
+
+    keras = _keras()
+    if not base.has_original_head:
+        raise ModelError(
+            f"'{base.name}' has no classifier head to keep (it ends in "
+            f"{type(output_leaf(base.model)).__name__} '{output_leaf(base.model).name}'); "
+            "turn off keep-old-classes to put a new head on it."
+        )
+    check_image_model(base.model, base.name)
+    n_old = int(base.model.outputs[0].shape[-1] or 0)
+    if len(old_class_names) != n_old:
+        raise ConfigError(
+            f"{len(old_class_names)} original class names for {n_old} outputs of "
+            f"'{base.name}'; give one name per output, in output order."
+        )
+    class_names = merged_classes(
+        [str(c) for c in old_class_names], [str(c) for c in new_class_names]
+    )
+    added_names = class_names[n_old:]
+    cut_name = base.suggested_cut
+    tail = _tail(base, cut_name)
+    dense = [i for i, layer in enumerate(tail) if type(layer).__name__ in _TAIL_WEIGHTED]
+    out_i = dense[-1] if dense else -1
+    if out_i < 0 or type(tail[out_i]).__name__ not in _EXTENDABLE:
+        kind = type(tail[out_i]).__name__ if out_i >= 0 else "no output layer"
+        raise ModelError(
+            f"'{base.name}' ends in {kind}; classes can be added only to a Dense classifier. "
+            "Turn off keep-old-classes to put a new head on it."
+        )
+    output = tail[out_i]
+    after = [type(layer).__name__ for layer in tail[out_i + 1 :]]
+    activation = output.get_config().get("activation")
+    softmax_after = any(
+        t == "Softmax" or (t == "Activation" and layer.get_config().get("activation") == "softmax")
+        for t, layer in zip(after, tail[out_i + 1 :], strict=True)
+    )
+    if activation == "sigmoid" or "sigmoid" in str(
+        [layer.get_config().get("activation") for layer in tail[out_i + 1 :]]
+    ):
+        raise ModelError(
+            f"'{base.name}' has a sigmoid output (independent yes/no outputs), not a softmax "
+            "over classes; classes can be added only to a softmax classifier."
+        )
+    if image_size is None:
+        image_size = tuple(base.input_size) if base.input_size else (224, 224)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    cut_index, _ = resolve_cut(base, cut_name)
+
+    taken = {layer.name for _, layer in iter_layers(base.model)}
+    inp, x, front = _front(base, image_size, taken)
+    replay = _Replay(cut_name, {layer.name for layer in front} | {inp.name})
+    try:
+        replay.run(base.model, x)
+    except _CutReached as reached:
+        cut_tensor = reached.tensor
+    else:  # pragma: no cover - the suggested cut is always one of the model's leaves
+        raise ModelError(f"Cut layer '{cut_name}' is not reachable from the model's input.")
+    features = keras.Model(inp, cut_tensor, name="features")
+
+    # The head: copies of the original tail, the output layer widened.
+    head_in = keras.Input(shape=tuple(cut_tensor.shape[1:]), name="head_input")
+    h = head_in
+    kernel, bias = (output.get_weights() + [None])[:2]
+    for i, layer in enumerate(tail):
+        config = layer.get_config()
+        if i == out_i:
+            config = {**config, "units": len(class_names), "dtype": "float32"}
+            if activation in (None, "linear") and not softmax_after:
+                config["activation"] = "softmax"  # the saved model outputs probabilities
+        copy = type(layer).from_config(config)
+        h = copy(h)
+        if i == out_i:
+            n_new = len(class_names) - n_old
+            margin = 2.0 + float(np.log(max(n_new, 1)))
+            if bias is None:  # use_bias=False: the new rows' offset needs a bias
+                raise ModelError(
+                    f"The output layer '{output.name}' of '{base.name}' has no bias; classes "
+                    "can be added only to a Dense output with a bias."
+                )
+            new_kernel = np.repeat(kernel.mean(axis=1, keepdims=True), n_new, axis=1)
+            new_bias = np.full(n_new, bias.mean() - margin, dtype=bias.dtype)
+            copy.set_weights(
+                [np.concatenate([kernel, new_kernel], axis=1), np.concatenate([bias, new_bias])]
+            )
+        elif layer.weights:
+            copy.set_weights(layer.get_weights())
+    head_model = keras.Model(head_in, h, name="kept_head")
+    image = keras.Input(shape=(*image_size, 3), dtype="uint8", name="image")
+    model = keras.Model(
+        image,
+        head_model(features(image, training=False)),
+        name=_model_name(f"extended_{base.model.name}"),
+    )
+    _check_same_old_task(base, model, features, n_old, image_size)
+
+    surgery = Surgery(
+        model=model,
+        features=features,
+        head=head_model,
+        class_names=class_names,
+        loss="sparse_categorical_crossentropy",
+        label_encoding="index",
+        cut_at=cut_name,
+        diff={
+            "mode": "keep",
+            "cut_at": cut_name,
+            "cut_index": cut_index,
+            "cut_output_shape": list(cut_tensor.shape),
+            "image_size": list(image_size),
+            "preprocessing": base.preprocessing,
+            "removed": [],
+            "added": [layer.name for layer in front],
+            "renamed": dict(replay.renamed),
+            "kept_head": [layer.name for layer in tail],
+            "widened": output.name,
+            "old_classes": list(class_names[:n_old]),
+            "new_classes": added_names,
+            "params_before": count_params(base.model.weights),
+        },
+    )
+    apply_freeze(surgery, freeze)
+    return surgery
+
+
+_TAIL_WEIGHTED = ("Dense", "EinsumDense", "Conv2D")
+
+
+def _check_same_old_task(
+    base: BaseModel, model: Any, features: Any, n_old: int, image_size: tuple[int, int]
+) -> None:
+    """Check on random images that the old outputs' argmax and relative probabilities match.
+
+    Raises:
+        ModelError: the rebuilt head computes something else (unusual wiring in the head).
+    """
+    import numpy as np
+
+    from retrain import preprocessing as prep
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, *image_size, 3), dtype=np.uint8)
+    original = base.model
+    if "int" not in str(getattr(original.inputs[0], "dtype", "float32")):
+        original = prep.with_preprocessing(original, base.preprocessing)
+    if base.input_size is not None and tuple(base.input_size) != tuple(image_size):
+        return  # resized input: the original cannot take these pixels directly
+    want = np.asarray(original.predict_on_batch(pixels), dtype=np.float64)
+    got = np.asarray(model.predict_on_batch(pixels), dtype=np.float64)[:, :n_old]
+    if want.min() < 0 or np.abs(want.sum(axis=1) - 1).max() > 1e-3:  # logits: softmax them
+        want = np.exp(want - want.max(axis=1, keepdims=True))
+    want = want / want.sum(axis=1, keepdims=True)
+    got = got / got.sum(axis=1, keepdims=True)
+    if not np.allclose(want, got, atol=1e-4):
+        raise ModelError(
+            f"The head of '{base.name}' could not be rebuilt faithfully (its layers are not a "
+            "simple chain); turn off keep-old-classes to put a new head on it."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retrain import models
@@ -93,3 +94,61 @@ def test_describe_reads_original_classes(plain_base, capsys):
     assert code == 0
     assert out["class_names"] == ["v", "w", "x", "y", "z"]
     assert out["class_names_rule"] == "flag"
+
+
+# --------------------------------------------------------------------------------------
+# surgery.extend_head
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def test_merged_classes_old_first_and_a_known_name_is_the_same_class():
+    from retrain.surgery import merged_classes
+
+    assert merged_classes(["b", "a"], ["c", "a", "d"]) == ["b", "a", "c", "d"]
+
+
+@pytest.mark.parametrize("which", ["plain", "builtin"])
+def test_extended_head_predicts_the_old_task_exactly_as_before(which, plain_base, keras_cache):
+    from retrain import preprocessing
+    from retrain.surgery import extend_head
+
+    base = plain_base if which == "plain" else models.load_base("builtin:digits-cnn")
+    old, _ = models.original_class_names(base, list(OLD))
+    size = base.input_size[0]
+    surgery = extend_head(base, old, ["fox", old[1], "gnu"])
+    assert surgery.class_names == [*old, "fox", "gnu"]
+    assert surgery.diff["new_classes"] == ["fox", "gnu"]
+    assert surgery.model.output_shape[-1] == 7
+
+    x = _images(64, size)
+    original = base.model
+    if "int" not in str(original.inputs[0].dtype):
+        original = preprocessing.with_preprocessing(original, base.preprocessing)
+    want = np.asarray(original.predict(x, verbose=0), dtype=np.float64)
+    got = np.asarray(surgery.model.predict(x, verbose=0), dtype=np.float64)
+    # The same argmax over all 7 outputs, and the old outputs' probabilities in proportion.
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+    old_part = got[:, :5] / got[:, :5].sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(old_part, want, atol=1e-5)
+    # Old rows copied, new rows not (they start from the old rows' mean, lower bias).
+    kernel, bias = surgery.head.layers[-1].get_weights()
+    k0, b0 = [layer for layer in base.model.layers if layer.weights][-1].get_weights()
+    np.testing.assert_array_equal(kernel[:, :5], k0)
+    np.testing.assert_array_equal(bias[:5], b0)
+    assert (bias[5:] < b0.mean()).all()
+    # The whole new model trains only its head with the base frozen, like replace_head.
+    assert surgery.head.trainable and all(
+        not layer.trainable for layer in surgery.features.layers if layer.weights
+    )
+
+
+def test_extend_head_refuses_a_model_without_a_classifier_head(tmp_path):
+    from retrain.surgery import extend_head
+
+    base = models.load_base(str(save_plain_cnn(tmp_path / "nohead.keras", head=False)))
+    with pytest.raises(ModelError, match="has no classifier head to keep") as info:
+        extend_head(base, [], ["x", "y"])
+    assert "\n" not in str(info.value)
