@@ -94,6 +94,11 @@ class BaseModel:
     # Additive: where the model came from and how it was read (conversion check, guesses).
     origin: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def channels(self) -> int:
+        """Channels of the images the model takes: 1 (grayscale) or 3 (RGB)."""
+        return image_channels(self.model)
+
 
 # --------------------------------------------------------------------------------------
 # Keras helpers
@@ -169,11 +174,64 @@ def _trainable_params(layer: Any) -> int:
     return count_params(layer.trainable_weights)
 
 
+#: Channel counts of the images a model may take, with their names in the user's words.
+IMAGE_CHANNELS: dict[int, str] = {1: "grayscale", 3: "RGB"}
+
+
+def _shape_text(shape: Any) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def not_an_image(shape: Any) -> str | None:
+    """What an input of ``shape`` (batch dimension first) takes when it is no image input.
+
+    Returns None for ``(batch, height, width, 1 or 3)``, else the words for the message
+    "'x' takes <this>", e.g. ``"sequences of shape (None, 60, 1)"``.
+    """
+    dims = tuple(None if d is None else int(d) for d in shape)
+    text = _shape_text(dims)
+    if len(dims) == 4 and dims[-1] in IMAGE_CHANNELS:
+        return None
+    if len(dims) == 2:
+        return f"vectors of shape {text}"
+    if len(dims) == 3:
+        return f"sequences of shape {text}"
+    if len(dims) == 4 and dims[1] in IMAGE_CHANNELS:
+        return f"channels-first images of shape {text}"
+    if len(dims) == 4:
+        return f"images with {dims[-1]} channels, shape {text}"
+    if len(dims) == 5:
+        return f"videos or volumes of shape {text}"
+    return f"input of shape {text}"
+
+
+def not_an_image_error(label: str, kind: str) -> ModelError:
+    """The refusal of a model whose input is ``kind`` (from `not_an_image`)."""
+    return ModelError(
+        f"'{label}' takes {kind}; Retrain Studio retrains image classifiers (input "
+        "(height, width, 1) grayscale or (height, width, 3) RGB). Upload an image classifier."
+    )
+
+
+def image_channels(model: Any) -> int:
+    """How many channels (1 grayscale, 3 RGB) the images ``model`` takes have."""
+    return int(model.inputs[0].shape[-1])
+
+
+def describe_input(size: tuple[int, int] | list[int] | None, channels: int) -> str:
+    """The input in the user's words: ``"28x28 grayscale"``, ``"any size RGB"``."""
+    where = f"{size[0]}x{size[1]}" if size else "any size"
+    return f"{where} {IMAGE_CHANNELS.get(channels, f'{channels}-channel')}"
+
+
 def check_image_model(model: Any, label: str) -> tuple[int, int] | None:
-    """Check that ``model`` takes one RGB image; return its (H, W) or None when any size.
+    """Check that ``model`` takes one image; return its (H, W) or None when any size.
+
+    Images may be grayscale (1 channel) or RGB (3); `image_channels` says which.
 
     Raises:
-        ModelError: several inputs, not 4-D, or not 3 channels; or not a graph model.
+        ModelError: several inputs, not an image input (see `not_an_image`), or not a graph
+            model.
     """
     if not is_model(model):
         raise ModelError(
@@ -183,14 +241,12 @@ def check_image_model(model: Any, label: str) -> tuple[int, int] | None:
     if len(model.inputs) != 1:
         raise ModelError(
             f"'{label}' has {len(model.inputs)} inputs; an image classifier with one image "
-            "input (height, width, 3) is expected."
+            "input (height, width, 1 or 3) is expected."
         )
     shape = tuple(model.inputs[0].shape)
-    if len(shape) != 4 or shape[-1] != 3:
-        raise ModelError(
-            f"'{label}' takes input of shape {list(shape)}, not RGB images; a model whose input "
-            "is (height, width, 3) is expected."
-        )
+    kind = not_an_image(shape)
+    if kind is not None:
+        raise not_an_image_error(label, kind)
     if shape[1] is None or shape[2] is None:
         return None
     return int(shape[1]), int(shape[2])
@@ -439,6 +495,9 @@ def _load_file(path: Path, spec: str) -> BaseModel:
         raise ModelError(
             f"'{path.name}' is not a model file: expected .keras (Keras 3) or .h5 (legacy Keras)."
         )
+    from retrain import modelfile
+
+    modelfile.check_model_file(path)  # LFS pointers and pickled weights never reach Keras
     origin: dict[str, Any] = {"source": "file", "file": path.name}
     labels: list[str] | None = None
     if suffix == ".keras":
@@ -473,11 +532,16 @@ def _load_file(path: Path, spec: str) -> BaseModel:
 
 
 def _check_config(config: Any, label: str, allowed: Any) -> None:
-    """Refuse Lambda layers and classes Keras does not know, before deserializing anything.
+    """Refuse non-image models, Lambda layers and classes Keras does not know, before
+    deserializing anything.
 
     ``config`` is a model config (Keras 3 or Keras 2 JSON); ``allowed(class_name, entry)``
     says whether a layer class is known.
     """
+    shape = config_input_shape(config)
+    kind = not_an_image(shape) if shape is not None else None
+    if kind is not None:
+        raise not_an_image_error(label, kind)
     for entry in _layer_entries(config):
         cls = entry.get("class_name", "?")
         name = (entry.get("config") or {}).get("name", "?")
@@ -488,9 +552,34 @@ def _check_config(config: Any, label: str, allowed: Any) -> None:
             )
         if not allowed(cls, entry):
             raise ModelError(
-                f"'{label}' uses the custom class '{cls}' (layer '{name}') that Retrain Studio "
-                "does not know; custom code is not run. Use standard Keras layers only."
+                f"'{label}': layer class {cls} (layer '{name}') is not part of Keras, and custom "
+                "code from a file is never run. Rebuild the model with built-in Keras layers "
+                "and save it again."
             )
+
+
+def config_input_shape(config: Any) -> list[int | None] | None:
+    """The (first) input's batch shape a model config declares, read without deserializing.
+
+    Keras 3 writes ``batch_shape``, Keras 2 ``batch_input_shape``, on the InputLayer or on a
+    Sequential's first layer; a nested first model is looked into. None when not declared.
+    """
+    inner = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(inner, dict):
+        return None
+    entries = [e for e in inner.get("layers") or [] if isinstance(e, dict)]
+    first = next((e for e in entries if e.get("class_name") == "InputLayer"), None)
+    first = first or (entries[0] if entries else None)
+    for source in (first.get("config") if first else None, inner):
+        if isinstance(source, dict):
+            for key in ("batch_shape", "batch_input_shape"):
+                if isinstance(source.get(key), list):
+                    return list(source[key])
+    if first is not None and first.get("class_name") in _CONTAINERS:
+        return config_input_shape(first)
+    build = config.get("build_config")
+    shape = build.get("input_shape") if isinstance(build, dict) else None
+    return list(shape) if isinstance(shape, list) else None
 
 
 def _layer_entries(config: Any) -> Iterator[dict]:
@@ -537,6 +626,8 @@ def _known_legacy(cls: str, entry: dict) -> bool:
 
 
 def _load_keras_file(path: Path) -> tuple[Any, list[str] | None]:
+    from retrain import modelfile
+
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -559,6 +650,8 @@ def _load_keras_file(path: Path) -> tuple[Any, list[str] | None]:
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as err:  # Keras raises many types for a bad archive; report them as one.
+        if "pickle" in str(err).lower():  # never repeat numpy's "load it unsafely" advice
+            raise modelfile.pickled_weights_error(path.name) from None
         raise ModelError(f"Could not load '{path.name}': {_first_line(err)}") from None
     return model, labels
 
@@ -925,6 +1018,98 @@ def layer_rows(model: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def layer_stack(
+    base_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The layers of the layer-stack picture, input first, each with ``part`` and ``status``.
+
+    Args:
+        base_rows: the base model's `layer_rows` (``describe(...)["layers"]``).
+        new_rows: the new model's `surgery.summary` rows, or None before a surgery exists.
+
+    Returns:
+        The new model's front layers, then every base layer (``"removed"`` when the cut drops
+        it, else its status in the new model), then the new head's layers. Without
+        ``new_rows``: the base layers, all ``"frozen"``.
+    """
+    if new_rows is None:
+        return [{**row, "status": "frozen", "part": "base"} for row in base_rows]
+    kept = {row["name"]: row for row in new_rows}
+    stack = [row for row in new_rows if row["part"] == "front"]
+    for row in base_rows:
+        status = kept[row["name"]]["status"] if row["name"] in kept else "removed"
+        stack.append({**row, "status": status, "part": "base"})
+    return stack + [row for row in new_rows if row["part"] == "head"]
+
+
+def layer_block(row: dict[str, Any]) -> str:
+    """A readable group for a layer: its numbered block, else its nested model, else itself."""
+    match = re.match(r"^(.*?(?:block|stage|conv)_?\d+[a-z]?)(?:_|$)", row["name"])
+    if match:
+        return match.group(1)
+    if row.get("part") in ("front", "head"):
+        return "new head" if row["part"] == "head" else "input + preprocessing"
+    return row.get("parent") or row["name"]
+
+
+def _group_status(statuses: list[str]) -> str:
+    """One colour per block: new, else trainable if any layer trains, else frozen/removed."""
+    for status in ("new", "trainable", "frozen"):
+        if status in statuses:
+            return status
+    return "removed"
+
+
+def group_layers(rows: list[dict[str, Any]], max_groups: int = 48) -> list[dict[str, Any]]:
+    """Group layer rows into the bars of the layer-stack picture.
+
+    Consecutive layers of one block (`layer_block`) and of one kind (base, new, removed) form
+    a group; while there are more than ``max_groups``, neighbours of one kind merge pairwise
+    (``"conv1 … conv2"``).
+
+    Args:
+        rows: layers in order, each with ``name``, ``params``, ``status`` (``"new"``,
+            ``"trainable"``, ``"frozen"`` or ``"removed"``) and optionally ``part``/``parent``
+            (`layer_stack` gives them).
+        max_groups: at most this many groups, where merging can reach it.
+
+    Returns:
+        One dict per group, in order: ``block`` (its label), ``kind``, ``params`` (sum),
+        ``layers`` (names), ``statuses`` (per layer) and ``status`` (the group's colour).
+    """
+    groups: list[dict[str, Any]] = []
+    for row in rows:
+        kind = {"removed": "removed", "new": "new"}.get(row["status"], "base")
+        key = (layer_block(row), kind)
+        if groups and (groups[-1]["block"], groups[-1]["kind"]) == key:
+            group = groups[-1]
+        else:
+            group = {"block": key[0], "kind": kind, "params": 0, "layers": [], "statuses": []}
+            groups.append(group)
+        group["params"] += row["params"]
+        group["layers"].append(row["name"])
+        group["statuses"].append(row["status"])
+    while len(groups) > max_groups:
+        merged: list[dict[str, Any]] = []
+        for group in groups:
+            last = merged[-1] if merged else None
+            if last is not None and last["kind"] == group["kind"] and not last["closed"]:
+                last["params"] += group["params"]
+                last["layers"] += group["layers"]
+                last["statuses"] += group["statuses"]
+                last["block"] = f"{last['block'].split(' … ')[0]} … {group['block']}"
+                last["closed"] = True
+            else:
+                merged.append({**group, "closed": False})
+        if len(merged) == len(groups):
+            break
+        groups = merged
+    for group in groups:
+        group.pop("closed", None)
+        group["status"] = _group_status(group["statuses"])
+    return groups
 
 
 def describe(base: BaseModel) -> dict[str, Any]:
