@@ -305,9 +305,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _decode_resized(
-    source: str | Path, size_hw: tuple[int, int], resize_mode: str, pixel_limit: int
+    source: str | Path,
+    size_hw: tuple[int, int],
+    resize_mode: str,
+    pixel_limit: int,
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decode one image file to uint8 ``(H, W, 3)``: EXIF orientation, RGB, resize."""
+    """Decode one image file to uint8 ``(H, W, channels)``: EXIF orientation, RGB (then L for
+    1 channel), resize."""
     height, width = size_hw
     try:
         with _open_image(source, pixel_limit) as im:
@@ -320,13 +325,17 @@ def _decode_resized(
             if orientation != 1:
                 im = ImageOps.exif_transpose(im)
             rgb = _to_rgb(im)
+            if channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
+                rgb = rgb.convert("L")
             if resize_mode == "squash":
                 out = rgb if rgb.size == (width, height) else rgb.resize((width, height), _FILTER)
             elif resize_mode == "pad":
-                out = ImageOps.pad(rgb, (width, height), _FILTER, color=(0, 0, 0))
+                black = 0 if channels == 1 else (0, 0, 0)
+                out = ImageOps.pad(rgb, (width, height), _FILTER, color=black)
             else:
                 out = ImageOps.fit(rgb, (width, height), _FILTER)
-            return np.asarray(out, dtype=np.uint8)
+            array = np.asarray(out, dtype=np.uint8)
+            return array[..., None] if array.ndim == 2 else array
     except _ImageProblem:
         raise
     except _DECODE_ERRORS:
@@ -401,29 +410,39 @@ def _map_chunks(
 
 
 def load_image_file(
-    path: str | Path, image_size: tuple[int, int], resize_mode: str = "squash"
+    path: str | Path,
+    image_size: tuple[int, int],
+    resize_mode: str = "squash",
+    channels: int = 3,
 ) -> np.ndarray:
-    """Decode one image file exactly as the cache does (EXIF, RGB, resize).
+    """Decode one image file exactly as the cache does (EXIF, RGB or grayscale, resize).
 
     Args:
         path: an image file.
         image_size: ``(H, W)``.
         resize_mode: ``"squash"`` (stretch), ``"pad"`` (fit, black bars) or ``"center-crop"``.
+        channels: 3 (RGB) or 1 (grayscale: the RGB image converted to L).
 
     Returns:
-        uint8 array ``(H, W, 3)``.
+        uint8 array ``(H, W, channels)``.
 
     Raises:
         DatasetError: the file is not a readable image.
         ConfigError: bad size or resize mode.
     """
     size = _check_size_mode(image_size, resize_mode)
+    _check_channels(channels)
     try:
-        return _decode_resized(path, size, resize_mode, _max_pixels())
+        return _decode_resized(path, size, resize_mode, _max_pixels(), channels)
     except _ImageProblem as err:
         raise DatasetError(
             f"'{Path(path).name}' cannot be used: {err}. Use a .jpg or .png image."
         ) from None
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise ConfigError(f"Images have 1 (grayscale) or 3 (RGB) channels, not {channels}.")
 
 
 def _check_size_mode(image_size: Sequence[int], resize_mode: str) -> tuple[int, int]:
@@ -1251,25 +1270,26 @@ def _decode_into(
     size_hw: tuple[int, int],
     resize_mode: str,
     pixel_limit: int,
+    channels: int = 3,
 ) -> list[tuple[int, str]]:
     """Decode ``paths`` into rows ``start...`` of the .npy file; return ``(row, problem)``s.
 
     Only this chunk's rows are mapped, and unmapped on return, so memory stays flat.
     """
     height, width = size_hw
-    row = height * width * 3
+    row = height * width * channels
     window = np.memmap(
         npy_path,
         dtype=np.uint8,
         mode="r+",
         offset=offset + start * row,
-        shape=(len(paths), height, width, 3),
+        shape=(len(paths), height, width, channels),
     )
     problems: list[tuple[int, str]] = []
     try:
         for k, path in enumerate(paths):
             try:
-                window[k] = _decode_resized(path, size_hw, resize_mode, pixel_limit)
+                window[k] = _decode_resized(path, size_hw, resize_mode, pixel_limit, channels)
             except _ImageProblem as err:
                 problems.append((start + k, str(err)))
     finally:
@@ -1283,18 +1303,21 @@ def load_images(
     image_size: tuple[int, int],
     resize_mode: str = "squash",
     *,
+    channels: int = 3,
     progress: Progress | None = None,
 ) -> ImageCache:
     """Return one split decoded at ``image_size``, building its cache file the first time.
 
-    The cache is ``<dataset folder>/cache/<split>_<H>x<W>_<mode>.npy`` (+ ``_labels.npy``),
-    shared by every run on the same dataset id.
+    The cache is ``<dataset folder>/cache/<split>_<H>x<W>_<mode>.npy`` for RGB and
+    ``<split>_<H>x<W>x1_<mode>.npy`` for grayscale (+ ``_labels.npy``), shared by every run on
+    the same dataset id.
 
     Args:
         dataset: from `ingest` or `load_dataset`.
         split: ``"train"``, ``"val"`` or ``"test"`` (one the dataset has).
         image_size: ``(H, W)``.
         resize_mode: ``"squash"`` | ``"pad"`` | ``"center-crop"``.
+        channels: 3 (RGB) or 1 (grayscale, what a 1-channel model takes).
         progress: optional ``callback(fraction, message)``.
 
     Raises:
@@ -1302,6 +1325,7 @@ def load_images(
         ConfigError: bad size or resize mode.
     """
     height, width = _check_size_mode(image_size, resize_mode)
+    _check_channels(channels)
     if split not in dataset.splits:
         raise DatasetError(
             f"Dataset '{dataset.name}' has no '{split}' split (it has "
@@ -1312,10 +1336,10 @@ def load_images(
     labels = np.array([label for _, label in items], dtype=np.int64)
     cache_dir = dataset.manifest_path.parent / "cache"
     cache_dir.mkdir(exist_ok=True)
-    stem = f"{split}_{height}x{width}_{resize_mode}"
+    stem = f"{split}_{height}x{width}{'' if channels == 3 else f'x{channels}'}_{resize_mode}"
     images_path = cache_dir / f"{stem}.npy"
     labels_path = cache_dir / f"{stem}_labels.npy"
-    cached = _read_cache(images_path, labels_path, labels, (height, width))
+    cached = _read_cache(images_path, labels_path, labels, (height, width, channels))
     if cached is not None:
         return ImageCache(images=cached, labels=labels, paths=paths)
 
@@ -1324,7 +1348,7 @@ def load_images(
     tmp_labels = cache_dir / f".{stem}_labels.{token}.npy"
     try:
         created = np.lib.format.open_memmap(
-            tmp_images, mode="w+", dtype=np.uint8, shape=(len(items), height, width, 3)
+            tmp_images, mode="w+", dtype=np.uint8, shape=(len(items), height, width, channels)
         )
         offset = int(created.offset)
         del created  # rows are written through per-chunk windows (flat memory)
@@ -1338,6 +1362,7 @@ def load_images(
                 (height, width),
                 resize_mode,
                 pixel_limit,
+                channels,
             )
             for i in range(0, len(paths), _CHUNK)
         ]
@@ -1367,7 +1392,7 @@ def load_images(
 
 
 def _read_cache(
-    images_path: Path, labels_path: Path, labels: np.ndarray, size_hw: tuple[int, int]
+    images_path: Path, labels_path: Path, labels: np.ndarray, shape_hwc: tuple[int, int, int]
 ) -> np.ndarray | None:
     if not (images_path.exists() and labels_path.exists()):
         return None
@@ -1378,7 +1403,7 @@ def _read_cache(
         return None
     if (
         images.dtype != np.uint8
-        or images.shape != (len(labels), *size_hw, 3)
+        or images.shape != (len(labels), *shape_hwc)
         or not np.array_equal(stored, labels)
     ):
         return None

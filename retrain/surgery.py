@@ -281,7 +281,8 @@ def _front(
         taken.add(new)
         return new
 
-    inp = keras.Input(shape=(*image_size, 3), dtype="uint8", name=name("image"))
+    # Grayscale (1-channel) bases take (H, W, 1); RGB ones (H, W, 3).
+    inp = keras.Input(shape=(*image_size, base.channels), dtype="uint8", name=name("image"))
     added: list[Any] = []
     if base.input_size is not None and tuple(base.input_size) != tuple(image_size):
         added.append(layers.Resizing(*base.input_size, name=name("resize")))
@@ -449,7 +450,7 @@ def replace_head(
         raise ModelError(f"Layer '{cut_name}' has several outputs; cut at a layer with one.")
     features = keras.Model(inp, cut_tensor, name="features")
     head_model, head_names = _head(tuple(cut_tensor.shape[1:]), len(class_names), head, taken)
-    image = keras.Input(shape=(*image_size, 3), dtype="uint8", name="image")
+    image = keras.Input(shape=(*image_size, base.channels), dtype="uint8", name="image")
     outputs = head_model(features(image, training=False))
     model = keras.Model(image, outputs, name=_model_name(f"retrained_{base.model.name}"))
 
@@ -711,7 +712,7 @@ def extend_head(
         elif layer.weights:
             copy.set_weights(layer.get_weights())
     head_model = keras.Model(head_in, h, name="kept_head")
-    image = keras.Input(shape=(*image_size, 3), dtype="uint8", name="image")
+    image = keras.Input(shape=(*image_size, base.channels), dtype="uint8", name="image")
     model = keras.Model(
         image,
         head_model(features(image, training=False)),
@@ -763,7 +764,8 @@ def _check_same_old_task(
 
     from retrain import preprocessing as prep
 
-    pixels = np.random.default_rng(0).integers(0, 256, size=(4, *image_size, 3), dtype=np.uint8)
+    shape = (4, *image_size, base.channels)
+    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     original = base.model
     if "int" not in str(getattr(original.inputs[0], "dtype", "float32")):
         original = prep.with_preprocessing(original, base.preprocessing)
