@@ -152,3 +152,55 @@ def test_extend_head_refuses_a_model_without_a_classifier_head(tmp_path):
     with pytest.raises(ModelError, match="has no classifier head to keep") as info:
         extend_head(base, [], ["x", "y"])
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# keep: rehearsal memory, distillation
+
+
+def test_rehearsal_memory_is_seeded_and_per_class():
+    from retrain.keep import rehearsal_memory
+
+    labels = np.repeat(np.arange(3), [50, 30, 4])
+    candidates = np.arange(len(labels))[::2]  # only even positions may be remembered
+    a = rehearsal_memory(labels, candidates, 10, seed=7)
+    assert np.array_equal(a, rehearsal_memory(labels, candidates, 10, seed=7))
+    assert not np.array_equal(a, rehearsal_memory(labels, candidates, 10, seed=8))
+    assert np.bincount(labels[a]).tolist() == [10, 10, 2]  # class 2 has only 2 candidates
+    assert set(a) <= set(candidates)
+
+
+def _np_distillation(y_true, p, n_old, t, w):
+    label, targets = y_true[:, 0].astype(int), y_true[:, 1:]
+    ce = -np.log(p[np.arange(len(p)), label])
+    z = np.log(p[:, :n_old]) / t
+    log_s = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    kl = (targets * (np.log(targets) - log_s)).sum(axis=1)
+    return ce + w * t * t * kl
+
+
+def test_distillation_loss_is_ce_plus_w_t2_kl_on_the_softened_old_outputs():
+    from keras import ops
+
+    from retrain import keep
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    teacher = rng.dirichlet(np.ones(3), size=6)
+    soft = keep.soften(teacher, 3, 2.0)
+    y_true = keep.pack_targets(np.array([0, 1, 2, 3, 4, 0]), soft)
+    loss = keep.distillation_loss(3, 2.0, 0.5)
+    got = np.asarray(ops.convert_to_numpy(loss(y_true, p.astype("float32"))))
+    np.testing.assert_allclose(got, _np_distillation(y_true, p, 3, 2.0, 0.5), rtol=1e-4)
+    # A student that reproduces the teacher's old outputs pays only the cross-entropy.
+    same = np.concatenate([teacher * 0.9, np.full((6, 2), 0.05)], axis=1)
+    matched = keep.pack_targets(np.zeros(6), keep.soften(same, 3, 2.0))
+    got = np.asarray(ops.convert_to_numpy(loss(matched, same.astype("float32"))))
+    np.testing.assert_allclose(got, -np.log(same[:, 0]), rtol=1e-4)
+    # soften(p) of the old columns is softmax(logits / T): the new columns do not matter.
+    z = logits[:, :3] / 2.0
+    want = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(keep.soften(p, 3, 2.0), want, rtol=1e-5)
+    acc = ops.convert_to_numpy(keep.packed_accuracy(y_true, p.astype("float32")))
+    np.testing.assert_array_equal(acc, (p.argmax(axis=1) == y_true[:, 0]).astype("float32"))
