@@ -241,3 +241,33 @@ def split_accuracies(
         "old_val_accuracy": float(right[old].mean()) if old.any() else None,
         "new_val_accuracy": float(right[~old].mean()) if (~old).any() else None,
     }
+
+
+class StackedRows:
+    """Several arrays with the same row shape read as one, without copying them.
+
+    ``x[rows]`` (an int array or a slice) gathers rows across the parts: the new data's
+    memory-mapped image cache followed by the old data's remembered images, for example.
+    """
+
+    def __init__(self, *parts: np.ndarray) -> None:
+        self.parts = [p for p in parts if len(p)] or [parts[0]]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        first = self.parts[0]
+        self.dtype = first.dtype
+        self.shape = (int(self.starts[-1]), *first.shape[1:])
+        self.nbytes = sum(int(p.nbytes) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for part, lo, hi in zip(self.parts, self.starts[:-1], self.starts[1:], strict=True):
+            inside = (rows >= lo) & (rows < hi)
+            if inside.any():
+                out[inside] = part[rows[inside] - lo]
+        return out

@@ -204,3 +204,14 @@ def test_distillation_loss_is_ce_plus_w_t2_kl_on_the_softened_old_outputs():
     np.testing.assert_allclose(keep.soften(p, 3, 2.0), want, rtol=1e-5)
     acc = ops.convert_to_numpy(keep.packed_accuracy(y_true, p.astype("float32")))
     np.testing.assert_array_equal(acc, (p.argmax(axis=1) == y_true[:, 0]).astype("float32"))
+
+
+def test_stacked_rows_read_across_parts_without_copying():
+    from retrain.keep import StackedRows
+
+    a = np.arange(12).reshape(6, 2)
+    b = 100 + np.arange(6).reshape(3, 2)
+    both = StackedRows(a, b)
+    assert len(both) == 9 and both.shape == (9, 2)
+    np.testing.assert_array_equal(both[np.array([0, 5, 6, 8])], np.stack([a[0], a[5], b[0], b[2]]))
+    np.testing.assert_array_equal(both[4:8], np.concatenate([a, b])[4:8])
