@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import streamlit as st
 from pages._ui import ensure_session, require_finished_run
 from retrain import evaluate
 from retrain.errors import RetrainError
+from retrain.uploads import save_upload
 
 GALLERY_MAX = 24
 
@@ -55,17 +54,6 @@ def _predict(model_path: str, mtime_ns: int, paths: tuple[str, ...], top_k: int)
 @st.cache_data(show_spinner="Computing Grad-CAM...", max_entries=32)
 def _grad_cam(model_path: str, mtime_ns: int, path: str):
     return evaluate.grad_cam_overlay(model_path, path)
-
-
-def _save_upload(upload, folder: Path) -> Path:
-    """Store an uploaded file under the session's workspace (content-addressed, safe name)."""
-    payload = upload.getvalue()
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(upload.name).name)[-80:] or "upload"
-    path = folder / f"{hashlib.sha256(payload).hexdigest()[:12]}-{safe}"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(payload)
-    return path
 
 
 def _confusion_figure(report: dict) -> go.Figure:
@@ -224,7 +212,7 @@ if base_info["has_head"]:
             "The original task's images (zip of class folders)", type=["zip"], key="eval_forget_zip"
         )
         if upload is not None:
-            old_data = str(_save_upload(upload, workspace / "uploads"))
+            old_data = str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
     # A toggle, not a button: the (cached) result stays on screen while other widgets change.
     if old_data and st.toggle("Check forgetting", key="eval_forget_run"):
         try:
@@ -257,7 +245,7 @@ show_cam = st.toggle(
     help="Red = the regions that raised the top class's score most. Needs a conv base.",
 )
 if uploads:
-    paths = [_save_upload(u, workspace / "uploads") for u in uploads]
+    paths = [save_upload(workspace / "uploads", u.name, u.getvalue()) for u in uploads]
     try:
         predictions = _predict(str(model_path), _mtime(model_path), tuple(map(str, paths)), top_k)
     except RetrainError as err:
@@ -284,4 +272,6 @@ if uploads:
             fig.update_layout(
                 height=60 + 30 * len(result["top_k"]), margin=dict(t=5, b=5), xaxis_range=[0, 1]
             )
-            cols[1].plotly_chart(fig, key=f"eval_try_{path.name}", width="stretch")
+            cols[1].plotly_chart(
+                fig, key=f"eval_try_{path.parent.name}_{path.name}", width="stretch"
+            )

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, SURGERY_KEYS, demo_mode, ensure_session, link, remember
+from pages._ui import PAGE_FILES, SURGERY_KEYS, ensure_session, link, remember
 from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
@@ -60,23 +60,20 @@ def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Fi
     return fig
 
 
-def _prefill_train(config: dict) -> None:
-    """Fill the Train page with a run's settings: its widgets (keyed by TrainConfig field
-    names), the remembered base model, dataset and surgery choices."""
+def _reuse(run_id: str, config: dict, workspace: Path) -> None:
+    """Make a run's choices the session's: the run itself, its base model, surgery and dataset.
+
+    The Train page then shows this run and fills its own settings from the run's config
+    (`pages/train.py`, ``_prefill_from_run``): this page never writes Train's widget keys.
+    """
     try:
         settings = TrainConfig.from_json(config).to_dict()
     except RetrainError as err:
         st.error(str(err))
         st.stop()
-    for name, value in settings.items():
-        if name in ("data", "base", "out", *SURGERY_KEYS):
-            continue
-        if name == "epochs" and demo_mode():
-            continue  # the demo caps epochs; keep its default
-        st.session_state[name] = value
     surgery = {k: settings[k] for k in SURGERY_KEYS}
     surgery["cut_at"] = settings["cut_at"] or config.get("cut_at_used")
-    choices = {"surgery": surgery}
+    choices = {"run_id": run_id, "surgery": surgery}
     if settings.get("base"):
         choices["base"] = settings["base"]
         choices["base_label"] = settings["base"]
@@ -159,8 +156,7 @@ if cols[1].button(
     key="runs_reuse",
     help="The Train page opens with this run's settings filled in.",
 ):
-    _prefill_train(details[chosen]["config"])
-    remember(run_id=chosen)
+    _reuse(chosen, details[chosen]["config"], workspace)
     st.switch_page(PAGE_FILES["train"])
 with cols[2].popover("Delete run", disabled=state in jobs.ACTIVE_STATES):
     st.write(f"Delete **{chosen}** and all its files? This cannot be undone.")

@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from retrain import jobs, modelfile
+from retrain import jobs, modelfile, preprocessing
 from retrain.errors import ConfigError, DatasetError, ModelError, RunError
 
 DEFAULT_TOP_K = 3
 _BATCH = 64
-# Preprocessing of an original (un-retrained) base model, keyed like models.PREPROCESSING.
 
 
 # --------------------------------------------------------------------------------------
@@ -485,22 +484,6 @@ def evaluate_run(
 # --------------------------------------------------------------------------------------
 
 
-def preprocess_for(images: np.ndarray, preprocessing: str, input_dtype: str) -> np.ndarray:
-    """Apply a base model's own preprocessing (models.PREPROCESSING keys) to uint8 images."""
-    if "int" in str(input_dtype):
-        return images
-    x = images.astype(np.float32)
-    if preprocessing == "tf":
-        return x / 127.5 - 1.0
-    if preprocessing == "torch":
-        from retrain.surgery import TORCH_MEAN, TORCH_STD  # the layers use the same numbers
-
-        return (x / 255.0 - np.asarray(TORCH_MEAN, np.float32)) / np.asarray(TORCH_STD, np.float32)
-    if preprocessing == "unit":
-        return x / 255.0
-    return x  # "inside" and "raw": the model takes 0-255
-
-
 def _leaf_layers(model: Any) -> list[Any]:
     """Every non-container layer of ``model``, nested models flattened."""
     out = []
@@ -601,16 +584,21 @@ def forgetting(
     images, labels, _ = load_split(dataset, _default_split(dataset), size, resize_mode)
     y_true = mapping[labels]
     original = base.model
-    input_dtype = getattr(original.inputs[0], "dtype", "float32")
-    x = preprocess_for(images, base.preprocessing, input_dtype)
+    # The original model takes its preprocessing's output: put the same Keras layers that a
+    # retrained model has inside (retrain.preprocessing) in front of it. A model whose input
+    # is already uint8 has its preprocessing inside.
+    if "int" in str(getattr(original.inputs[0], "dtype", "float32")):
+        scored = original
+    else:
+        scored = preprocessing.with_preprocessing(original, base.preprocessing)
 
-    def accuracy(model: Any) -> float:
+    def accuracy() -> float:
         from sklearn.metrics import accuracy_score
 
-        probs = class_probabilities(raw_outputs(model, x), "index")
+        probs = class_probabilities(raw_outputs(scored, images), "index")
         return float(accuracy_score(y_true, probs.argmax(axis=1)))
 
-    before = accuracy(original)
+    before = accuracy()
     # load_base gives this call its own model: put the retrained layers into it in place.
     retrained = original
     counts = transplant_weights(features, retrained)
@@ -619,7 +607,7 @@ def forgetting(
             f"No layer of run '{run_dir.name}' matches a layer of '{base.name}' by name. "
             "Pick the original model the run was retrained from."
         )
-    after = accuracy(retrained)
+    after = accuracy()  # ``scored`` calls ``original``: it now has the retrained weights
     drop = before - after
     if counts["changed"] == 0:
         note = (

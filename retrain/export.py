@@ -9,12 +9,16 @@ savedmodel     ``saved_model/`` (``model.export``; needs TensorFlow), endpoint `
 tflite         ``model.tflite``: float, uint8 image input
 tflite-int8    ``model_int8.tflite``: full-integer quantization calibrated on a sample of
                the training image cache; uint8 in, uint8 out (scale in the tensor details)
+onnx           ``model.onnx`` (Keras's ``model.export``, tf2onnx): uint8 ``image`` in,
+               ``probabilities`` out; checked in onnxruntime
+tfjs           ``tfjs/``: TF.js Layers ``model.json`` + weight shards for
+               ``tf.loadLayersModel`` (float32 0-255 pixels in); checked in TF.js in Node
 labels         ``labels.txt``: one class name per line, in output order
 card           ``MODEL_CARD.md``: data, base, surgery, config, metrics, date, versions
 =============  ===========================================================================
 
-After writing, every model file is reloaded in a *fresh* Python process and run on a few
-validation images; the self-test reports the largest difference to the in-memory model and
+After writing, every model file is reloaded in a *fresh* process (Python; Node for TF.js)
+and run on a few validation images; the self-test reports the largest difference to the in-memory model and
 the argmax agreement (and, for int8, the accuracy drop on the validation images).
 """
 
@@ -38,21 +42,27 @@ from retrain import evaluate, jobs, modelfile
 from retrain.errors import ConfigError, RunError
 from retrain.workspace import shareable
 
-FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "labels", "card")
+FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "tfjs", "labels", "card")
 FILE_NAMES = {
     "keras": "model.keras",
     "savedmodel": "saved_model",
     "tflite": "model.tflite",
     "tflite-int8": "model_int8.tflite",
+    "onnx": "model.onnx",
+    "tfjs": "tfjs",
     "labels": "labels.txt",
     "card": "MODEL_CARD.md",
 }
-NEEDS_TENSORFLOW = ("savedmodel", "tflite", "tflite-int8")
+NEEDS_TENSORFLOW = ("savedmodel", "tflite", "tflite-int8", "onnx")
+MODEL_FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "tfjs")
 CALIBRATION_IMAGES = 100
 CHECK_IMAGES = 256
 # Largest tolerated |difference| of probabilities for float formats (round-off only).
 FLOAT_TOLERANCE = 1e-4
 ARGMAX_AGREEMENT_MIN = 0.98
+# ONNX and TF.js run other kernels (other summation orders): the issue's bar.
+OTHER_RUNTIME_TOLERANCE = 1e-3
+OTHER_RUNTIME_AGREEMENT_MIN = 0.99
 SELF_TEST_TIMEOUT_S = 600
 
 Progress = Callable[[str, float], None]
@@ -179,10 +189,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def model_card(run_dir: str | Path, meta: dict[str, Any], evaluation: dict | None = None) -> str:
-    """The Markdown model card of a run: data, base, surgery, config, metrics, date, versions.
+def model_card(
+    run_dir: str | Path,
+    meta: dict[str, Any],
+    evaluation: dict | None = None,
+    *,
+    model_input: dict | None = None,
+    tfjs_input: dict | None = None,
+) -> str:
+    """The Markdown model card of a run: data, base, surgery, config, metrics, date, versions,
+    and how to load each format (Keras, ONNX, TF.js).
 
     ``evaluation`` (optional) holds held-out scores to show: accuracy, macro_f1, images.
+    ``model_input`` is the model's input ``{"shape": [H, W, C], "dtype"}``; ``tfjs_input``
+    what `export_tfjs.write_tfjs` returned (the TF.js model's input), when it was exported.
     """
     run_dir = Path(run_dir)
     config = {k: shareable(v) for k, v in evaluate.read_run_config(run_dir).items()}
@@ -198,11 +218,11 @@ def model_card(run_dir: str | Path, meta: dict[str, Any], evaluation: dict | Non
         f"Exported {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by Retrain Studio.",
         "",
         "## What it does",
-        f"Classifies an RGB image into one of {len(class_names)} classes: "
+        f"Classifies {'a grayscale' if _channels(model_input) == 1 else 'an RGB'} image into one of {len(class_names)} classes: "
         + ", ".join(f"`{c}`" for c in class_names)
         + ".",
         "",
-        "Input: raw RGB uint8 images of shape (H, W, 3) "
+        f"Input: raw {_colour(model_input)} uint8 images of shape (H, W, {_channels(model_input)}) "
         f"{tuple(meta.get('image_size') or config.get('image_size') or ())}, resized with "
         f"'{meta.get('resize_mode', config.get('resize_mode', 'squash'))}'; the model does its "
         "own preprocessing. Output: one probability per class, in the order of `labels.txt`"
@@ -277,15 +297,75 @@ def model_card(run_dir: str | Path, meta: dict[str, Any], evaluation: dict | Non
     lines += [
         "",
         "## How to use",
+        "Keras (`model.keras`):",
         "```python",
         "import keras, numpy as np",
         'model = keras.saving.load_model("model.keras")',
-        "probs = model.predict(images_uint8)  # (N, H, W, 3) uint8",
+        f"probs = model.predict(images_uint8)  # (N, H, W, {_channels(model_input)}) uint8",
+        'labels = open("labels.txt").read().splitlines()',
+        "```",
+        "",
+        *_onnx_usage(model_input),
+        *_tfjs_usage(model_input, tfjs_input),
+    ]
+    return "\n".join(lines)
+
+
+def _channels(model_input: dict | None) -> int:
+    shape = (model_input or {}).get("shape") or [None, None, 3]
+    return int(shape[-1] or 3)
+
+
+def _colour(model_input: dict | None) -> str:
+    return "grayscale" if _channels(model_input) == 1 else "RGB"
+
+
+def _onnx_usage(model_input: dict | None) -> list[str]:
+    return [
+        "ONNX (`model.onnx`, e.g. with onnxruntime; same input as the Keras model):",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        'session = ort.InferenceSession("model.onnx")',
+        f"# images_uint8: (N, H, W, {_channels(model_input)}) uint8, as for the Keras model",
+        'probs = session.run(["probabilities"], {"image": images_uint8})[0]',
         'labels = open("labels.txt").read().splitlines()',
         "```",
         "",
     ]
-    return "\n".join(lines)
+
+
+def _tfjs_usage(model_input: dict | None, tfjs_input: dict | None) -> list[str]:
+    """The TF.js snippet: pixels 0-255 as float32, at the size the TF.js model takes."""
+    channels = _channels(model_input)
+    shape = (tfjs_input or model_input or {}).get("shape") or ["H", "W", channels]
+    height, width = shape[0], shape[1]
+    pixels = (
+        "tf.browser.fromPixels(img).toFloat().mul([0.299, 0.587, 0.114]).sum(-1, true)"
+        if channels == 1
+        else "tf.browser.fromPixels(img)"
+    )
+    resize = (tfjs_input or {}).get("resize")
+    note = (
+        f"The TF.js model takes float32 {_colour(model_input)} pixels in 0-255 (not uint8) of "
+        f"shape [N, {height}, {width}, {channels}]"
+        + (
+            f": the Keras model's resize from {resize['from'][0]}x{resize['from'][1]} happens "
+            f"before the model ({resize['interpolation']}, half-pixel centers)."
+            if resize
+            else "; resize images as for training, the model does its own preprocessing."
+        )
+    )
+    return [
+        "TF.js (`tfjs/model.json` + its `.bin` weight files, TF.js Layers format):",
+        "```js",
+        "const model = await tf.loadLayersModel('tfjs/model.json');",
+        f"const pixels = {pixels};  // {channels}-channel, 0-255",
+        f"const x = tf.image.resizeBilinear(pixels, [{height}, {width}], false, true).expandDims(0);",
+        "const probs = await model.predict(x).data();  // one per class, labels.txt order",
+        "```",
+        note,
+        "",
+    ]
 
 
 # The fresh process that reloads each exported file: it imports nothing from this project.
@@ -337,8 +417,16 @@ def run_tflite(path):
     return np.stack(rows)
 
 
+def run_onnx(path):
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: images[i:i + 64]})[0]
+                           for i in range(0, len(images), 64)])
+
+
 RUNNERS = {"keras": run_keras, "savedmodel": run_savedmodel,
-           "tflite": run_tflite, "tflite-int8": run_tflite}
+           "tflite": run_tflite, "tflite-int8": run_tflite, "onnx": run_onnx}
 errors = {}
 for fmt, path in spec["files"].items():
     try:
@@ -358,9 +446,18 @@ def _self_test(
     labels: np.ndarray | None,
     label_encoding: str | None,
     work: Path,
+    tfjs_input: dict | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Reload ``files`` in a fresh process, run ``images``, compare to ``expected``."""
-    if not files:
+    """Reload ``files`` in a fresh process, run ``images``, compare to ``expected``.
+
+    Python formats share one fresh Python process; TF.js runs in Node (``tfjs_input`` is the
+    input spec `export_tfjs.write_tfjs` returned).
+    """
+    files = dict(files)
+    node_outputs: dict[str, Any] = {}
+    if "tfjs" in files:
+        node_outputs["tfjs"] = _run_tfjs(files.pop("tfjs"), images, tfjs_input or {})
+    if not files and not node_outputs:
         return {}
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "images.npy", images)
@@ -370,39 +467,49 @@ def _self_test(
         "files": {fmt: str(path) for fmt, path in files.items()},
     }
     (work / "spec.json").write_text(json.dumps(spec))
-    started = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-c", _SELF_TEST_SCRIPT, str(work / "spec.json")],
-        capture_output=True,
-        text=True,
-        timeout=SELF_TEST_TIMEOUT_S,
-    )
-    seconds = round(time.time() - started, 2)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {
-            fmt: {"ok": False, "error": f"reload in a fresh process failed: {last}"}
-            for fmt in files
-        }
-    try:
-        errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        errors = {}
+    errors: dict[str, str] = {}
+    seconds = 0.0
+    if files:
+        started = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-c", _SELF_TEST_SCRIPT, str(work / "spec.json")],
+            capture_output=True,
+            text=True,
+            timeout=SELF_TEST_TIMEOUT_S,
+        )
+        seconds = round(time.time() - started, 2)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            errors = dict.fromkeys(files, last)
+        else:
+            try:
+                errors = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                errors = {}
     ref = evaluate.class_probabilities(expected, label_encoding)
     report: dict[str, dict[str, Any]] = {}
-    for fmt in files:
-        if fmt in errors or not (work / f"{fmt}.npy").is_file():
+    for fmt in [*files, *node_outputs]:
+        if fmt in node_outputs:
+            outputs, runtime, run_seconds = node_outputs[fmt]
+            if isinstance(outputs, str):
+                report[fmt] = {"ok": False, "error": outputs}
+                continue
+        elif fmt in errors or not (work / f"{fmt}.npy").is_file():
             reason = errors.get(fmt, "no output")
             report[fmt] = {"ok": False, "error": f"reload in a fresh process failed: {reason}"}
             continue
-        got = evaluate.class_probabilities(np.load(work / f"{fmt}.npy"), label_encoding)
+        else:
+            outputs, runtime, run_seconds = np.load(work / f"{fmt}.npy"), "python", seconds
+        got = evaluate.class_probabilities(outputs, label_encoding)
         agreement = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
         entry: dict[str, Any] = {
             "images": len(images),
             "max_abs_diff": float(np.max(np.abs(got - ref))),
             "argmax_agreement": agreement,
-            "fresh_process_seconds": seconds,
+            "fresh_process_seconds": run_seconds,
         }
+        if runtime != "python":
+            entry["runtime"] = runtime
         if fmt == "tflite-int8":
             entry["ok"] = agreement >= 0.9
             if labels is not None:
@@ -415,11 +522,31 @@ def _self_test(
                 )
         elif fmt == "tflite":
             entry["ok"] = agreement >= ARGMAX_AGREEMENT_MIN and entry["max_abs_diff"] < 1e-3
+        elif fmt in ("onnx", "tfjs"):
+            entry["ok"] = (
+                agreement >= OTHER_RUNTIME_AGREEMENT_MIN
+                and entry["max_abs_diff"] <= OTHER_RUNTIME_TOLERANCE
+            )
         else:
             entry["ok"] = entry["max_abs_diff"] < FLOAT_TOLERANCE
         report[fmt] = entry
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _run_tfjs(folder: Path, images: np.ndarray, tfjs_input: dict) -> tuple[Any, str, float]:
+    """``(outputs or an error line, runtime, seconds)`` of the TF.js model run in Node."""
+    from retrain import export_tfjs
+
+    started = time.time()
+    try:
+        result = export_tfjs.run_in_tfjs(folder, export_tfjs.resize_for_tfjs(images, tfjs_input))
+    except ConfigError as err:
+        return f"not checked in TF.js: {err}", "", 0.0
+    except subprocess.TimeoutExpired:
+        return "TF.js did not finish in time", "", 0.0
+    runtime = f"TF.js {result['version']} (Node, {result['backend']} backend)"
+    return result["outputs"], runtime, round(time.time() - started, 2)
 
 
 def _evaluation(outputs: np.ndarray, labels: np.ndarray | None, meta: dict) -> dict | None:
@@ -460,6 +587,10 @@ def export_run(
     for fmt in chosen:
         if fmt in NEEDS_TENSORFLOW:
             _require_tensorflow(fmt)
+    if "onnx" in chosen:
+        from retrain.export_onnx import check_can_export
+
+        check_can_export()
     step_total = len(chosen) + 1
     steps = iter(range(step_total + 1))
 
@@ -478,7 +609,8 @@ def export_run(
     if images is None or len(images) == 0:
         # No held-out images left (data gone): a fixed random sample still tests the files.
         size = evaluate.model_image_size(model, meta)
-        images = np.random.default_rng(0).integers(0, 256, (8, *size, 3), dtype=np.uint8)
+        channels = int(model.inputs[0].shape[-1] or 3)
+        images = np.random.default_rng(0).integers(0, 256, (8, *size, channels), dtype=np.uint8)
         labels = None
     expected = evaluate.raw_outputs(model, images)
 
@@ -486,6 +618,7 @@ def export_run(
     model_files: dict[str, Path] = {}
     self_test: dict[str, dict[str, Any]] = {}
     tmp_saved: Path | None = None
+    tfjs_input: dict | None = None
     export_meta = {
         **meta,
         "class_names": class_names,
@@ -510,21 +643,37 @@ def export_run(
             if fmt == "tflite-int8":
                 calibration = _calibration_images(run_dir, config, meta, model)
             _tflite(source, path, calibration)
+        elif fmt == "onnx":
+            from retrain.export_onnx import write_onnx
+
+            write_onnx(model, path)
+        elif fmt == "tfjs":
+            from retrain.export_tfjs import write_tfjs
+
+            tfjs_input = write_tfjs(model, path, _tfjs_metadata(export_meta))
         elif fmt == "labels":
             path.write_text("\n".join(class_names) + "\n")
             self_test[fmt] = {"ok": path.read_text().splitlines() == class_names}
         elif fmt == "card":
-            path.write_text(model_card(run_dir, export_meta, _evaluation(expected, labels, meta)))
+            evaluation = _evaluation(expected, labels, meta)
+            card = model_card(run_dir, export_meta, evaluation, model_input=_model_input(model))
+            path.write_text(card)
             self_test[fmt] = {"ok": path.read_text().startswith("# Model card")}
         files.append(path)
-        if fmt in ("keras", "savedmodel", "tflite", "tflite-int8"):
+        if fmt in MODEL_FORMATS:
             model_files[fmt] = path
     if tmp_saved is not None:
         shutil.rmtree(tmp_saved, ignore_errors=True)
     tick("Reloading each file in a fresh process")
     self_test.update(
         _self_test(
-            model_files, images, expected, labels, meta.get("label_encoding"), out / ".selftest"
+            model_files,
+            images,
+            expected,
+            labels,
+            meta.get("label_encoding"),
+            out / ".selftest",
+            tfjs_input=tfjs_input,
         )
     )
     result = {
@@ -534,6 +683,18 @@ def export_run(
     (out / "export.json").write_text(json.dumps(result, indent=2))
     tick("Done")
     return result
+
+
+def _model_input(model: Any) -> dict[str, Any]:
+    """Shape and dtype of the model's image input, for the model card."""
+    shape = [int(d) if d is not None else None for d in model.inputs[0].shape[1:]]
+    return {"shape": shape, "dtype": str(model.inputs[0].dtype)}
+
+
+def _tfjs_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a web app needs beside the TF.js model: class names and the label encoding."""
+    keys = ("class_names", "label_encoding", "image_size", "resize_mode", "exported_from")
+    return {k: shareable(meta[k]) for k in keys if k in meta}
 
 
 def zip_exports(run_dir: str | Path, files: Sequence[str | Path], name: str | None = None) -> Path:

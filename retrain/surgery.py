@@ -3,7 +3,8 @@
 `replace_head` builds three plain Keras 3 models (no custom objects, ``keras.ops`` only, so
 they save/load with ``keras.saving.load_model`` and run on any backend):
 
-- ``features``: uint8 (H, W, 3) -> [Resizing] -> the base's preprocessing as layers -> copies of
+- ``features``: uint8 (H, W, 3) -> [Resizing] -> the base's preprocessing as layers
+  (`retrain.preprocessing`) -> copies of
   the base's layers up to the cut (names and weights preserved; nested models flattened);
 - ``head``: the cut output -> [Conv2D + MaxPooling] -> pooling -> [Dense] -> Dropout -> output;
 - ``model``: ``head(features(x, training=False))``.
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from retrain import preprocessing
 from retrain.errors import ConfigError, ModelError
 from retrain.models import (
     BaseModel,
@@ -30,9 +32,7 @@ from retrain.models import (
 )
 
 POOLINGS = ("auto", "avg", "max", "flatten", "none")
-_FRONT_PREFIX = "retrain_"
-TORCH_MEAN = (0.485, 0.456, 0.406)
-TORCH_STD = (0.229, 0.224, 0.225)
+_FRONT_PREFIX = preprocessing.LAYER_PREFIX
 
 
 @dataclass(frozen=True)
@@ -270,9 +270,11 @@ def _is_float32_policy(dtype: Any) -> bool:
 def _front(
     base: BaseModel, image_size: tuple[int, int], taken: set[str]
 ) -> tuple[Any, Any, list[Any]]:
-    """Input (uint8) -> Resizing -> preprocessing; returns (input, output, added layers)."""
+    """Input (uint8) -> [Resizing] -> the base's preprocessing; returns (input, output, layers).
+
+    The layers come from `retrain.preprocessing.front_layers`, the same ones evaluation uses.
+    """
     keras = _keras()
-    layers = keras.layers
 
     def name(stem: str) -> str:
         new = _FRONT_PREFIX + stem
@@ -283,24 +285,12 @@ def _front(
 
     # Grayscale (1-channel) bases take (H, W, 1); RGB ones (H, W, 3).
     inp = keras.Input(shape=(*image_size, base.channels), dtype="uint8", name=name("image"))
-    added: list[Any] = []
+    resize = None
     if base.input_size is not None and tuple(base.input_size) != tuple(image_size):
-        added.append(layers.Resizing(*base.input_size, name=name("resize")))
-    prep = base.preprocessing
-    if prep == "tf":
-        added.append(layers.Rescaling(1.0 / 127.5, offset=-1.0, name=name("scale")))
-    elif prep == "unit":
-        added.append(layers.Rescaling(1.0 / 255.0, name=name("scale")))
-    elif prep == "torch":
-        added.append(
-            layers.Normalization(
-                mean=[255.0 * m for m in TORCH_MEAN],
-                variance=[(255.0 * s) ** 2 for s in TORCH_STD],
-                name=name("normalize"),
-            )
-        )
-    if not added:  # "inside"/"raw": only turn uint8 into float, values unchanged
-        added.append(layers.Rescaling(1.0, name=name("to_float")))
+        resize = tuple(base.input_size)
+    added = preprocessing.front_layers(
+        base.preprocessing, resize_to=resize, name=name, channels=base.channels
+    )
     x = inp
     for layer in added:
         x = layer(x)

@@ -1,0 +1,469 @@
+"""Training runs as Ray jobs on a Ray cluster (the ``ray`` runner; docs/scale-out.md).
+
+The run directory stays the single source of truth: a Ray job runs exactly the worker command
+the local runner runs for that run directory (``python -m retrain train ... --out RUN_DIR``
+or ``--resume RUN_DIR``), and the worker writes status, metrics, progress and checkpoints
+there, on storage that the dashboard and every Ray node share (``$RETRAIN_HOME`` mounted at
+the same path everywhere). Ray queues and places the jobs: each asks for its GPUs/CPUs
+(``entrypoint_num_gpus``/``entrypoint_num_cpus``) and the worker takes no local training slot
+(`RAY_JOB_ENV` in its environment says so). Nothing here schedules anything.
+
+Settings (environment):
+    RAY_ADDRESS: the cluster's dashboard/Jobs API, e.g. ``http://ray-head:8265`` (Ray's own
+        variable; default ``http://127.0.0.1:8265``).
+    RETRAIN_RAY_GPUS, RETRAIN_RAY_CPUS: what each run asks Ray for (default 1 GPU, 1 CPU);
+        ``submit --gpus/--cpus`` override them.
+    RETRAIN_RAY_SHIP_CODE: ``1`` ships this checkout's ``retrain/`` package with each job
+        (Ray's ``runtime_env`` ``working_dir``); unset, the nodes must have the project
+        installed (the Dockerfile's ``ray-node`` target).
+    RETRAIN_RAY_PYTHON: the interpreter on the nodes (default ``python``).
+
+`ray` itself is imported inside the functions that talk to the cluster: importing this module
+costs nothing, and the local runner never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from retrain.errors import ConfigError, RunError
+from retrain.workspace import home, keras_home, read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# In a Ray job's environment: Ray placed this worker; it takes no local training slot and
+# expects its run directory to exist already (written by the dashboard on shared storage).
+RAY_JOB_ENV = "RETRAIN_RAY_JOB"
+# Seconds for one request to the cluster: a cluster that does not answer is reported, never
+# waited on forever.
+REQUEST_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 120.0
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Where the storage probe leaves its files, and the record of the last good probe.
+PROBE_DIR = ".ray-probe"
+PROBE_RECORD = "ray-storage.json"
+
+
+class ClusterError(RunError):
+    """The Ray cluster cannot be reached, refused a job, or does not share RETRAIN_HOME."""
+
+
+def in_ray_job() -> bool:
+    """Whether this process is a worker that Ray placed (its job set `RAY_JOB_ENV`)."""
+    return os.environ.get(RAY_JOB_ENV) == "1"
+
+
+def address() -> str:
+    """The cluster's Jobs API address (``$RAY_ADDRESS``, default ``http://127.0.0.1:8265``).
+
+    Raises:
+        ConfigError: ``$RAY_ADDRESS`` is not an http(s) address (e.g. ``auto`` or ``ray://``,
+            which name the cluster's internal ports, not its Jobs API).
+    """
+    value = os.environ.get("RAY_ADDRESS", "").strip().rstrip("/") or DEFAULT_ADDRESS
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"RAY_ADDRESS is '{value}'; the ray runner needs the Ray dashboard's address, "
+            "e.g. RAY_ADDRESS=http://ray-head:8265."
+        )
+    return value
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} is '{raw}'; expected a number such as 1 or 0.5.") from None
+    if value < 0:
+        raise ConfigError(f"{name} is {raw}; expected 0 or more.")
+    return value
+
+
+def resources(gpus: float | None = None, cpus: float | None = None) -> tuple[float, float]:
+    """The (GPUs, CPUs) one run asks Ray for: the arguments, else ``$RETRAIN_RAY_GPUS`` /
+    ``$RETRAIN_RAY_CPUS``, else 1 GPU and 1 CPU.
+
+    Raises:
+        ConfigError: a negative or non-numeric value.
+    """
+    gpus = _env_number("RETRAIN_RAY_GPUS", 1.0) if gpus is None else float(gpus)
+    cpus = _env_number("RETRAIN_RAY_CPUS", 1.0) if cpus is None else float(cpus)
+    if gpus < 0 or cpus < 0:
+        raise ConfigError(f"--gpus {gpus:g} --cpus {cpus:g}: expected 0 or more of each.")
+    return gpus, cpus
+
+
+def node_python() -> str:
+    """The interpreter that runs ``-m retrain`` on the nodes (``$RETRAIN_RAY_PYTHON``)."""
+    return os.environ.get("RETRAIN_RAY_PYTHON", "").strip() or "python"
+
+
+def _unreachable(addr: str, reason: object) -> ClusterError:
+    return ClusterError(
+        f"The Ray cluster at {addr} cannot be reached ({reason}). Start it, or set RAY_ADDRESS "
+        "to its dashboard address (e.g. http://ray-head:8265)."
+    )
+
+
+def cluster_version(addr: str | None = None) -> dict[str, Any]:
+    """The cluster's ``/api/version`` answer (``ray_version``, ``session_name``).
+
+    A plain request with a timeout first, so a cluster that is down or black-holed is reported
+    in seconds (Ray's client waits without a limit).
+
+    Raises:
+        ClusterError: the cluster does not answer.
+    """
+    addr = addr or address()
+    try:
+        with urllib.request.urlopen(f"{addr}/api/version", timeout=REQUEST_TIMEOUT_S) as reply:
+            return json.loads(reply.read().decode())
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise _unreachable(addr, reason) from None
+
+
+def client(addr: str | None = None):
+    """A `ray.job_submission.JobSubmissionClient` for ``addr`` whose requests time out.
+
+    Raises:
+        ClusterError: the cluster does not answer, or Ray is not installed here.
+    """
+    addr = addr or address()
+    cluster_version(addr)
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        raise ClusterError(
+            "The ray runner needs Ray here: pip install -r requirements-ray.txt "
+            "(or set RETRAIN_RUNNER=local)."
+        ) from None
+    # Ray logs each package upload at INFO on stderr; keep the CLI's stderr for errors.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        ray_client = JobSubmissionClient(addr)
+    except (ConnectionError, RuntimeError) as err:
+        raise _unreachable(addr, err) from None
+    # Ray's client passes extra keywords to requests; a timeout bounds every later call.
+    ray_client._do_request = functools.partial(ray_client._do_request, timeout=REQUEST_TIMEOUT_S)
+    return ray_client
+
+
+def _call(addr: str, fn, *args, **kwargs):
+    """Call a client method; connection problems become one `ClusterError` line."""
+    import requests
+
+    try:
+        return fn(*args, **kwargs)
+    except (requests.exceptions.RequestException, ConnectionError) as err:
+        raise _unreachable(addr, type(err).__name__) from None
+
+
+def ship_code_default() -> bool:
+    """Whether jobs ship this checkout's code (``$RETRAIN_RAY_SHIP_CODE=1``)."""
+    return os.environ.get("RETRAIN_RAY_SHIP_CODE", "").strip() == "1"
+
+
+def runtime_env(*, threads: int, working_dir: Path | None = None) -> dict[str, Any]:
+    """The job's ``runtime_env``: the dashboard's home and Keras cache (the same paths on
+    every node), the no-local-slot flag, the thread cap, and the ``working_dir`` to ship.
+    """
+    env = {
+        "RETRAIN_HOME": str(home()),
+        "KERAS_HOME": str(keras_home()),
+        RAY_JOB_ENV: "1",
+        "RETRAIN_WORKER_THREADS": str(max(1, threads)),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if os.environ.get("KERAS_BACKEND"):
+        env["KERAS_BACKEND"] = os.environ["KERAS_BACKEND"]
+    result: dict[str, Any] = {"env_vars": env}
+    if working_dir is not None:
+        result["working_dir"] = str(working_dir)
+    return result
+
+
+@contextlib.contextmanager
+def code_package(ship: bool):
+    """Yield a folder holding only a copy of this checkout's ``retrain/`` package (or None
+    when not ``ship``), to send as the job's ``working_dir``: Ray zips and uploads it during
+    `submit_job` (once per content hash) and runs the job inside it. Only the package travels,
+    never the virtual environment, the workspace or test data.
+    """
+    if not ship:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="retrain-ray-code-") as tmp:
+        shutil.copytree(
+            ROOT / "retrain",
+            Path(tmp) / "retrain",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        yield Path(tmp)
+
+
+def submit(
+    command: list[str],
+    *,
+    run_dir: Path,
+    gpus: float,
+    cpus: float,
+    addr: str | None = None,
+    ship_code: bool | None = None,
+) -> dict[str, Any]:
+    """Submit ``command`` (the worker command line, its interpreter replaced by the nodes'
+    `node_python`) as a Ray job; return the runner record ``{runner, job_id, address, gpus,
+    cpus, entrypoint, ship_code, submitted}`` to keep in the run directory.
+
+    Args:
+        ship_code: send this checkout's ``retrain/`` as the job's ``working_dir``; default
+            ``$RETRAIN_RAY_SHIP_CODE``. Without it the nodes must have the project installed.
+
+    Raises:
+        ClusterError: the cluster does not answer or refuses the job.
+    """
+    addr = addr or address()
+    ship = ship_code_default() if ship_code is None else ship_code
+    ray_client = client(addr)
+    entrypoint = shlex.join([node_python(), *command[1:]])
+    with code_package(ship) as working_dir:
+        try:
+            job_id = _call(
+                addr,
+                ray_client.submit_job,
+                entrypoint=entrypoint,
+                entrypoint_num_gpus=gpus or None,
+                entrypoint_num_cpus=cpus or None,
+                runtime_env=runtime_env(threads=max(1, int(cpus)), working_dir=working_dir),
+                metadata={"retrain_run_dir": str(run_dir)},
+            )
+        except RuntimeError as err:
+            raise ClusterError(f"The Ray cluster at {addr} refused the job: {err}") from None
+    return {
+        "runner": "ray",
+        "job_id": job_id,
+        "address": addr,
+        "gpus": gpus,
+        "cpus": cpus,
+        "entrypoint": entrypoint,
+        "ship_code": ship,
+        "submitted": time.time(),
+    }
+
+
+def last_log_line(text: str) -> str:
+    """The last non-empty line of a job's log ('' when there is none)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def job_view(record: dict[str, Any]) -> dict[str, Any]:
+    """What Ray says about the job of a runner record, never raising for a cluster problem.
+
+    Returns:
+        ``{"job_id", "address", "reachable", "job_status"}``, plus ``message`` (Ray's),
+        ``last_log_line`` for a failed job, ``waiting`` (how many jobs Ray has pending, this
+        one included) for a pending one, and ``error`` when the cluster cannot be asked or no
+        longer knows the job. Ray reports no place in its queue: pending jobs are placed as
+        resources free up, not first come first served.
+    """
+    addr, job_id = record.get("address") or address(), record.get("job_id")
+    view: dict[str, Any] = {"job_id": job_id, "address": addr, "reachable": False}
+    try:
+        ray_client = client(addr)
+        info = _call(addr, ray_client.get_job_info, job_id)
+    except ClusterError as err:
+        view["error"] = str(err)
+        return view
+    except RuntimeError as err:  # Ray answers 404 for a job it does not know
+        view.update(reachable=True, job_status=None)
+        view["error"] = (
+            f"The Ray cluster at {addr} no longer knows job {job_id} (its head was restarted "
+            f"or the job was deleted): {str(err)[:200]}"
+        )
+        return view
+    status = str(getattr(info.status, "value", info.status))
+    view.update(reachable=True, job_status=status, message=info.message or "")
+    if status == "PENDING":
+        with contextlib.suppress(ClusterError, RuntimeError):
+            jobs = _call(addr, ray_client.list_jobs)
+            view["waiting"] = sum(
+                1 for job in jobs if str(getattr(job.status, "value", job.status)) == "PENDING"
+            )
+    if status == "FAILED":
+        with contextlib.suppress(ClusterError, RuntimeError):
+            view["last_log_line"] = last_log_line(_call(addr, ray_client.get_job_logs, job_id))
+        view["driver_exit_code"] = info.driver_exit_code
+    return view
+
+
+def job_logs(record: dict[str, Any]) -> str:
+    """The job's output as Ray keeps it.
+
+    Raises:
+        ClusterError: the cluster cannot be reached or no longer knows the job.
+    """
+    addr = record.get("address") or address()
+    try:
+        return _call(addr, client(addr).get_job_logs, record.get("job_id"))
+    except RuntimeError as err:
+        raise ClusterError(f"Ray has no logs for job {record.get('job_id')}: {err}") from None
+
+
+def stop_job(record: dict[str, Any]) -> bool:
+    """Ask Ray to stop the job (used for a job Ray has not started; a running worker stops
+    through the run directory's stop request, keeping what it trained). Return whether Ray
+    knew the job as live; an unreachable cluster or unknown job counts as not live."""
+    addr = record.get("address") or address()
+    try:
+        return bool(_call(addr, client(addr).stop_job, record.get("job_id")))
+    except (ClusterError, RuntimeError):
+        return False
+
+
+def check_storage(addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Check that the cluster's nodes and this process share ``$RETRAIN_HOME``.
+
+    A tiny probe job (no GPU, no CPU reserved) writes a random token into
+    ``$RETRAIN_HOME/.ray-probe/`` on the node where Ray runs it; this process then reads it.
+    A good result is remembered per cluster session (``$RETRAIN_HOME/ray-storage.json``), so
+    the probe runs once per cluster start, not once per run.
+
+    Returns:
+        The probe record ``{address, session_name, checked}``.
+
+    Raises:
+        ClusterError: the cluster does not answer, the probe failed, or the file it wrote is
+            not visible here (nothing should be submitted then).
+    """
+    addr = addr or address()
+    session = cluster_version(addr).get("session_name")
+    root = home()
+    known = read_json(root / PROBE_RECORD)
+    if (
+        isinstance(known, dict)
+        and session
+        and (known.get("address"), known.get("session_name")) == (addr, session)
+    ):
+        return known
+    token = secrets.token_hex(8)
+    path = root / PROBE_DIR / f"{token}.txt"
+    code = (
+        "import os, sys; p = sys.argv[1]; os.makedirs(os.path.dirname(p), exist_ok=True); "
+        "open(p, 'w').write(sys.argv[2])"
+    )
+    ray_client = client(addr)
+    try:
+        job_id = _call(
+            addr,
+            ray_client.submit_job,
+            entrypoint=shlex.join([node_python(), "-c", code, str(path), token]),
+            metadata={"retrain_probe": "storage"},
+        )
+    except RuntimeError as err:
+        raise ClusterError(f"The Ray cluster at {addr} refused the storage probe: {err}") from None
+    deadline = time.monotonic() + timeout_s
+    status = "PENDING"
+    while time.monotonic() < deadline:
+        status = str(_call(addr, ray_client.get_job_status, job_id).value)
+        if status in TERMINAL:
+            break
+        time.sleep(0.3)
+    mount_hint = (
+        f"Mount the same shared volume (NFS, EFS, Filestore or a FUSE-mounted bucket) at {root} "
+        "on this dashboard and on every Ray node (head and workers), set RETRAIN_HOME to it "
+        "everywhere, then try again (docs/scale-out.md). Nothing was submitted."
+    )
+    if status not in TERMINAL:
+        stop_job({"address": addr, "job_id": job_id})
+        raise ClusterError(
+            f"The storage probe job did not finish in {timeout_s:.0f} s on the Ray cluster at "
+            f"{addr} (it stayed {status}); check the cluster's head node. Nothing was submitted."
+        )
+    try:
+        seen = path.read_text()
+    except OSError:
+        seen = None
+    finally:
+        path.unlink(missing_ok=True)
+    if seen != token:
+        detail = ""
+        if status == "FAILED":
+            with contextlib.suppress(ClusterError, RuntimeError):
+                detail = last_log_line(_call(addr, ray_client.get_job_logs, job_id))
+            detail = f" (the probe job failed: {detail})" if detail else " (the probe job failed)"
+        raise ClusterError(
+            f"The Ray cluster does not share RETRAIN_HOME with this dashboard: a probe job wrote "
+            f"{path} on a Ray node but it is not visible here{detail}. {mount_hint}"
+        )
+    record = {"address": addr, "session_name": session, "checked": time.time()}
+    write_json(root / PROBE_RECORD, record)
+    return record
+
+
+def _job_supervisor() -> tuple[int, float] | None:
+    """The Ray process that runs this worker's job (the nearest ``ray::`` ancestor), as
+    (pid, start time); None when there is none."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for parent in psutil.Process().parents():
+            if parent.name().startswith("ray::") or "JobSupervisor" in " ".join(parent.cmdline()):
+                return parent.pid, parent.create_time()
+    return None
+
+
+def exit_with_job(poll_s: float = 2.0) -> bool:
+    """In a Ray job, end this worker when the job's supervisor process is gone.
+
+    Ray normally ends a job's driver with its supervisor, but when the node's Ray processes
+    are killed all at once (the head goes away), the driver can be left running on its own,
+    still writing the run directory while the dashboard reports the run interrupted. A
+    daemon thread checks the supervisor every ``poll_s`` seconds and, once it is gone, ends
+    the process like a kill: the last finished epoch's checkpoint stays, so the run resumes
+    from it. Return whether a supervisor was found to watch.
+    """
+    import threading
+
+    import psutil
+
+    supervisor = _job_supervisor()
+    if supervisor is None:
+        return False
+    pid, started = supervisor
+
+    def alive() -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() == started
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        print(
+            "error: the Ray job running this worker is gone (its node or the cluster's head "
+            "stopped); exiting so the run can be resumed from its last finished epoch.",
+            flush=True,
+        )
+        os._exit(3)
+
+    threading.Thread(target=watch, name="ray-job-watch", daemon=True).start()
+    return True
