@@ -17,7 +17,9 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
 rerun from ingesting the same upload twice; ``_touched``, when the workspace was last marked
 as in use; ``_demo_preselected``; ``_model_upload_saved``, the upload already saved);
-widget keys are named in each page.
+widget keys are named in each page. The Train page's settings widgets are keyed by
+`TrainConfig` field names (``epochs``, ``lr``, ...); outside that page only
+`prefill_train_settings` writes them (Runs' "start a new run from this config").
 
 The remembered choices (all but ``token`` and ``workspace``) are written through to
 ``<workspace>/session.json``, so a browser reload or a new tab with the same link loses
@@ -171,6 +173,21 @@ def remember(**values: Any) -> None:
     workspace = ensure_session()
     data = {k: st.session_state[k] for k in REMEMBERED if k in st.session_state}
     write_json(workspace / "session.json", data)
+
+
+def prefill_train_settings(settings: dict[str, Any]) -> None:
+    """Fill the Train page's settings form with a run's settings (`TrainConfig.to_dict()`).
+
+    The form's widgets are keyed by TrainConfig field names. The data, base model and the
+    Model page's choices are not settings of the form (they are remembered keys); in demo
+    mode the epochs keep the demo's default, which the demo caps.
+    """
+    skipped = {"data", "base", "out", *SURGERY_KEYS}
+    if demo_mode():
+        skipped.add("epochs")
+    for name, value in settings.items():
+        if name not in skipped:
+            st.session_state[name] = value
 
 
 def link(page: str, label: str, icon: str = ":material/arrow_forward:") -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,9 @@ import streamlit as st
 
 from pages._ui import demo_mode, ensure_session, link, load_dataset_cached, remember
 from retrain.errors import RetrainError
-from retrain.models import MODEL_EXTENSIONS, PREPROCESSING, ZOO
+from retrain.models import MODEL_EXTENSIONS, ZOO, group_layers, layer_stack
+from retrain.preprocessing import PREPROCESSING
+from retrain.uploads import save_upload
 
 SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
 WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Upload a weights file")
@@ -85,7 +85,7 @@ def dataset_classes() -> list[str] | None:
         return None
 
 
-def save_upload(files: list[Any], workspace: Path) -> str | None:
+def save_model_upload(files: list[Any], workspace: Path) -> str | None:
     """Save an uploaded model (+ labels.txt) under the workspace's models/ folder; return its path.
 
     Saved once per upload: the page reruns on every click while the file sits in the uploader,
@@ -99,75 +99,19 @@ def save_upload(files: list[Any], workspace: Path) -> str | None:
     if saved and saved[0] == ids and Path(saved[1]).is_file():
         return saved[1]
     model = models[0]
-    data = model.getvalue()
-    folder = workspace / "models" / hashlib.sha256(data).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.name).name).lstrip(".") or "model.h5"
-    target = folder / safe
-    if not target.exists():
-        target.write_bytes(data)
+    target = save_upload(
+        workspace / "models", model.name, model.getvalue(), default_name="model.h5"
+    )
     labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]
     if labels:
-        (folder / "labels.txt").write_bytes(labels[0].getvalue())
+        (target.parent / "labels.txt").write_bytes(labels[0].getvalue())
     st.session_state["_model_upload_saved"] = (ids, str(target))
     return str(target)
 
 
-def block_of(row: dict) -> str:
-    """A readable group for a layer: its numbered block, else its nested model, else itself."""
-    match = re.match(r"^(.*?(?:block|stage|conv)_?\d+[a-z]?)(?:_|$)", row["name"])
-    if match:
-        return match.group(1)
-    if row.get("part") in ("front", "head"):
-        return "new head" if row["part"] == "head" else "input + preprocessing"
-    return row.get("parent") or row["name"]
-
-
-def group_status(statuses: list[str]) -> str:
-    """One colour per block: new, else trainable if any layer trains, else frozen/removed."""
-    for status in ("new", "trainable", "frozen"):
-        if status in statuses:
-            return status
-    return "removed"
-
-
-def stack_groups(rows: list[dict]) -> list[dict]:
-    """Consecutive layers of one block form a bar; neighbours merge until at most MAX_BARS."""
-    groups: list[dict] = []
-    for row in rows:
-        kind = {"removed": "removed", "new": "new"}.get(row["status"], "base")
-        key = (block_of(row), kind)
-        if groups and (groups[-1]["block"], groups[-1]["kind"]) == key:
-            group = groups[-1]
-        else:
-            group = {"block": key[0], "kind": kind, "params": 0, "layers": [], "statuses": []}
-            groups.append(group)
-        group["params"] += row["params"]
-        group["layers"].append(row["name"])
-        group["statuses"].append(row["status"])
-    while len(groups) > MAX_BARS:
-        merged: list[dict] = []
-        for group in groups:
-            last = merged[-1] if merged else None
-            if last is not None and last["kind"] == group["kind"] and not last["closed"]:
-                last["params"] += group["params"]
-                last["layers"] += group["layers"]
-                last["statuses"] += group["statuses"]
-                last["block"] = f"{last['block'].split(' … ')[0]} … {group['block']}"
-                last["closed"] = True
-            else:
-                merged.append({**group, "closed": False})
-        if len(merged) == len(groups):
-            break
-        groups = merged
-    for group in groups:
-        group["status"] = group_status(group["statuses"])
-    return groups
-
-
 def stack_figure(rows: list[dict]) -> go.Figure:
     """Horizontal bars, one per block of layers, top to bottom; colour = status, length = params."""
-    groups = stack_groups(rows)
+    groups = group_layers(rows, MAX_BARS)
     labels = [f"{i:02d} {g['block']}" for i, g in enumerate(groups)]
     fig = go.Figure()
     for status, colour in STATUS_COLOURS.items():
@@ -220,7 +164,7 @@ def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
             type=["h5"],
             key="zoo_weights_file",
         )
-        path = save_upload([upload], workspace) if upload else None
+        path = save_model_upload([upload], workspace) if upload else None
         return (f"applications:{name}:{path}" if path else None), False
     files = st.file_uploader(
         "Model file (.keras or .h5) and optional labels.txt",
@@ -235,7 +179,7 @@ def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
             st.caption(f"Using the model uploaded earlier: {Path(earlier).name}")
             return earlier, True
         return None, False
-    return save_upload(files, workspace), True
+    return save_model_upload(files, workspace), True
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,15 +355,9 @@ if preview is not None:
         f"(labels as {preview['label_encoding']}: `{preview['loss']}`)\n"
         f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} RGB images"
     )
-    rows = preview["rows"]
-    kept = {row["name"]: row for row in rows}
-    stack = [r for r in rows if r["part"] == "front"]
-    for row in info["layers"]:
-        status = kept[row["name"]]["status"] if row["name"] in kept else "removed"
-        stack.append({**row, "status": status, "part": "base"})
-    stack += [r for r in rows if r["part"] == "head"]
+    stack = layer_stack(info["layers"], preview["rows"])
 else:
-    stack = [{**row, "status": "frozen", "part": "base"} for row in info["layers"]]
+    stack = layer_stack(info["layers"])
 
 st.subheader("Layer stack")
 st.caption(

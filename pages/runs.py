@@ -9,7 +9,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import PAGE_FILES, SURGERY_KEYS, ensure_session, link, remember
+from pages._ui import (
+    PAGE_FILES,
+    SURGERY_KEYS,
+    ensure_session,
+    link,
+    prefill_train_settings,
+    remember,
+)
 from retrain import jobs
 from retrain.errors import RetrainError
 from retrain.train import TrainConfig
@@ -61,16 +68,14 @@ def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Fi
 
 
 def _reuse(run_id: str, config: dict, workspace: Path) -> None:
-    """Make a run's choices the session's: the run itself, its base model, surgery and dataset.
-
-    The Train page then shows this run and fills its own settings from the run's config
-    (`pages/train.py`, ``_prefill_from_run``): this page never writes Train's widget keys.
-    """
+    """Make a run's choices the session's (the run, its base model, surgery and dataset) and
+    fill the Train page's settings with its config."""
     try:
         settings = TrainConfig.from_json(config).to_dict()
     except RetrainError as err:
         st.error(str(err))
         st.stop()
+    prefill_train_settings(settings)
     surgery = {k: settings[k] for k in SURGERY_KEYS}
     surgery["cut_at"] = settings["cut_at"] or config.get("cut_at_used")
     choices = {"run_id": run_id, "surgery": surgery}

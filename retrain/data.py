@@ -46,7 +46,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,6 +63,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 )
 
 from retrain.errors import ConfigError, DatasetError
+from retrain.uploads import save_upload
 from retrain.workspace import is_within, write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -82,6 +83,28 @@ FEW_IMAGES_PER_CLASS = 10
 IMBALANCE_RATIO = 3.0
 TINY_SIDE = 32
 MANIFEST_VERSION = 1
+
+#: Codes of the dataset warnings (`Dataset.warning_codes`): code -> when it is given.
+WARNING_CODES: dict[str, str] = {
+    "few_images": f"a class has fewer than {FEW_IMAGES_PER_CLASS} (training) images",
+    "imbalance": f"the largest class has {IMBALANCE_RATIO:g}x or more the images of the smallest",
+    "duplicates": "exact copies of an image in the same class",
+    "duplicates_across_classes": "the same image in more than one class",
+    "duplicates_across_splits": "the same image in more than one split (leakage)",
+    "tiny_images": f"images smaller than {TINY_SIDE} px on a side",
+    "skipped_files": "files that were not used (besides routine system files)",
+}
+# Manifests written before warnings had codes: the code of a message, by how it is worded.
+_LEGACY_WARNING_TEXT = (
+    ("imbalance", "Classes are imbalanced"),
+    ("duplicates_across_splits", "in more than one split"),
+    ("duplicates_across_classes", "in more than one class"),
+    ("duplicates", "exact cop"),
+    ("tiny_images", " px on a side"),
+    ("skipped_files", "skipped ("),
+    ("few_images", " has only "),
+    ("few_images", " classes have fewer than "),
+)
 
 # Folder names (lower case) that mean a split; anything else at the top is a class.
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -120,6 +143,8 @@ class Dataset:
         skipped: files that were not used, ``{"path", "reason"}``.
         warnings: problems that do not stop training, each with advice.
         manifest_path: where the manifest is; the cache lives beside it.
+        warning_codes: one code per warning, in the same order (keys of `WARNING_CODES`;
+            "" for a warning of an old manifest whose code cannot be told).
     """
 
     dataset_id: str
@@ -130,6 +155,20 @@ class Dataset:
     skipped: list[dict]
     warnings: list[str]
     manifest_path: Path
+    warning_codes: list[str] = field(default_factory=list)
+
+    @property
+    def warning_items(self) -> list[dict[str, str]]:
+        """The warnings as ``{"code", "message"}`` records, in order."""
+        codes = self.warning_codes + [""] * (len(self.warnings) - len(self.warning_codes))
+        return [
+            {"code": code, "message": message}
+            for code, message in zip(codes, self.warnings, strict=False)
+        ]
+
+    def has_warning(self, code: str) -> bool:
+        """Whether the dataset has a warning with ``code`` (a key of `WARNING_CODES`)."""
+        return code in self.warning_codes
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Return ``split -> class name -> number of images`` (every class in every split)."""
@@ -152,6 +191,7 @@ class Dataset:
             "num_images": self.num_images(),
             "skipped": [dict(s) for s in self.skipped],
             "warnings": list(self.warnings),
+            "warning_codes": [item["code"] for item in self.warning_items],
             "manifest": str(self.manifest_path),
         }
 
@@ -865,9 +905,9 @@ def _warnings(
     groups: dict[str, dict[str, list[str]]],
     info: dict[str, tuple[str, int, int]],
     skipped: list[dict],
-) -> list[str]:
-    """Problems that do not stop training, each with concrete advice."""
-    out: list[str] = []
+) -> list[tuple[str, str]]:
+    """Problems that do not stop training, each with concrete advice: ``(code, message)``."""
+    out: list[tuple[str, str]] = []
     multi = len(groups) > 1
     train = {c: len(groups["train"][c]) for c in class_names}
     few = [(c, n) for c, n in train.items() if n < FEW_IMAGES_PER_CLASS]
@@ -875,22 +915,31 @@ def _warnings(
     if len(few) == 1:
         c, n = few[0]
         out.append(
-            f"Class '{c}' has only {n} {where}; add at least {FEW_IMAGES_PER_CLASS} "
-            "(50 or more works much better)."
+            (
+                "few_images",
+                f"Class '{c}' has only {n} {where}; add at least {FEW_IMAGES_PER_CLASS} "
+                "(50 or more works much better).",
+            )
         )
     elif few:
         listed = ", ".join(f"'{c}': {n}" for c, n in few[:6]) + (", ..." if len(few) > 6 else "")
         out.append(
-            f"{len(few)} classes have fewer than {FEW_IMAGES_PER_CLASS} {where} ({listed}); "
-            f"add at least {FEW_IMAGES_PER_CLASS} per class (50 or more works much better)."
+            (
+                "few_images",
+                f"{len(few)} classes have fewer than {FEW_IMAGES_PER_CLASS} {where} ({listed}); "
+                f"add at least {FEW_IMAGES_PER_CLASS} per class (50 or more works much better).",
+            )
         )
     big = max(train, key=lambda c: train[c])
     small = min(train, key=lambda c: train[c])
     if train[big] >= IMBALANCE_RATIO * train[small]:
         out.append(
-            f"Classes are imbalanced: '{big}' has {train[big]} {where} but '{small}' only "
-            f"{train[small]} ({train[big] / train[small]:.1f}x). Add images to the smaller "
-            "classes, or turn on class weights when training."
+            (
+                "imbalance",
+                f"Classes are imbalanced: '{big}' has {train[big]} {where} but '{small}' only "
+                f"{train[small]} ({train[big] / train[small]:.1f}x). Add images to the smaller "
+                "classes, or turn on class weights when training.",
+            )
         )
 
     by_hash: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
@@ -916,24 +965,33 @@ def _warnings(
     if within:
         a, b = within[0]
         out.append(
-            f"{_n(len(within), 'image is an exact copy', 'images are exact copies')} of "
-            "another image in the same class "
-            f"(e.g. '{a}' = '{b}'); copies count twice in training. Delete the copies."
+            (
+                "duplicates",
+                f"{_n(len(within), 'image is an exact copy', 'images are exact copies')} of "
+                "another image in the same class "
+                f"(e.g. '{a}' = '{b}'); copies count twice in training. Delete the copies.",
+            )
         )
     if across_classes:
         a, b = across_classes[0]
         out.append(
-            f"{_n(len(across_classes), 'image appears', 'images appear')} in more than one "
-            f"class (e.g. '{a}' = '{b}'); "
-            "the same picture with two labels confuses the model. Keep each in one class."
+            (
+                "duplicates_across_classes",
+                f"{_n(len(across_classes), 'image appears', 'images appear')} in more than one "
+                f"class (e.g. '{a}' = '{b}'); "
+                "the same picture with two labels confuses the model. Keep each in one class.",
+            )
         )
     if across_splits:
         a, b = across_splits[0]
         out.append(
-            f"{_n(len(across_splits), 'image appears', 'images appear')} in more than one "
-            f"split (e.g. '{a}' = '{b}'): "
-            "test images seen in training make scores look better than they are (leakage). "
-            "Remove them from one split."
+            (
+                "duplicates_across_splits",
+                f"{_n(len(across_splits), 'image appears', 'images appear')} in more than one "
+                f"split (e.g. '{a}' = '{b}'): "
+                "test images seen in training make scores look better than they are (leakage). "
+                "Remove them from one split.",
+            )
         )
 
     tiny = [
@@ -946,18 +1004,24 @@ def _warnings(
     if tiny:
         rel, w, h = tiny[0]
         out.append(
-            f"{_n(len(tiny), 'image is', 'images are')} smaller than {TINY_SIDE} px on a side "
-            f"(e.g. '{rel}' is "
-            f"{w}x{h}); they get upscaled and look blurry. Use larger images if you have them."
+            (
+                "tiny_images",
+                f"{_n(len(tiny), 'image is', 'images are')} smaller than {TINY_SIDE} px on a "
+                f"side (e.g. '{rel}' is "
+                f"{w}x{h}); they get upscaled and look blurry. Use larger images if you have them.",
+            )
         )
 
     if skipped:
         kinds = Counter(_skip_category(s["reason"]) for s in skipped)
         listed = "; ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
         out.append(
-            f"{_n(len(skipped), 'file was', 'files were')} skipped ({listed}); see the list of "
-            "skipped files. "
-            "Fix or remove them if they should be part of the dataset."
+            (
+                "skipped_files",
+                f"{_n(len(skipped), 'file was', 'files were')} skipped ({listed}); see the list "
+                "of skipped files. "
+                "Fix or remove them if they should be part of the dataset.",
+            )
         )
     return out
 
@@ -1035,7 +1099,8 @@ def _scan(
         "class_names": class_names,
         "splits": splits,
         "skipped": skipped + junk,
-        "warnings": warns,
+        "warnings": [message for _, message in warns],
+        "warning_codes": [code for code, _ in warns],
         "image_sizes": _size_stats(info),
     }
 
@@ -1085,9 +1150,22 @@ def _write_manifest(
         },
         "skipped": scan["skipped"],
         "warnings": scan["warnings"],
+        "warning_codes": scan["warning_codes"],
     }
     write_json(manifest_path, data)
     return load_dataset(manifest_path)
+
+
+def _warning_codes(manifest: dict[str, Any]) -> list[str]:
+    """The manifest's warning codes; for a manifest written before codes, told from the text."""
+    messages = [str(w) for w in manifest.get("warnings", [])]
+    codes = manifest.get("warning_codes")
+    if isinstance(codes, list) and len(codes) == len(messages):
+        return [str(c) for c in codes]
+    return [
+        next((code for code, text in _LEGACY_WARNING_TEXT if text in message), "")
+        for message in messages
+    ]
 
 
 def load_dataset(manifest_path: str | Path) -> Dataset:
@@ -1114,6 +1192,7 @@ def load_dataset(manifest_path: str | Path) -> Dataset:
             skipped=[dict(s) for s in data.get("skipped", [])],
             warnings=[str(w) for w in data.get("warnings", [])],
             manifest_path=path,
+            warning_codes=_warning_codes(data),
         )
     except FileNotFoundError:
         raise DatasetError(f"No dataset manifest at '{path}'. Upload the dataset again.") from None
@@ -1243,19 +1322,18 @@ def ingest_upload(
 ) -> Dataset:
     """Save an uploaded zip into ``workspace/uploads``, ingest it, then delete the upload.
 
-    The dataset's name is the upload's file name without ``.zip``.
+    The dataset's name is the upload's file name (cleaned by `retrain.uploads`) without
+    ``.zip``.
     """
-    safe = "".join(ch for ch in _nfc(Path(filename.replace("\\", "/")).name) if ch.isprintable())
-    safe = safe.strip().lstrip(".")[:120] or "dataset.zip"
-    folder = Path(workspace) / "uploads" / secrets.token_hex(8)
-    folder.mkdir(parents=True)
+    target = save_upload(
+        Path(workspace) / "uploads" / "datasets", filename, fileobj, default_name="dataset.zip"
+    )
     try:
-        target = folder / safe
-        with open(target, "wb") as out:
-            shutil.copyfileobj(fileobj, out, 1 << 22)
         return ingest(target, workspace, progress=progress)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(target.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: another upload is being ingested
+            target.parent.parent.rmdir()
 
 
 # --------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_summary_is_the_cli_json(ws, make_image_folder, make_zip):
         "num_images",
         "skipped",
         "warnings",
+        "warning_codes",
         "manifest",
     }
     assert summary["splits"] == {"train": {"cat": 12, "dog": 12}}
@@ -286,6 +287,11 @@ def test_imbalance_warning(ws, tmp_path):
     imbalance = [w for w in ds.warnings if w.startswith("Classes are imbalanced")]
     assert imbalance and "'cow' has 30 images but 'cat' only 10 (3.0x)" in imbalance[0]
     assert "class weights" in imbalance[0]
+    assert ds.has_warning("imbalance") and not ds.has_warning("duplicates")
+    item = next(i for i in ds.warning_items if i["code"] == "imbalance")
+    assert item["message"] == imbalance[0]
+    assert ds.summary()["warning_codes"] == ds.warning_codes
+    assert len(ds.warning_codes) == len(ds.warnings)
 
 
 def test_duplicate_warnings_within_and_across_classes(ws, tmp_path):
@@ -352,6 +358,41 @@ def test_junk_is_skipped_with_reasons(ws, tmp_path):
     # Routine system files are listed but not warned about; the 7 real problems are.
     assert skipped_warning and skipped_warning[0].startswith("7 files were skipped")
     assert "(corrupt or truncated image: 2; " in skipped_warning[0]
+
+
+def test_every_warning_has_its_code_and_old_manifests_get_theirs(ws, tmp_path):
+    entries = _classes(prefix="train/", size=(20, 18)) | _classes(prefix="test/", size=(20, 18))
+    entries |= {
+        f"train/cow/{i}.png": _png((9, 9, 9), size=(20, 18), seed=700 + i) for i in range(3)
+    }
+    entries |= {f"test/cow/{i}.png": _png((9, 9, 9), size=(20, 18), seed=800 + i) for i in range(3)}
+    entries["train/cat/copy.png"] = entries["train/cat/0.png"]
+    entries["train/dog/cat-in-dogs.png"] = entries["train/cat/1.png"]
+    entries["train/dog/notes.txt"] = b"hello"
+    ds = ingest(_zip(tmp_path / "d.zip", entries), ws)
+    expected = [
+        "few_images",
+        "imbalance",
+        "duplicates",
+        "duplicates_across_classes",
+        "duplicates_across_splits",
+        "tiny_images",
+        "skipped_files",
+    ]
+    assert ds.warning_codes == expected
+    assert set(expected) == set(data.WARNING_CODES)
+    assert [i["message"] for i in ds.warning_items] == ds.warnings
+    assert all(ds.has_warning(code) for code in expected) and not ds.has_warning("nope")
+    manifest = json.loads(ds.manifest_path.read_text())
+    assert manifest["warning_codes"] == expected
+    # A manifest written before warnings had codes still loads; its codes come from the text.
+    del manifest["warning_codes"]
+    ds.manifest_path.write_text(json.dumps(manifest))
+    old = data.load_dataset(ds.manifest_path)
+    assert old.warnings == ds.warnings and old.warning_codes == expected
+    manifest["warnings"].append("Something a later version said.")
+    ds.manifest_path.write_text(json.dumps(manifest))
+    assert data.load_dataset(ds.manifest_path).warning_codes == [*expected, ""]
 
 
 def test_routine_junk_alone_gives_no_warning(ws, tmp_path):

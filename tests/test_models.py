@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import models
+from retrain import models, preprocessing
 from retrain.errors import ModelError
 from tests.conftest import needs_tm_model
 
@@ -75,7 +75,7 @@ def test_zoo_registry_has_the_families():
     }
     assert wanted <= set(models.ZOO)
     for entry in models.ZOO.values():
-        assert entry.preprocessing in models.PREPROCESSING
+        assert entry.preprocessing in preprocessing.REGISTRY
         assert callable(getattr(keras.applications, entry.name))
         assert entry.input_size == (224, 224)
 
@@ -228,7 +228,9 @@ def test_unknown_custom_class_is_refused(tmp_path: Path):
     inp = keras.Input((8, 8, 3))
     path = tmp_path / "custom.keras"
     keras.Model(inp, Doubler(name="dbl")(inp)).save(path)
-    with pytest.raises(ModelError, match=r"layer class Doubler \(layer 'dbl'\) is not part of Keras"):
+    with pytest.raises(
+        ModelError, match=r"layer class Doubler \(layer 'dbl'\) is not part of Keras"
+    ):
         models.load_base(str(path))
 
 
@@ -437,3 +439,70 @@ def test_cli_bad_input_exits_2_with_one_line(base, match, tmp_path: Path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# the layer-stack picture's groups
+
+
+def _row(name, params=0, status="frozen", part="base", parent=None):
+    return {"name": name, "params": params, "status": status, "part": part, "parent": parent}
+
+
+def test_group_layers_groups_consecutive_layers_of_one_block_and_kind():
+    rows = [
+        _row("retrain_image_scale", status="new", part="front"),
+        _row("block1_conv", 10),
+        _row("block1_bn", 4),
+        _row("block1_relu"),
+        _row("block2_conv", 20, status="trainable"),
+        _row("block2_bn", 4),
+        _row("pool", parent="backbone"),
+        _row("predictions", 7, status="removed"),
+        _row("head_output", 9, status="new", part="head"),
+    ]
+    groups = models.group_layers(rows)
+    assert [(g["block"], g["kind"], g["status"], g["params"]) for g in groups] == [
+        ("input + preprocessing", "new", "new", 0),
+        ("block1", "base", "frozen", 14),
+        ("block2", "base", "trainable", 24),
+        ("backbone", "base", "frozen", 0),
+        ("predictions", "removed", "removed", 7),
+        ("new head", "new", "new", 9),
+    ]
+    assert groups[1]["layers"] == ["block1_conv", "block1_bn", "block1_relu"]
+    assert set(groups[0]) == {"block", "kind", "params", "layers", "statuses", "status"}
+
+
+def test_group_layers_merges_neighbours_down_to_the_limit():
+    rows = [
+        _row(f"block{i}_conv", 1, status="trainable" if i == 5 else "frozen") for i in range(20)
+    ]
+    groups = models.group_layers(rows, max_groups=6)
+    assert len(groups) <= 6
+    assert [name for g in groups for name in g["layers"]] == [r["name"] for r in rows]
+    assert sum(g["params"] for g in groups) == 20
+    assert groups[0]["block"].startswith("block0 … ")
+    assert [g["status"] for g in groups].count("trainable") == 1  # block5's group
+    # Kinds never merge: a removed tail stays its own bar.
+    tail = models.group_layers([*rows, _row("predictions", 3, status="removed")], max_groups=2)
+    assert tail[-1]["kind"] == "removed" and tail[-1]["layers"] == ["predictions"]
+
+
+def test_layer_stack_marks_removed_layers_and_adds_front_and_head():
+    base = [_row("conv", 5), _row("gap"), _row("predictions", 3)]
+    new = [
+        _row("retrain_to_float", status="new", part="front"),
+        _row("conv", 5, status="trainable"),
+        _row("gap"),
+        _row("head_output", 4, status="new", part="head"),
+    ]
+    stack = models.layer_stack(base, new)
+    assert [(r["name"], r["status"], r["part"]) for r in stack] == [
+        ("retrain_to_float", "new", "front"),
+        ("conv", "trainable", "base"),
+        ("gap", "frozen", "base"),
+        ("predictions", "removed", "base"),
+        ("head_output", "new", "head"),
+    ]
+    assert {r["status"] for r in models.layer_stack(base)} == {"frozen"}
