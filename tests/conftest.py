@@ -271,3 +271,10 @@ def tm_base():
     from retrain import models
 
     return models.load_base(str(TM_WATER))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``ray`` marker (tests/test_ray.py; they skip when Ray is not installed)."""
+    config.addinivalue_line(
+        "markers", "ray: starts a real local Ray head (needs requirements-ray.txt)"
+    )
