@@ -2,11 +2,40 @@
 #   docker run -p 8501:8501 -v retrain-data:/data retrain-studio
 # GPU: `docker build --build-arg GPU=1 -t retrain-studio:gpu .`, then `docker run --gpus all ...`
 # Hugging Face Spaces (Docker SDK) and the other recipes: docs/deploy.md.
-FROM python:3.11-slim
+# Two targets (the default is the last one, the dashboard):
+#   ray-node   a Ray cluster node (head or GPU worker) with the project installed; KubeRay
+#              runs `ray start` in it: `docker build --target ray-node -t retrain-ray-node .`
+#   dashboard  the Streamlit app; `--build-arg RAY=1` adds the Ray client for RETRAIN_RUNNER=ray
+# docs/scale-out.md shows both on Kubernetes (KubeRay).
+
+# --- A Ray node: Ray's own CUDA image (same Ray and Python as the dashboard's client), plus
+# the project's runtime requirements with TensorFlow's CUDA wheels, and the code on PYTHONPATH
+# so a job's `python -m retrain train ...` runs from any working directory.
+ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+FROM ${RAY_IMAGE} AS ray-node
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    PYTHONPATH=/app \
+    RETRAIN_HOME=/data \
+    KERAS_HOME=/data/keras
+WORKDIR /app
+COPY requirements.txt requirements-ray.txt ./
+RUN pip install -r requirements.txt -r requirements-ray.txt \
+    && pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow==//p' requirements.txt)"
+COPY retrain ./retrain
+# /data is the shared volume (NFS/EFS/Filestore/FUSE bucket) mounted by the RayCluster spec.
+
+# --- The dashboard (the default target).
+FROM python:3.11-slim AS dashboard
 
 # GPU=1 installs tensorflow[and-cuda] (CUDA/cuDNN as pip wheels); the host needs the NVIDIA
-# driver and the NVIDIA Container Toolkit.
+# driver and the NVIDIA Container Toolkit. RAY=1 installs the Ray client (requirements-ray.txt)
+# so the dashboard can send runs to a Ray cluster (RETRAIN_RUNNER=ray, RAY_ADDRESS).
 ARG GPU=0
+ARG RAY=0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -26,11 +55,12 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin app \
     && chown -R app:app /data
 
 WORKDIR /app
-COPY requirements.txt ./
+COPY requirements.txt requirements-ray.txt ./
 RUN pip install -r requirements.txt \
     && if [ "$GPU" = "1" ]; then \
          pip install "tensorflow[and-cuda]==$(sed -n 's/^tensorflow==//p' requirements.txt)"; \
-       fi
+       fi \
+    && if [ "$RAY" = "1" ]; then pip install -r requirements-ray.txt; fi
 
 COPY --chown=app:app .streamlit ./.streamlit
 COPY --chown=app:app retrain ./retrain
