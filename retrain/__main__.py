@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _workspace_arg(p)
     p.set_defaults(handler="retrain.train:cli_train")
 
-    p = sub.add_parser("status", help="print a run's status.json (detects dead workers)")
+    p = sub.add_parser("status", help="print a run's status (detects dead workers)")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(handler="retrain.jobs:cli_status")
 
@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         action="append",
         required=True,
-        choices=["keras", "savedmodel", "tflite", "tflite-int8", "labels", "card", "all"],
+        choices=[
+            *("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "tfjs"),
+            *("labels", "card", "all"),
+        ],
         help="repeat for several formats",
     )
     p.set_defaults(handler="retrain.export:cli_export")

@@ -96,6 +96,12 @@ def test_self_test_reloads_each_file_in_a_fresh_process(exported):
         assert report[fmt]["max_abs_diff"] < 1e-5
         assert report[fmt]["argmax_agreement"] == 1.0
     assert report["tflite"]["ok"] and report["tflite"]["max_abs_diff"] < 1e-4
+    assert report["onnx"]["ok"] and report["onnx"]["max_abs_diff"] < 1e-5, report["onnx"]
+    if shutil.which("node"):  # TF.js runs in Node (tests/test_export_tfjs.py covers it fully)
+        assert report["tfjs"]["ok"], report["tfjs"]
+        assert report["tfjs"]["runtime"].startswith("TF.js 4.22.0 (Node")
+    else:
+        assert "Node.js" in report["tfjs"]["error"] and not report["tfjs"]["ok"]
     int8 = report["tflite-int8"]
     assert int8["images"] > 0 and int8["max_abs_diff"] < 0.5
     assert int8["accuracy_drop"] == pytest.approx(int8["accuracy_keras"] - int8["accuracy_int8"])
@@ -154,6 +160,8 @@ def test_labels_and_model_card(exported, run_dir):
     assert "held-out validation images" in card
     assert "## Versions" in card and "keras" in card
     assert "Exported 20" in card  # the date
+    assert "tf.loadLayersModel('tfjs/model.json')" in card and "[N, 16, 16, 3]" in card
+    assert 'ort.InferenceSession("model.onnx")' in card
     # A card gets shared; server paths (which name the session's workspace) must not leak.
     assert str(run_dir.parent) not in card
     assert str(Path(run_dir).resolve().parent) not in card
@@ -165,6 +173,7 @@ def test_zip_of_everything_holds_every_file(exported, run_dir):
     bundle = export.zip_exports(run_dir, exported["files"])
     names = set(zipfile.ZipFile(bundle).namelist())
     assert {"model.keras", "model.tflite", "labels.txt", "saved_model/saved_model.pb"} <= names
+    assert {"model.onnx", "tfjs/model.json", "tfjs/group1-shard1of1.bin"} <= names
 
 
 def test_a_run_that_is_not_done_cannot_be_exported(run_dir, tmp_path):
@@ -176,8 +185,8 @@ def test_a_run_that_is_not_done_cannot_be_exported(run_dir, tmp_path):
 
 
 def test_unknown_format_and_missing_tensorflow_are_one_line_errors(run_dir, monkeypatch):
-    with pytest.raises(ConfigError, match="Unknown export format 'onnx'"):
-        export.export_run(run_dir, ["onnx"])
+    with pytest.raises(ConfigError, match="Unknown export format 'coreml'"):
+        export.export_run(run_dir, ["coreml"])
     monkeypatch.setattr(export, "tensorflow_available", lambda: False)
     with pytest.raises(ConfigError, match="needs TensorFlow"):
         export.export_run(run_dir, ["tflite"])
