@@ -467,3 +467,47 @@ def exit_with_job(poll_s: float = 2.0) -> bool:
 
     threading.Thread(target=watch, name="ray-job-watch", daemon=True).start()
     return True
+
+
+def tee_output(log_path: Path) -> None:
+    """Copy everything this process writes on stdout/stderr into ``log_path`` too.
+
+    A Ray job's output goes to Ray's job log (on the head); the run directory's log is what
+    the dashboard shows for every run, so a Ray worker writes both, as the local runner's
+    worker writes its log. A ``tee`` process reads a pipe that replaces fds 1 and 2, so output
+    from C++ (TensorFlow) is copied too, and nothing is lost when this process is killed.
+    """
+    import subprocess
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    subprocess.Popen(
+        ["tee", "-a", str(log_path)],
+        stdin=read_end,
+        stdout=1,  # the job's own output, which Ray keeps
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+
+def enter_job(run_dir: Path, config_path: Path, log_path: Path) -> None:
+    """What a worker does first when Ray placed it (`in_ray_job`): check that this node sees
+    the run directory the dashboard wrote, copy its output into the run's log, and end with
+    its Ray job (`exit_with_job`).
+
+    Raises:
+        ClusterError: the run's config is not visible on this node (RETRAIN_HOME not shared).
+    """
+    if not Path(config_path).is_file():
+        raise ClusterError(
+            f"This Ray node ({os.uname().nodename}) does not see {config_path}, written by the "
+            f"dashboard: mount the shared RETRAIN_HOME volume at {home()} on every Ray node "
+            "(docs/scale-out.md)."
+        )
+    tee_output(Path(log_path))
+    exit_with_job()
