@@ -17,6 +17,8 @@ FORMAT_LABELS = {
     "savedmodel": "TensorFlow SavedModel (TF Serving, TF.js converter)",
     "tflite": "TFLite float (Android/iOS/edge)",
     "tflite-int8": "TFLite int8 (4x smaller, microcontrollers/Edge TPU)",
+    "onnx": "ONNX (onnxruntime and other ONNX runtimes; raw images in)",
+    "tfjs": "TF.js Layers (web apps: tf.loadLayersModel; model.json + weights)",
     "labels": "labels.txt (class names, one per line)",
     "card": "Model card (Markdown)",
 }
@@ -52,6 +54,7 @@ def _self_test_table(self_test: dict) -> pd.DataFrame:
                 "argmax agreement": entry.get("argmax_agreement"),
                 "int8 accuracy drop": entry.get("accuracy_drop"),
                 "images": entry.get("images"),
+                "checked in": entry.get("runtime", "Python"),
                 "error": entry.get("error", ""),
             }
         )
@@ -68,15 +71,16 @@ run_id = run_dir.name
 has_tf = export.tensorflow_available()
 options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFLOW]
 if not has_tf:
-    st.caption("SavedModel and TFLite need TensorFlow, which this installation lacks.")
+    st.caption("SavedModel, TFLite and ONNX need TensorFlow, which this installation lacks.")
 formats = st.multiselect(
     "Formats",
     options,
     default=[f for f in QUICK_FORMATS if f in options],
     format_func=FORMAT_LABELS.get,
     key="export_formats",
-    help="SavedModel and TFLite take longer to build. int8 is calibrated on a sample of the "
-    "training images and its accuracy drop is measured.",
+    help="SavedModel, TFLite and ONNX take longer to build. int8 is calibrated on a sample of "
+    "the training images and its accuracy drop is measured. TF.js is checked in TF.js itself "
+    "(Node.js; the first check installs @tensorflow/tfjs with npm).",
 )
 if st.button("Build exports", type="primary", key="export_build", disabled=not formats):
     bar = st.progress(0.0, text="Starting...")
@@ -94,7 +98,7 @@ if result is None:
 
 st.subheader("Self-test")
 st.caption(
-    "Each file reloaded in a fresh Python process and run on validation images: largest "
+    "Each file reloaded in a fresh process (TF.js in Node) and run on validation images: largest "
     "difference of probabilities to the trained model and how often the top class agrees."
 )
 st.dataframe(_self_test_table(result["self_test"]), hide_index=True, key="export_self_test")

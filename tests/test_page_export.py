@@ -62,3 +62,25 @@ def test_build_shows_self_test_downloads_and_the_model_card(trained):
     assert any(label.startswith("labels.txt") for label in labels)
     assert "Everything as one zip" in labels
     assert any(m.value.startswith("# Model card") for m in at.markdown)
+
+
+def test_onnx_and_tfjs_are_offered_built_and_checked_in_their_runtimes(trained):
+    at, workspace = _open(trained, run_id=RUN_ID)
+    formats = at.multiselect(key="export_formats")
+    assert any(option.startswith("ONNX") for option in formats.options)
+    assert any(option.startswith("TF.js Layers") for option in formats.options)
+    formats.set_value(["onnx", "tfjs"]).run()
+    at.button(key="export_build").click().run()
+    assert not at.exception, at.exception
+
+    table = at.dataframe[0].value
+    assert list(table["format"]) == ["onnx", "tfjs"]
+    assert table.loc[0, "ok"] == "yes" and table.loc[0, "max |diff|"] < 1e-3
+    if shutil.which("node"):
+        assert table.loc[1, "ok"] == "yes", table.loc[1, "error"]
+        assert table.loc[1, "checked in"].startswith("TF.js 4.22.0")
+    else:
+        assert table.loc[1, "ok"] == "NO" and "Node.js" in table.loc[1, "error"]
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(label.startswith("model.onnx") for label in labels)
+    assert any(label.startswith("tfjs.zip") for label in labels)  # model.json + shards
