@@ -114,7 +114,7 @@ def _imbalanced(manifest: str) -> str | None:
         dataset = load_dataset_cached(manifest)
     except RetrainError:
         return None
-    return next((w for w in dataset.warnings if "imbalanc" in w.lower()), None)
+    return next((w["message"] for w in dataset.warning_items if w["code"] == "imbalance"), None)
 
 
 def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:

@@ -1198,7 +1198,7 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
             np.asarray(train_cache.labels)[train_idx], len(dataset.class_names)
         )
         sample_weight = weights[np.asarray(train_cache.labels)].astype(np.float32)
-    elif dataset.warnings and any("imbalanc" in w.lower() for w in dataset.warnings):
+    elif dataset.has_warning("imbalance"):
         notes.append("The classes are imbalanced; consider --class-weights.")
 
     metadata = {
