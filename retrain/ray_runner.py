@@ -46,6 +46,8 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # In a Ray job's environment: Ray placed this worker; it takes no local training slot and
 # expects its run directory to exist already (written by the dashboard on shared storage).
 RAY_JOB_ENV = "RETRAIN_RAY_JOB"
+# The job's own submission id, which the worker compares with the run's runner record.
+JOB_ID_ENV = "RETRAIN_RAY_JOB_ID"
 # Seconds for one request to the cluster: a cluster that does not answer is reported, never
 # waited on forever.
 REQUEST_TIMEOUT_S = 10.0
@@ -138,6 +140,11 @@ def cluster_version(addr: str | None = None) -> dict[str, Any]:
         raise _unreachable(addr, reason) from None
 
 
+# One client per cluster address for this process (the page polls every second); dropped when
+# a request to its cluster fails.
+_CLIENTS: dict[str, Any] = {}
+
+
 def client(addr: str | None = None):
     """A `ray.job_submission.JobSubmissionClient` for ``addr`` whose requests time out.
 
@@ -145,6 +152,8 @@ def client(addr: str | None = None):
         ClusterError: the cluster does not answer, or Ray is not installed here.
     """
     addr = addr or address()
+    if addr in _CLIENTS:
+        return _CLIENTS[addr]
     cluster_version(addr)
     try:
         from ray.job_submission import JobSubmissionClient
@@ -161,6 +170,7 @@ def client(addr: str | None = None):
         raise _unreachable(addr, err) from None
     # Ray's client passes extra keywords to requests; a timeout bounds every later call.
     ray_client._do_request = functools.partial(ray_client._do_request, timeout=REQUEST_TIMEOUT_S)
+    _CLIENTS[addr] = ray_client
     return ray_client
 
 
@@ -171,7 +181,9 @@ def _call(addr: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (requests.exceptions.RequestException, ConnectionError) as err:
-        raise _unreachable(addr, type(err).__name__) from None
+        _CLIENTS.pop(addr, None)
+        reason = "no answer" if isinstance(err, requests.exceptions.Timeout) else "refused"
+        raise _unreachable(addr, f"connection {reason}") from None
 
 
 def ship_code_default() -> bool:
@@ -179,14 +191,18 @@ def ship_code_default() -> bool:
     return os.environ.get("RETRAIN_RAY_SHIP_CODE", "").strip() == "1"
 
 
-def runtime_env(*, threads: int, working_dir: Path | None = None) -> dict[str, Any]:
+def runtime_env(
+    *, threads: int, job_id: str = "", working_dir: Path | None = None
+) -> dict[str, Any]:
     """The job's ``runtime_env``: the dashboard's home and Keras cache (the same paths on
-    every node), the no-local-slot flag, the thread cap, and the ``working_dir`` to ship.
+    every node), the no-local-slot flag and the job's own id, the thread cap, and the
+    ``working_dir`` to ship.
     """
     env = {
         "RETRAIN_HOME": str(home()),
         "KERAS_HOME": str(keras_home()),
         RAY_JOB_ENV: "1",
+        JOB_ID_ENV: job_id,
         "RETRAIN_WORKER_THREADS": str(max(1, threads)),
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "PYTHONUNBUFFERED": "1",
@@ -242,15 +258,20 @@ def submit(
     ship = ship_code_default() if ship_code is None else ship_code
     ray_client = client(addr)
     entrypoint = shlex.join([node_python(), *command[1:]])
+    # Our own submission id, known to the job itself: a worker whose job is no longer the
+    # run's (the run was stopped while Ray kept the job pending, then resumed) does not train.
+    job_id = f"retrain-{Path(run_dir).name[:48]}-{secrets.token_hex(4)}"
+    threads = max(1, int(cpus))
     with code_package(ship) as working_dir:
         try:
             job_id = _call(
                 addr,
                 ray_client.submit_job,
                 entrypoint=entrypoint,
+                submission_id=job_id,
                 entrypoint_num_gpus=gpus or None,
                 entrypoint_num_cpus=cpus or None,
-                runtime_env=runtime_env(threads=max(1, int(cpus)), working_dir=working_dir),
+                runtime_env=runtime_env(threads=threads, job_id=job_id, working_dir=working_dir),
                 metadata={"retrain_run_dir": str(run_dir)},
             )
         except RuntimeError as err:
@@ -495,13 +516,14 @@ def tee_output(log_path: Path) -> None:
     os.close(write_end)
 
 
-def enter_job(run_dir: Path, config_path: Path, log_path: Path) -> None:
+def enter_job(config_path: Path, log_path: Path, record: dict[str, Any] | None) -> None:
     """What a worker does first when Ray placed it (`in_ray_job`): check that this node sees
-    the run directory the dashboard wrote, copy its output into the run's log, and end with
-    its Ray job (`exit_with_job`).
+    the run directory the dashboard wrote and that its job is still the run's job, copy its
+    output into the run's log, and end with its Ray job (`exit_with_job`).
 
     Raises:
-        ClusterError: the run's config is not visible on this node (RETRAIN_HOME not shared).
+        ClusterError: the run's config is not visible on this node (RETRAIN_HOME not shared),
+            or the run's record names another job (this one was superseded).
     """
     if not Path(config_path).is_file():
         raise ClusterError(
@@ -509,5 +531,76 @@ def enter_job(run_dir: Path, config_path: Path, log_path: Path) -> None:
             f"dashboard: mount the shared RETRAIN_HOME volume at {home()} on every Ray node "
             "(docs/scale-out.md)."
         )
+    mine = os.environ.get(JOB_ID_ENV, "")
+    current = (record or {}).get("job_id")
+    if mine and current and mine != current:
+        raise ClusterError(
+            f"Ray job {mine} is no longer this run's job (the run now belongs to {current}); "
+            "not training."
+        )
     tee_output(Path(log_path))
     exit_with_job()
+
+
+def waiting_message(gpus: float | None) -> str:
+    """What a run that Ray has not started yet waits for, in the user's words."""
+    return (
+        "waiting for a free GPU on the cluster" if gpus else "waiting for free CPUs on the cluster"
+    )
+
+
+def apply_view(
+    status: dict[str, Any], record: dict[str, Any], view: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge Ray's view of a run's job into its status (the file says queued/running/stopping).
+
+    - Ray waits for resources: ``queued`` with ``waiting`` ("waiting for a free GPU on the
+      cluster") and ``cluster_waiting`` (how many jobs the cluster has pending).
+    - Ray runs it: the file's state stands.
+    - the cluster cannot be reached, no longer knows the job, or the job ended without the
+      run recording its end: ``interrupted`` with one line saying why; resuming continues
+      from the last finished epoch.
+    - Ray says the job failed: ``failed`` with the job's last log line.
+    """
+    status = dict(status)
+    state = status.get("state", "queued")
+    job = record.get("job_id")
+    resume = "resume the run to continue from its last finished epoch"
+    job_status = view.get("job_status")
+    if not view.get("reachable"):
+        status.update(
+            previous_state=state,
+            state="interrupted",
+            error=f"Lost the Ray cluster at {view.get('address')}: {view.get('error')} "
+            f"The run is interrupted; when the cluster is back, {resume}.",
+        )
+    elif job_status is None:
+        status.update(
+            previous_state=state,
+            state="interrupted",
+            error=f"{view.get('error')} The run is interrupted; {resume}.",
+        )
+    elif job_status == "PENDING":
+        status["state"] = "queued"
+        status["waiting"] = waiting_message(record.get("gpus"))
+        if view.get("waiting") is not None:
+            status["cluster_waiting"] = view["waiting"]
+    elif job_status == "FAILED":
+        line = view.get("last_log_line") or view.get("message") or "no log"
+        status.update(
+            previous_state=state, state="failed", error=f"The Ray job {job} failed: {line}"
+        )
+    elif job_status == "STOPPED":
+        status.update(
+            previous_state=state,
+            state="interrupted",
+            error=f"The Ray job {job} was stopped before the run finished; {resume}.",
+        )
+    elif job_status == "SUCCEEDED":
+        status.update(
+            previous_state=state,
+            state="interrupted",
+            error=f"The Ray job {job} ended but the run did not record its end (does every Ray "
+            f"node mount RETRAIN_HOME?); {resume}.",
+        )
+    return status
