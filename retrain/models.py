@@ -1142,7 +1142,94 @@ def describe(base: BaseModel) -> dict[str, Any]:
         "head_layers": names[cut_index + 1 :],
         "num_layers": len(rows),
         "origin": base.origin,
+        "channels": base.channels,
+        "input": describe_input(base.input_size, base.channels),
+        **(
+            {
+                "preprocessing_probe": base.origin["preprocessing_probe"],
+                "preprocessing_probe_info": base.origin.get("preprocessing_probe_info"),
+            }
+            if base.origin.get("preprocessing_probe")
+            else {}
+        ),
     }
+
+
+#: What ``--preprocessing`` accepts: "auto" (detection, or the probe when old data is given)
+#: or a key of `retrain.preprocessing.REGISTRY`.
+PREPROCESSING_CHOICES: tuple[str, ...] = ("auto", *preprocessing.REGISTRY)
+
+
+def resolve_preprocessing(
+    base: BaseModel,
+    choice: str | None = "auto",
+    old_data: Any = None,
+    *,
+    workspace: Path | None = None,
+    original_classes: str | list[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    resize_mode: str = "squash",
+    seed: int = 0,
+) -> BaseModel:
+    """Set the base's preprocessing by hand, or find it with the probe on the old data.
+
+    ``auto`` without old data keeps the detected key. With old data (the original task's
+    images), every candidate is scored through the original head (`retrain.probe`); under
+    ``auto`` the best wins, and a key set by hand is kept but warned about when it scores
+    clearly worse. The scores land in ``origin["preprocessing_probe"]`` (key -> accuracy) and
+    ``origin["preprocessing_probe_info"]`` (log losses, sample, margin, warning).
+
+    Returns:
+        A copy of ``base`` (the Keras model is shared) with ``preprocessing`` and ``origin`` set.
+
+    Raises:
+        ModelError: an unknown key, an RGB-only key for a grayscale model, or old data whose
+            classes cannot be matched to the model's outputs.
+        ConfigError, DatasetError: unusable old data.
+    """
+    import dataclasses
+
+    from retrain import probe
+
+    choice = (choice or "auto").strip()
+    origin = dict(base.origin)
+    key = base.preprocessing
+    if choice != "auto":
+        entry = preprocessing.get(choice)
+        if entry.rgb_only and base.channels != 3:
+            raise ModelError(
+                f"Preprocessing '{choice}' works on RGB images; '{base.name}' takes "
+                f"{describe_input(base.input_size, base.channels)} images. Use one of: "
+                + ", ".join(k for k, e in preprocessing.REGISTRY.items() if not e.rgb_only)
+                + "."
+            )
+        key = choice
+        origin["preprocessing_source"] = "set by hand (--preprocessing)"
+    if old_data:
+        dataset = probe.old_dataset(old_data, workspace)
+        names, _rule = original_class_names(base, dataset.class_names, original_classes)
+        result = probe.probe(
+            base.model,
+            names,
+            dataset,
+            image_size=tuple(base.input_size or image_size or (224, 224)),
+            channels=base.channels,
+            has_layers_inside=base.preprocessing == "inside",
+            resize_mode=resize_mode,
+            seed=seed,
+        )
+        info = result.summary()
+        if choice == "auto":
+            key = result.best
+            origin["preprocessing_source"] = (
+                f"probe on {result.images} old images: {result.describe(result.best)}"
+                + ("" if result.clear else " (not clearly ahead)")
+            )
+        else:
+            info["warning"] = probe.check_choice(result, choice)
+        origin["preprocessing_probe"] = result.accuracy
+        origin["preprocessing_probe_info"] = info
+    return dataclasses.replace(base, preprocessing=key, origin=origin)
 
 
 #: How `original_class_names` named the original outputs.
@@ -1221,8 +1308,14 @@ def cli_describe(args: Any) -> dict[str, Any]:
     With ``--original-classes`` the output names replace what the model carries, and
     ``class_names_rule`` says which rule named them.
     """
-    base = load_base(args.base, workspace=getattr(args, "workspace", None))
+    workspace = getattr(args, "workspace", None)
+    base = load_base(args.base, workspace=workspace)
     flag = getattr(args, "original_classes", None)
+    choice, old_data = getattr(args, "preprocessing", "auto"), getattr(args, "old_data", None)
+    if choice != "auto" or old_data:
+        base = resolve_preprocessing(
+            base, choice, old_data, workspace=workspace, original_classes=flag
+        )
     if flag:
         base.class_names, rule = original_class_names(base, None, flag)
         out = describe(base)

@@ -1,0 +1,140 @@
+"""The preprocessing probe: candidates scored on the old data through the original head."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from retrain import models, probe
+from retrain.errors import ConfigError, ModelError
+from tests.done_when_models import trained
+
+
+def test_choose_breaks_accuracy_ties_by_log_loss_and_says_when_unsure():
+    # A scale-only difference: same accuracy, far worse log loss -> clearly ahead.
+    best, clear, runner = probe.choose({"unit": 0.99, "raw": 0.99}, {"unit": 0.04, "raw": 0.16})
+    assert (best, clear, runner) == ("unit", True, "raw")
+    # 1 point less accurate but a lower log loss: tied on accuracy, the log loss decides.
+    best, clear, _ = probe.choose({"tf": 0.96, "torch": 0.95}, {"tf": 0.20, "torch": 0.10})
+    assert best == "torch" and clear
+    # Neither 5 points nor 1.25x apart: not clearly ahead.
+    best, clear, runner = probe.choose({"tf": 0.96, "torch": 0.93}, {"tf": 0.20, "torch": 0.22})
+    assert (best, clear, runner) == ("tf", False, "torch")
+    # Clearly more accurate wins even with a worse log loss.
+    best, clear, _ = probe.choose({"tf": 0.90, "unit": 0.60}, {"tf": 0.5, "unit": 0.4})
+    assert best == "tf" and clear
+
+
+def test_candidates_follow_the_model():
+    assert probe.candidates(3, False) == ["tf", "torch", "unit", "raw", "caffe"]
+    assert probe.candidates(3, True) == ["inside", "tf", "torch", "unit", "caffe"]
+    assert probe.candidates(1, False) == ["tf", "unit", "raw"]
+    assert probe.candidates(3, True, takes_uint8=True) == ["inside"]
+
+
+def test_grayscale_mnist_model_probes_unit(tmp_path: Path):
+    made = trained("mnist_cnn")
+    base = models.load_base(str(made["model"]))
+    assert base.preprocessing == "unit"  # today's guess, now checked
+    found = models.resolve_preprocessing(base, "auto", made["old"], workspace=tmp_path)
+    scores = found.origin["preprocessing_probe"]
+    info = found.origin["preprocessing_probe_info"]
+    assert found.preprocessing == "unit" and info["best"] == "unit" and info["clear"]
+    assert set(scores) == {"raw", "unit", "tf"}  # RGB-only keys are not tried on grayscale
+    assert scores["unit"] >= 0.9 and info["images"] == 100 and info["warning"] is None
+    assert info["log_loss"]["raw"] >= 1.25 * info["log_loss"]["unit"]
+    assert found.origin["preprocessing_source"].startswith("probe on 100 old images: unit")
+    assert base.preprocessing == "unit" and "preprocessing_probe" not in base.origin  # a copy
+
+
+def test_rgb_model_trained_on_minus_one_to_one_probes_tf(tmp_path: Path):
+    made = trained("rgb_cnn")
+    base = models.load_base(str(made["model"]))
+    assert base.preprocessing == "unit"  # what detection alone would have used: wrong
+    found = models.resolve_preprocessing(base, "auto", made["old"], workspace=tmp_path)
+    scores = found.origin["preprocessing_probe"]
+    assert found.preprocessing == "tf" and found.origin["preprocessing_probe_info"]["clear"]
+    assert set(scores) == {"raw", "unit", "tf", "torch", "caffe"}
+    assert scores["tf"] >= 0.9 and scores["unit"] <= 0.5
+
+
+def test_a_model_with_preprocessing_inside_is_confirmed(tmp_path: Path):
+    import keras
+
+    made = trained("rgb_cnn")
+    inner = keras.saving.load_model(made["model"])
+    inp = keras.Input((32, 32, 3), name="pixels")
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inp)
+    path = tmp_path / "inside.keras"
+    keras.Model(inp, inner(scaled)).save(path)
+    base = models.load_base(str(path))
+    assert base.preprocessing == "inside"
+    found = models.resolve_preprocessing(base, "auto", made["old"], workspace=tmp_path)
+    info = found.origin["preprocessing_probe_info"]
+    assert found.preprocessing == "inside" and info["clear"]
+    assert "raw" not in found.origin["preprocessing_probe"]  # the same pixels as inside
+
+
+def test_builtin_uint8_model_is_confirmed_inside(keras_cache: Path, tmp_path: Path):
+    from retrain.sample import sample_dataset
+
+    base = models.load_base("builtin:digits-cnn")
+    old = sample_dataset(tmp_path, "0-4")
+    found = models.resolve_preprocessing(base, "auto", old, workspace=tmp_path)
+    assert found.preprocessing == "inside"
+    assert list(found.origin["preprocessing_probe"]) == ["inside"]
+    assert found.origin["preprocessing_probe"]["inside"] >= 0.9
+
+
+def test_preprocessing_set_by_hand_wins_and_is_warned_about(tmp_path: Path):
+    made = trained("rgb_cnn")
+    base = models.load_base(str(made["model"]))
+    alone = models.resolve_preprocessing(base, "torch")
+    assert alone.preprocessing == "torch"
+    assert alone.origin["preprocessing_source"] == "set by hand (--preprocessing)"
+    checked = models.resolve_preprocessing(base, "unit", made["old"], workspace=tmp_path)
+    assert checked.preprocessing == "unit"
+    warning = checked.origin["preprocessing_probe_info"]["warning"]
+    assert "'unit' was set by hand" in warning and "tf: 100% accuracy" in warning
+
+
+def test_bad_choices_and_old_data_are_one_line(tmp_path: Path, make_image_folder):
+    made = trained("mnist_cnn")
+    base = models.load_base(str(made["model"]))
+    with pytest.raises(ModelError, match="Unknown preprocessing 'nope'"):
+        models.resolve_preprocessing(base, "nope")
+    with pytest.raises(ModelError, match="'caffe' works on RGB images; .* 28x28 grayscale"):
+        models.resolve_preprocessing(base, "caffe")
+    wrong = make_image_folder(
+        classes=("digit 0", "digit 1", "digit 2", "digit 3", "cat"), per_class=2
+    )
+    with pytest.raises(ConfigError, match="Old data class folders 'cat' are not among"):
+        models.resolve_preprocessing(
+            base,
+            "auto",
+            wrong,
+            workspace=tmp_path,
+            original_classes=[f"digit {d}" for d in range(5)],
+        )
+
+
+def test_describe_json_has_the_probe_scores(tmp_path: Path):
+    made = trained("mnist_cnn")
+    args = argparse.Namespace(
+        base=str(made["model"]),
+        workspace=tmp_path,
+        preprocessing="auto",
+        old_data=str(made["old"]),
+        original_classes=None,
+    )
+    info = models.cli_describe(args)
+    assert info["preprocessing"] == "unit"
+    assert info["input"] == "28x28 grayscale" and info["channels"] == 1
+    assert set(info["preprocessing_probe"]) == {"raw", "unit", "tf"}
+    assert info["preprocessing_probe_info"]["margin"].startswith("clearly ahead = ")
+    with pytest.raises(ConfigError):
+        probe.sample_images(
+            probe.old_dataset(made["old"], tmp_path), ["a", "b"], (28, 28), channels=1
+        )
