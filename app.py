@@ -16,6 +16,7 @@ from pages._ui import (
     render_sidebar,
     sidebar_choices,
 )
+from retrain.jobs import session_has_live_run
 from retrain.workspace import cleanup_sessions
 
 st.set_page_config(
@@ -31,7 +32,9 @@ def _clean_idle_sessions() -> threading.Thread:
     Runs in a background thread so a large deletion never delays a page. The cached value
     expires after an hour; the next page view after that starts the next sweep.
     """
-    sweep = threading.Thread(target=cleanup_sessions, name="retrain-cleanup", daemon=True)
+    sweep = threading.Thread(
+        target=cleanup_sessions, args=(session_has_live_run,), name="retrain-cleanup", daemon=True
+    )
     sweep.start()
     return sweep
 

@@ -18,8 +18,9 @@ compile), then times whole epochs over an in-memory pool of images.
     4. uint8, batch 256, ``mixed_bfloat16``;
     5. the project's defaults from ``retrain.devices.gpu_defaults()`` (batch, precision, jit,
        multi-device distribution), fed by numpy like the rows above;
-    6. the same defaults fed through the project's own data path (``retrain.train``'s
-       ``ArrayDataset``, a ``keras.utils.PyDataset`` reading the uint8 cache on worker threads).
+    6. the same defaults fed through the project's own data path
+       (``retrain.callbacks.ArrayDataset``, a ``keras.utils.PyDataset`` reading the uint8 cache
+       on worker threads).
 (b) Frozen-base head training for 20 epochs: plain ``fit`` of the full model with the base
     frozen (float32 input, batch 64; ``--frozen-epochs`` epochs run, the 20-epoch time is the
     first epoch + 19 x the mean later epoch) against the project's feature cache
@@ -276,13 +277,13 @@ def fit_variant(
 
 
 def timed_pydataset_fit(model: Any, x: np.ndarray, y: np.ndarray, batch: int, epochs: int) -> float:
-    """The project's feed: ``retrain.train.ArrayDataset`` over the uint8 array, 2 workers."""
-    from retrain import train
+    """The project's feed: ``retrain.callbacks.ArrayDataset`` over the uint8 array, 2 workers."""
+    from retrain.callbacks import ArrayDataset
 
     indices = np.arange(len(x))
-    warm = train.ArrayDataset(x, y, indices[: 2 * batch], batch, workers=2)
+    warm = ArrayDataset(x, y, indices[: 2 * batch], batch, workers=2)
     model.fit(warm, epochs=1, verbose=0)
-    data = train.ArrayDataset(x, y, indices, batch, shuffle=True, seed=0, workers=2)
+    data = ArrayDataset(x, y, indices, batch, shuffle=True, seed=0, workers=2)
     start = time.perf_counter()
     model.fit(data, epochs=epochs, verbose=0)
     return time.perf_counter() - start

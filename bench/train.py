@@ -130,7 +130,9 @@ def project_run(home: Path, run_dir: Path, *flags: str) -> dict:
         check=True,
     )
     result["test_accuracy"] = json.loads(evaluation.stdout)["accuracy"]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from retrain import rundir
+
+    metrics = rundir.read_metrics(run_dir)
     result["images_per_second"] = [m["images_per_second"] for m in metrics]
     return result
 

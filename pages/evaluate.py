@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._ui import ensure_session, require_finished_run
-from retrain import evaluate
+from retrain import evaluate, rundir
 from retrain.errors import RetrainError
 from retrain.uploads import save_upload
 
@@ -126,7 +126,7 @@ run_id = run_dir.name
 try:
     model_path = evaluate.run_model_path(run_dir)
     config = evaluate.read_run_config(run_dir)
-    splits = _splits(str(run_dir), (run_dir / "config.json").stat().st_mtime)
+    splits = _splits(str(run_dir), rundir.config_path(run_dir).stat().st_mtime)
 except RetrainError as err:
     st.error(str(err))
     st.stop()

@@ -18,8 +18,8 @@ from pages._ui import (
     remember,
 )
 from retrain import jobs
+from retrain.config import TrainConfig
 from retrain.errors import RetrainError
-from retrain.train import TrainConfig
 from retrain.workspace import is_within
 
 

@@ -2,7 +2,7 @@
 
 Training runs in a worker process (``retrain.jobs``); this page only reads the run directory.
 The live view is a fragment that reruns every second while the run is active: it reads the
-new lines of ``metrics.jsonl`` and ``progress.json`` into ``st.session_state["_train_live"]``
+new metrics lines and the progress (``retrain.rundir``) into ``st.session_state["_train_live"]``
 and redraws the curves. A reload reattaches through ``?run=<run_id>`` (and the remembered
 ``run_id``).
 """
@@ -25,9 +25,9 @@ from pages._ui import (
     remember,
     require,
 )
-from retrain import jobs
+from retrain import jobs, rundir
+from retrain.config import TrainConfig, demo_capped
 from retrain.errors import RetrainError
-from retrain.train import TrainConfig
 from retrain.workspace import run_path
 
 DEMO_MAX_EPOCHS = 20  # head epochs take ~0.15 s on the demo data; 20 reach ~87% (5 only ~67%)
@@ -183,12 +183,9 @@ def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> Trai
     if settings.get("cut_at") is not None:
         settings["cut_at"] = str(settings["cut_at"])
     clean = {k: v for k, v in values.items() if v is not None}
-    if demo_mode():
-        # The cap holds for the whole run (both phases), whatever the widgets allowed.
-        clean["epochs"] = min(int(clean.get("epochs", DEMO_MAX_EPOCHS)), DEMO_MAX_EPOCHS)
-        left = DEMO_MAX_EPOCHS - clean["epochs"]
-        clean["fine_tune_epochs"] = min(int(clean.get("fine_tune_epochs", 0)), left)
-    return TrainConfig(data=manifest, base=base, **settings, **clean)
+    config = TrainConfig(data=manifest, base=base, **settings, **clean)
+    # The demo's cap holds for the whole run (both phases), whatever the widgets allowed.
+    return demo_capped(config, DEMO_MAX_EPOCHS) if demo_mode() else config
 
 
 def _prefill_from_run(run_dir: Path) -> None:
@@ -269,10 +266,7 @@ def _progress_text(progress: dict) -> tuple[float, str]:
 
 def _log_tail(cache: dict[str, Any], run_dir: Path) -> str:
     """The log's tail, re-read only when the log grew (the view redraws every second)."""
-    try:
-        size = (run_dir / "log.txt").stat().st_size
-    except OSError:
-        size = -1
+    size = rundir.log_size(run_dir)
     if cache.get("log_size") != size:
         cache["log_size"], cache["log"] = size, jobs.read_log_tail(run_dir)
     return cache["log"]

@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="retrain.models:cli_describe")
 
     p = sub.add_parser("train", help="train in the foreground, writing a run directory")
-    from retrain.train import add_config_arguments  # argparse only; Keras loads later
+    from retrain.config import add_config_arguments  # argparse only; Keras loads later
 
     add_config_arguments(p)
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.train:cli_train")
+    p.set_defaults(handler="retrain.worker:cli_train")
 
     p = sub.add_parser("status", help="print a run's status (detects dead workers)")
     p.add_argument("run_dir", type=Path)

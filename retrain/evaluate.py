@@ -14,7 +14,6 @@ does not know is an error.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from retrain import jobs, modelfile, preprocessing
+from retrain import modelfile, preprocessing, rundir
 from retrain.errors import ConfigError, DatasetError, ModelError, RunError
 
 DEFAULT_TOP_K = 3
@@ -41,9 +40,9 @@ def run_model_path(run_dir: str | Path) -> Path:
         RunError: the run has no saved model yet.
     """
     run_dir = Path(run_dir)
-    for name in ("best.keras", "model.keras"):
-        if (run_dir / name).is_file():
-            return run_dir / name
+    for path in (rundir.best_model_path(run_dir), rundir.final_model_path(run_dir)):
+        if path.is_file():
+            return path
     raise RunError(
         f"Run '{run_dir.name}' has no saved model (best.keras/model.keras). "
         "Wait for an epoch to finish or start a new run."
@@ -51,19 +50,12 @@ def run_model_path(run_dir: str | Path) -> Path:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """Return a run's ``config.json``.
+    """Return a run's ``config.json`` as a dict (`retrain.rundir.load_config`).
 
     Raises:
         RunError: the folder is not a run directory.
     """
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RunError(
-            f"'{run_dir}' is not a run directory (no readable config.json). "
-            "Pass the folder that `train` wrote."
-        ) from err
+    return rundir.load_config(Path(run_dir)).to_dict()
 
 
 @functools.lru_cache(maxsize=2)
@@ -385,10 +377,8 @@ def run_dataset(run_dir: str | Path, config: dict[str, Any] | None = None) -> An
 
     run_dir = Path(run_dir)
     config = config if config is not None else read_run_config(run_dir)
-    candidates = [config.get("manifest"), config.get("manifest_path")]
-    dataset_info = config.get("dataset")
-    if isinstance(dataset_info, dict):
-        candidates += [dataset_info.get("manifest"), dataset_info.get("manifest_path")]
+    # Training records manifest_path and dataset_id (rundir.RunConfig); data is the source.
+    candidates: list[Any] = [config.get("manifest_path")]
     workspace = run_dir.parent.parent if run_dir.parent.name == "runs" else None
     if workspace is not None and config.get("dataset_id"):
         candidates.append(workspace / "datasets" / str(config["dataset_id"]) / "manifest.json")
@@ -410,9 +400,10 @@ def validation_indices(
 ) -> np.ndarray | None:
     """Indices into the train split that the run held out for validation.
 
-    Returns None when the data has its own val split (the run validated on that). The split
-    is recomputed exactly as training did: ``data.stratified_split`` of the train cache's
-    labels with the run's val_split and seed.
+    Returns None when the data has its own val split (the run validated on that). For runs
+    from before runs recorded their split (`rundir.read_split` is None), the split is
+    recomputed as training did then: ``data.stratified_split`` of the train cache's labels
+    with the run's val_split and seed. `recorded_validation` reads a recorded split.
 
     Raises:
         ConfigError: the run held out nothing (val_split 0).
@@ -433,6 +424,26 @@ def validation_indices(
     return np.sort(np.asarray(val))
 
 
+def recorded_validation(
+    dataset: Any, recorded: dict[str, list[str]], train_paths: list[str]
+) -> np.ndarray:
+    """Indices into the train split (``train_paths``, absolute) of the images the run's
+    recorded split (`rundir.read_split`) held out for validation.
+
+    Raises:
+        ConfigError: the run held out nothing (val_split 0).
+        RunError: recorded images are no longer in the data.
+    """
+    if not recorded["val"]:
+        raise ConfigError(
+            "The run held out no validation images (val_split 0). "
+            "Evaluate it on a separate test zip or folder."
+        )
+    root = Path(dataset.root)
+    relative = [Path(p).relative_to(root).as_posix() for p in train_paths]
+    return rundir.indices_of(relative, recorded["val"])
+
+
 def run_images(
     run_dir: str | Path, config: dict[str, Any], meta: dict[str, Any], model: Any, split: str
 ):
@@ -446,7 +457,11 @@ def run_images(
     if split != "val" or dataset.splits.get("val"):
         return dataset, *load_split(dataset, split, size, resize_mode)
     images, labels, paths = load_split(dataset, "train", size, resize_mode)
-    held_out = validation_indices(dataset, config, labels)
+    recorded = rundir.read_split(Path(run_dir))
+    if recorded is None:  # a run from before runs recorded their split
+        held_out = validation_indices(dataset, config, labels)
+    else:
+        held_out = recorded_validation(dataset, recorded, paths)
     return dataset, images[held_out], labels[held_out], [paths[i] for i in held_out]
 
 
@@ -455,8 +470,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score a run's model on its own data: the validation images (default) or another split.
 
-    "val" is the data's own val split, or else the images the run held out of train (same
-    fraction and seed as in training), so the numbers match the run's val_accuracy.
+    "val" is the data's own val split, or else the images the run held out of train (its
+    recorded split), so the numbers match the run's val_accuracy.
 
     Raises:
         RunError: no model or no data for the run.
@@ -578,7 +593,7 @@ def forgetting(
         )
     dataset = resolve_dataset(old_data, workspace)
     mapping = match_classes(base.class_names, dataset.class_names)
-    config = jobs.read_config(run_dir)
+    config = rundir.read_config(run_dir)
     size = base.input_size or model_image_size(run_model, run_meta)
     resize_mode = run_meta.get("resize_mode", config.get("resize_mode", "squash"))
     images, labels, _ = load_split(dataset, _default_split(dataset), size, resize_mode)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.util
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from retrain import evaluate, jobs, modelfile
+from retrain import evaluate, jobs, modelfile, rundir
 from retrain.errors import ConfigError, RunError
+from retrain.train import versions as library_versions  # one record, as in config.json
 from retrain.workspace import shareable
 
 FORMATS = ("keras", "savedmodel", "tflite", "tflite-int8", "onnx", "tfjs", "labels", "card")
@@ -112,9 +112,7 @@ def _require_tensorflow(fmt: str) -> None:
 
 
 def _check_run_done(run_dir: Path) -> None:
-    if not (run_dir / "config.json").is_file():
-        raise RunError(f"'{run_dir}' is not a run directory (no config.json). Pick a finished run.")
-    state = jobs.read_status(run_dir).get("state", "unknown")
+    state = jobs.read_status(run_dir).get("state", "unknown")  # RunError: not a run directory
     if state != "done":
         raise RunError(
             f"Run '{run_dir.name}' is {state}, not done. Export it once training has finished."
@@ -175,20 +173,6 @@ def _tflite(saved_model_dir: Path, path: Path, calibration: np.ndarray | None) -
     path.write_bytes(converter.convert())
 
 
-def _versions() -> dict[str, str]:
-    import keras
-
-    out = {
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-        "numpy": np.__version__,
-    }
-    if tensorflow_available() and "tensorflow" in sys.modules:
-        out["tensorflow"] = sys.modules["tensorflow"].__version__
-    return out
-
-
 def model_card(
     run_dir: str | Path,
     meta: dict[str, Any],
@@ -208,8 +192,8 @@ def model_card(
     config = {k: shareable(v) for k, v in evaluate.read_run_config(run_dir).items()}
     meta = {k: shareable(v) for k, v in meta.items()}
     class_names = meta.get("class_names") or config.get("class_names") or []
-    metrics = jobs.read_metrics(run_dir)
-    best = jobs.best_val_accuracy(metrics)
+    metrics = rundir.read_metrics(run_dir)
+    best = rundir.best_val_accuracy(metrics)
     last = metrics[-1] if metrics else {}
     diff = config.get("diff") if isinstance(config.get("diff"), dict) else {}
     lines = [
@@ -291,7 +275,7 @@ def model_card(
     lines += ["", "## Versions"]
     versions = {
         **(config.get("versions") or {}),
-        **{f"export {k}": v for k, v in _versions().items()},
+        **{f"export {k}": v for k, v in library_versions().items()},
     }
     lines += [f"- {k}: {v}" for k, v in versions.items()]
     lines += [

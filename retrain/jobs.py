@@ -1,18 +1,22 @@
 """Training runs as worker processes: start, queue, watch, stop, resume.
 
 The dashboard never trains in its own process. `start_run` writes the run directory's
-``config.json`` and spawns ``python -m retrain train ... --out RUN_DIR`` in its own process
-group, with its output in ``log.txt``. A crash of the worker cannot take the app down, and the
-memory it used (GPU memory included) is returned when it ends. The page then only reads files
-(`read_status`, `read_metrics`, `read_progress`).
+config and spawns the worker command (`worker_command`: ``python -m retrain train ... --out
+RUN_DIR``) in its own process group, with its output in the run's log. A crash of the worker
+cannot take the app down, and the memory it used (GPU memory included) is returned when it
+ends. The page then only reads the run directory (`read_status`, `read_metrics`,
+`read_progress`, through `retrain.rundir`).
 
 At most ``$RETRAIN_MAX_WORKERS`` (default 1) workers train at once on a host. A worker takes a
-ticket in ``<home>/queue/`` and waits, with ``status.json`` saying ``queued`` and its position,
-until fewer than N tickets are ahead of it; tickets of dead processes are dropped.
+ticket in ``<home>/queue/`` (`training_slot`) and waits, with its status saying ``queued`` and
+its position, until fewer than N tickets are ahead of it; tickets of dead processes are dropped.
 
-status.json states: queued, running, stopping, done, failed (with ``error``), and
-interrupted, which no worker writes: `read_status` reports it when the worker's process is
-gone while the file still says queued/running/stopping.
+Status states: queued, running, stopping, done, failed (with ``error``), and interrupted,
+which no worker writes: `read_status` reports it when the worker's process is gone while the
+status still says queued/running/stopping.
+
+This module knows processes, not training: it never imports `retrain.train` (the worker entry
+`retrain.worker` joins the two).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -30,26 +33,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from retrain import rundir
+from retrain.config import TrainConfig, config_to_args
 from retrain.errors import RunError
-from retrain.train import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    METRICS_FILE,
-    PROGRESS_FILE,
-    STATUS_FILE,
-    STOP_FILE,
-    TrainConfig,
-    config_to_args,
-    read_json,
-    read_metrics_file,
-    write_json,
-    write_status,
+from retrain.procs import own_start_time, process_alive
+from retrain.rundir import (  # noqa: F401  (the page reads runs through jobs)
+    best_val_accuracy,
+    read_config,
+    read_log_tail,
+    read_metrics,
+    read_new_metrics,
+    read_progress,
 )
-from retrain.workspace import home, keras_home, new_run_id, run_path, runs_dir
+from retrain.workspace import (
+    home,
+    keras_home,
+    new_run_id,
+    read_json,
+    run_path,
+    runs_dir,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-LOG_FILE = "log.txt"
-PID_FILE = "pid"
 ACTIVE_STATES = ("queued", "running", "stopping")
 # A run whose worker has not written its pid yet counts as alive for this long.
 START_GRACE_S = 60.0
@@ -70,31 +76,6 @@ def queue_dir() -> Path:
     return path
 
 
-def process_alive(pid: int | None, started: float | None = None) -> bool:
-    """Whether process ``pid`` runs (not a zombie); with ``started``, also that it is the same
-    process (its start time matches), so a reused pid is not mistaken for the worker."""
-    if not pid:
-        return False
-    import psutil
-
-    try:
-        proc = psutil.Process(int(pid))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return not (started and abs(proc.create_time() - float(started)) > 2.0)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
-
-
-def _own_start_time() -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process().create_time()
-    except psutil.Error:
-        return None
-
-
 @contextlib.contextmanager
 def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
     """Wait for one of the host's training slots; yield True once granted, False if a stop
@@ -103,7 +84,7 @@ def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
     """
     run_dir = Path(run_dir)
     folder = queue_dir()
-    started = _own_start_time()
+    started = own_start_time()
     ticket = folder / f"{time.time_ns():020d}-{os.getpid()}.json"
     write_json(ticket, {"pid": os.getpid(), "started": started, "run_dir": str(run_dir)})
     try:
@@ -121,10 +102,10 @@ def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
                 ahead += 1
             if ahead < max_workers():
                 break
-            if (run_dir / STOP_FILE).exists():
+            if rundir.stop_requested(run_dir):
                 yield False
                 return
-            write_status(
+            rundir.write_status(
                 run_dir,
                 "queued",
                 position=ahead - max_workers() + 1,
@@ -135,6 +116,10 @@ def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
         yield True
     finally:
         ticket.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The local runner: one worker subprocess per run.
 
 
 def worker_env() -> dict[str, str]:
@@ -156,10 +141,31 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def _spawn(run_dir: Path, args: list[str]) -> int:
-    with open(run_dir / LOG_FILE, "ab") as log:
+def worker_command(
+    run_dir: Path,
+    config: TrainConfig | None = None,
+    workspace: Path | None = None,
+    *,
+    python: str | None = None,
+) -> list[str]:
+    """The command line of the worker that trains ``run_dir``.
+
+    With ``config``: a new run (its flags, ``--out`` = ``run_dir``); without: ``--resume
+    run_dir`` (the worker reads the run's config). ``python`` defaults to this interpreter.
+    """
+    if config is not None:
+        args = config_to_args(dataclasses.replace(config, out=str(run_dir)))
+    else:
+        args = ["--resume", str(run_dir)]
+    if workspace is not None:
+        args += ["--workspace", str(Path(workspace))]
+    return [python or sys.executable, "-m", "retrain", "train", *args]
+
+
+def _spawn(run_dir: Path, command: list[str]) -> int:
+    with open(rundir.log_path(run_dir), "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "retrain", "train", *args],
+            command,
             cwd=ROOT,
             env=worker_env(),
             stdin=subprocess.DEVNULL,
@@ -167,21 +173,21 @@ def _spawn(run_dir: Path, args: list[str]) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a stop/kill never hits the app
         )
-    (run_dir / PID_FILE).write_text(str(proc.pid))
+    rundir.write_pid(run_dir, proc.pid)
     return proc.pid
 
 
 def start_run(config: TrainConfig, workspace: Path) -> Path:
     """Create a run directory in ``workspace``, start its worker, return the run directory.
 
-    ``config.json`` is written before the worker starts, so the run shows up (queued) at once.
+    The config is written before the worker starts, so the run shows up (queued) at once.
     """
     run_dir = run_path(workspace, new_run_id())
     run_dir.mkdir(parents=True, exist_ok=False)
     config = dataclasses.replace(config, out=str(run_dir))
-    write_json(run_dir / CONFIG_FILE, {**config.to_dict(), "run_id": run_dir.name})
-    write_status(run_dir, "queued", created=time.time())
-    _spawn(run_dir, [*config_to_args(config), "--workspace", str(Path(workspace))])
+    rundir.write_config(run_dir, rundir.RunConfig(settings=config.to_dict(), run_id=run_dir.name))
+    rundir.write_status(run_dir, "queued", created=time.time())
+    _spawn(run_dir, worker_command(run_dir, config, workspace))
     return run_dir
 
 
@@ -195,25 +201,29 @@ def resume_run(run_dir: Path, workspace: Path | None = None) -> Path:
     status = read_status(run_dir)
     if status["state"] in ACTIVE_STATES:
         raise RunError(f"Run '{run_dir.name}' is still {status['state']}; stop it first.")
-    write_status(run_dir, "queued", created=time.time(), error=None, stopped=False)
-    (run_dir / PID_FILE).unlink(missing_ok=True)
-    args = ["--resume", str(run_dir)]
-    if workspace is not None:
-        args += ["--workspace", str(workspace)]
-    _spawn(run_dir, args)
+    rundir.write_status(run_dir, "queued", created=time.time(), error=None, stopped=False)
+    rundir.clear_pid(run_dir)
+    _spawn(run_dir, worker_command(run_dir, workspace=workspace))
     return run_dir
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / CONFIG_FILE).is_file() and not (run_dir / STATUS_FILE).is_file():
-        raise RunError(
-            f"'{run_dir}' is not a run directory (no config.json or status.json). "
-            "Pass the folder given to `train --out`."
-        )
+# ----------------------------------------------------------------------------------------
+# Watching runs: status with liveness, stop, list, delete.
+
+
+def _worker_alive(run_dir: Path, status: dict[str, Any]) -> bool:
+    """Whether the worker of an active run still runs (or may still be starting)."""
+    pid, started = status.get("pid"), status.get("pid_started")
+    if not pid:
+        pid, started = rundir.read_pid(run_dir), None
+    if pid:
+        return process_alive(pid, started)
+    created = status.get("created") or status.get("updated") or 0
+    return time.time() - float(created) < START_GRACE_S
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """Return ``status.json`` with ``run_id``; report ``interrupted`` for a dead worker.
+    """Return the run's status with ``run_id``; report ``interrupted`` for a dead worker.
 
     ``stopping`` is reported as soon as a stop was requested of a running worker.
 
@@ -221,89 +231,38 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         RunError: ``run_dir`` is not a run directory.
     """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
-    status = read_json(run_dir / STATUS_FILE)
-    if not isinstance(status, dict):
-        status = {"state": "queued", "created": (run_dir / CONFIG_FILE).stat().st_mtime}
+    rundir.check_run_dir(run_dir)
+    status = rundir.read_status_file(run_dir)
+    if status is None:
+        status = {"state": "queued", "created": rundir.created_time(run_dir)}
     status = dict(status)
     state = status.get("state", "queued")
     if state in ACTIVE_STATES:
-        pid = status.get("pid")
-        started = status.get("pid_started")
-        if not pid:
-            try:
-                pid, started = int((run_dir / PID_FILE).read_text().strip()), None
-            except (OSError, ValueError):
-                pid = None
-        if pid:
-            alive = process_alive(pid, started)
-        else:
-            created = status.get("created") or status.get("updated") or 0
-            alive = time.time() - float(created) < START_GRACE_S
-        if not alive:
+        if not _worker_alive(run_dir, status):
             status["previous_state"] = state
             status["state"] = state = "interrupted"
             status["error"] = (
                 "The training process ended unexpectedly (killed or out of memory); "
                 "resume the run to continue from its last finished epoch."
             )
-        elif state == "running" and (run_dir / STOP_FILE).exists():
+        elif state == "running" and rundir.stop_requested(run_dir):
             status["state"] = "stopping"
     status["run_id"] = run_dir.name
-    status["resumable"] = state == "interrupted" and (run_dir / CHECKPOINT_FILE).is_file()
+    status["resumable"] = state == "interrupted" and rundir.has_checkpoint(run_dir)
     return status
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All finished epochs of a run (``metrics.jsonl``), oldest first."""
-    return read_metrics_file(Path(run_dir))
-
-
-def read_new_metrics(run_dir: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """The metrics lines written after byte ``offset``; return them and the next offset.
-
-    Only complete lines count, so a line being written is picked up by the next call. A file
-    shorter than ``offset`` (a resumed run rewrote it) is read again from the start.
-    """
-    path = Path(run_dir) / METRICS_FILE
+def is_live(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run that is queued, running or stopping with its worker alive."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < offset:
-                offset = 0
-            f.seek(offset)
-            chunk = f.read()
-    except OSError:
-        return [], offset
-    end = chunk.rfind(b"\n") + 1
-    rows = []
-    for line in chunk[:end].splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows, offset + end
+        return read_status(run_dir).get("state") in ACTIVE_STATES
+    except ValueError:  # not a run directory
+        return False
 
 
-def read_progress(run_dir: Path) -> dict[str, Any] | None:
-    """The worker's latest ``progress.json`` (None before it wrote one)."""
-    progress = read_json(Path(run_dir) / PROGRESS_FILE)
-    return progress if isinstance(progress, dict) else None
-
-
-def read_config(run_dir: Path) -> dict[str, Any]:
-    """The run's ``config.json`` ({} when unreadable)."""
-    config = read_json(Path(run_dir) / CONFIG_FILE)
-    return config if isinstance(config, dict) else {}
-
-
-def read_log_tail(run_dir: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of the worker's ``log.txt``."""
-    try:
-        with open(Path(run_dir) / LOG_FILE, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64_000))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def session_has_live_run(session: Path) -> bool:
+    """Whether a session workspace has a live run (`retrain.workspace.cleanup_sessions` keeps it)."""
+    return any(is_live(run_dir) for run_dir in Path(session).glob("runs/*"))
 
 
 def request_stop(run_dir: Path) -> None:
@@ -312,9 +271,7 @@ def request_stop(run_dir: Path) -> None:
     Raises:
         RunError: ``run_dir`` is not a run directory.
     """
-    run_dir = Path(run_dir)
-    _check_run_dir(run_dir)
-    (run_dir / STOP_FILE).write_text(str(time.time()))
+    rundir.request_stop(Path(run_dir))
 
 
 def delete_run(workspace: Path, run_id: str) -> None:
@@ -333,18 +290,12 @@ def delete_run(workspace: Path, run_id: str) -> None:
     shutil.rmtree(run_dir)
 
 
-def best_val_accuracy(metrics: list[dict[str, Any]]) -> float | None:
-    """The best validation accuracy of finished epochs (None without validation)."""
-    values = [m["val_accuracy"] for m in metrics if m.get("val_accuracy") is not None]
-    return max(values) if values else None
-
-
 def list_runs(workspace: Path) -> list[dict[str, Any]]:
     """The runs of one workspace, newest first: id, live state (dead workers show as
     interrupted), config, metrics, best val accuracy, start/finish times."""
     runs = []
     for run_dir in runs_dir(workspace).iterdir():
-        if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).is_file():
+        if not run_dir.is_dir() or not rundir.has_config(run_dir):
             continue
         status = read_status(run_dir)
         config = read_config(run_dir)
@@ -355,7 +306,7 @@ def list_runs(workspace: Path) -> list[dict[str, Any]]:
                 "run_dir": str(run_dir),
                 "state": status["state"],
                 "error": status.get("error"),
-                "created": status.get("created") or (run_dir / CONFIG_FILE).stat().st_mtime,
+                "created": status.get("created") or rundir.created_time(run_dir),
                 "base": config.get("base"),
                 "data": config.get("dataset_name") or Path(str(config.get("data", ""))).name,
                 "epochs": int(config.get("epochs", 0)) + int(config.get("fine_tune_epochs", 0)),
@@ -372,7 +323,7 @@ def list_runs(workspace: Path) -> list[dict[str, Any]]:
 
 
 def cli_status(args: argparse.Namespace) -> dict[str, Any]:
-    """``python -m retrain status RUN_DIR``: status.json (with interrupted detection) + summary."""
+    """``python -m retrain status RUN_DIR``: the status (with interrupted detection) + summary."""
     run_dir = Path(args.run_dir)
     status = read_status(run_dir)
     metrics = read_metrics(run_dir)

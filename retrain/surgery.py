@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retrain import preprocessing
+from retrain.config import FreezeSpec  # the one parser of the freeze text (re-exported here)
 from retrain.errors import ConfigError, ModelError
 from retrain.models import (
     BaseModel,
@@ -56,51 +57,6 @@ class HeadSpec:
             raise ConfigError("Hidden units and added conv filters must be 0 (none) or positive.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"Dropout {self.dropout} is out of range; use 0 <= dropout < 1.")
-
-
-@dataclass(frozen=True)
-class FreezeSpec:
-    """Which kept base layers train: all frozen, none frozen, the top K, or named ones."""
-
-    mode: str = "all"  # all | none | top | names
-    k: int = 0
-    names: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> FreezeSpec:
-        """Parse ``"all"``, ``"none"``, ``"top:5"`` or ``"names:a,b"``.
-
-        Raises:
-            ConfigError: anything else.
-        """
-        text = (text or "").strip()
-        mode, _, arg = text.partition(":")
-        mode = mode.strip().lower()
-        if mode in ("all", "none") and not arg:
-            return cls(mode=mode)
-        if mode == "top":
-            try:
-                k = int(arg)
-            except ValueError:
-                k = -1
-            if k < 1:
-                raise ConfigError(
-                    f"Freeze '{text}' needs a number of layers K >= 1, e.g. 'top:10'."
-                )
-            return cls(mode="top", k=k)
-        if mode == "names":
-            names = tuple(n.strip() for n in arg.split(",") if n.strip())
-            if not names:
-                raise ConfigError(f"Freeze '{text}' names no layers, e.g. 'names:conv3,bn3'.")
-            return cls(mode="names", names=names)
-        raise ConfigError(f"Unknown freeze '{text}'. Use all, none, top:K or names:a,b.")
-
-    def __str__(self) -> str:
-        if self.mode == "top":
-            return f"top:{self.k}"
-        if self.mode == "names":
-            return "names:" + ",".join(self.names)
-        return self.mode
 
 
 @dataclass

@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -141,24 +142,19 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def _has_live_run(session: Path) -> bool:
-    """Whether a run of ``session`` is queued, running or stopping with its worker alive."""
-    from retrain.jobs import ACTIVE_STATES, read_status  # jobs imports this module
-
-    for run_dir in session.glob("runs/*"):
-        try:
-            if read_status(run_dir).get("state") in ACTIVE_STATES:
-                return True
-        except ValueError:  # not a run directory
-            continue
-    return False
-
-
-def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -> list[Path]:
+def cleanup_sessions(
+    session_live: Callable[[Path], bool],
+    ttl_hours: float | None = None,
+    now: float | None = None,
+) -> list[Path]:
     """Delete session workspaces idle for longer than the TTL; return what was deleted.
 
-    The TTL defaults to ``$RETRAIN_SESSION_TTL_HOURS`` or 24 hours. A session with a live
-    run is kept; one whose worker died (the run is interrupted) is not.
+    Args:
+        session_live: whether a session folder must be kept although idle (it has a live
+            run): the caller passes it (``retrain.jobs.session_has_live_run``), since this
+            lowest module knows nothing of runs. A session whose worker died is not live.
+        ttl_hours: idle time allowed; default ``$RETRAIN_SESSION_TTL_HOURS`` or 24 hours.
+        now: the current time (for tests).
     """
     ttl = (
         ttl_hours
@@ -179,7 +175,7 @@ def cleanup_sessions(ttl_hours: float | None = None, now: float | None = None) -
         )
         if now - last < ttl * 3600:
             continue
-        if _has_live_run(folder):
+        if session_live(folder):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)

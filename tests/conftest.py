@@ -139,16 +139,56 @@ def build_tiny_classifier(num_classes: int, size: int = 16, seed: int = 0, binar
     return keras.Model(outer, out, name="tiny")
 
 
+def write_run_dir(
+    run_dir: Path,
+    config: dict | None = None,
+    *,
+    status: dict | None = None,
+    metrics: list[dict] | None = None,
+    split: tuple[list[str], list[str]] | None = None,
+    progress: dict | None = None,
+) -> Path:
+    """Write a run directory through `retrain.rundir`, as training and jobs write it.
+
+    ``config`` is the flat config.json object (TrainConfig fields and resolved keys),
+    ``status`` the status keys (``state`` required), ``metrics`` one row per epoch,
+    ``split`` (train paths, val paths), ``progress`` the progress object.
+    """
+    from retrain import rundir
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        rundir.write_config(run_dir, rundir.RunConfig.from_dict(config))
+    if status is not None:
+        status = dict(status)
+        rundir.write_status(run_dir, status.pop("state"), **status)
+    for row in metrics or []:
+        rundir.append_metrics(run_dir, row)
+    if split is not None:
+        rundir.write_split(run_dir, *split)
+    if progress is not None:
+        rundir.write_progress(run_dir, progress)
+    return run_dir
+
+
+@pytest.fixture
+def run_dir_factory() -> Callable[..., Path]:
+    """`write_run_dir` as a fixture: ``run_dir_factory(run_dir, config, status=..., metrics=...)``."""
+    return write_run_dir
+
+
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: a run directory as train.py writes it, with a briefly trained tiny model.
 
     ``make_run(workspace, classes=("cat","dog","owl"), per_class=8, binary=False,
-    state="done", epochs=8, base="")`` writes ``workspace/runs/<run_id>/`` (config.json, status.json,
-    metrics.jsonl, best.keras) over a folder dataset under ``workspace/data``.
+    state="done", epochs=8, base="")`` writes ``workspace/runs/<run_id>/`` (config, status,
+    metrics, split, best.keras: `write_run_dir`) over a folder dataset under ``workspace/data``.
     """
-    import json
     import time
+
+    from retrain import rundir
 
     def make(
         workspace: Path,
@@ -211,11 +251,6 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             "image_size_used": [size, size],
             **{k: meta[k] for k in ("loss", "label_encoding")},
         }
-        (run_dir / "config.json").write_text(json.dumps(config))
-        now = time.time()
-        (run_dir / "status.json").write_text(
-            json.dumps({"state": state, "started": now - 30, "finished": now, "pid": None})
-        )
         rows = [
             {
                 "epoch": e + 1,
@@ -228,8 +263,20 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             }
             for e in range(epochs)
         ]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        save_model(model, run_dir / "best.keras", meta)
+        if dataset.splits.get("val"):  # training validates on the data's own val folder
+            val_paths = data.load_images(dataset, "val", (size, size), "squash").paths
+            split = (list(cache.paths), list(val_paths))
+        else:
+            split = ([cache.paths[i] for i in train_idx], [cache.paths[i] for i in val_idx])
+        now = time.time()
+        write_run_dir(
+            run_dir,
+            config,
+            status={"state": state, "started": now - 30, "finished": now, "pid": None},
+            metrics=rows,
+            split=split,
+        )
+        save_model(model, rundir.best_model_path(run_dir), meta)
         return run_dir
 
     return make

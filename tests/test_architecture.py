@@ -43,3 +43,102 @@ def test_app_and_library_import_without_tensorflow():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def _retrain_imports(path: Path, modules: set[str]) -> set[str]:
+    """The ``retrain`` modules ``path`` imports, at any depth of the file (inside functions too).
+
+    ``from retrain import x`` counts as importing module ``x`` when there is one; names that
+    are not modules (``from retrain import RetrainError``) count as the package itself.
+    """
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "retrain":
+                    found.add(parts[1] if len(parts) > 1 and parts[1] in modules else "__init__")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from .x import y
+                parts = ["retrain", *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.split(".")[0] == "retrain":
+                parts = node.module.split(".")
+            else:
+                continue
+            if len(parts) > 1:
+                found.add(parts[1] if parts[1] in modules else "__init__")
+            else:
+                found.update(a.name if a.name in modules else "__init__" for a in node.names)
+    found.discard(path.stem)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = {p.stem: p for p in (ROOT / "retrain").glob("*.py")}
+    return {name: _retrain_imports(path, set(files)) for name, path in files.items()}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_retrain_modules_import_each_other_without_cycles():
+    """Counting imports inside functions: an import there is still an arrow."""
+    graph = _import_graph()
+    assert {"rundir", "config", "callbacks", "worker", "jobs", "train"} <= set(graph)
+    cycle = _find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_imports_run_downhill_between_training_and_jobs():
+    graph = _import_graph()
+    assert "jobs" not in graph["train"] and "train" not in graph["jobs"]
+    assert {"jobs", "train"} <= graph["worker"]  # the one module that joins them
+    # the run directory and the workspace are the bottom: they import nothing above them
+    assert graph["workspace"] <= {"errors", "__init__"}
+    assert graph["rundir"] <= {"errors", "workspace", "__init__"}
+    assert graph["config"] <= {"errors", "data", "devices", "__init__"}
+
+
+def test_run_file_names_are_spelled_only_by_rundir():
+    """The run directory's file formats have one owner; the others call it."""
+    names = ("status.json", "metrics.jsonl", "progress.json", "split.json")
+    files = [
+        *(ROOT / "retrain").glob("*.py"),
+        *(ROOT / "pages").glob("*.py"),
+        *(ROOT / "tests").glob("*.py"),
+        ROOT / "app.py",
+    ]
+    offenders = sorted(
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in files
+        if p.name not in ("rundir.py", Path(__file__).name)
+        for name in names
+        if name in p.read_text()
+    )
+    assert offenders == []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain import devices
+from retrain import devices, rundir
 from retrain.devices import _Hardware
 from retrain.errors import ConfigError
 
@@ -366,6 +366,6 @@ def test_two_phase_training_runs_data_parallel_on_two_devices(backend, make_imag
     env["RETRAIN_HOME"] = str(tmp_path / "home")
     result = _run(code, env, timeout=300)
     assert result["state"] == "done"
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    metrics = rundir.read_metrics(tmp_path / "run")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert [m["phase"] for m in metrics] == [1, 1, 2]

@@ -367,3 +367,50 @@ def test_evaluate_refuses_a_file_that_is_not_a_keras_model_in_one_line(tmp_path)
         "error: 'notes.txt' is not a .keras model. Use a run's best.keras or model.keras, "
         "or an exported model.keras."
     )
+
+
+def test_scoring_a_run_uses_its_recorded_split_not_a_recomputed_one(
+    original, workspace, monkeypatch
+):
+    """The validation images are the ones the run recorded when it trained, even when
+    `data.stratified_split` would now split differently."""
+    from retrain import data, rundir
+
+    run = _train(original, workspace, "run-split", freeze="all", epochs=1)
+    recorded = rundir.read_split(run)
+    assert recorded is not None and recorded["val"]
+    dataset = evaluate.run_dataset(run)
+    root = Path(dataset.root)
+
+    made_by_training = data.stratified_split
+
+    def other_split(labels, val_fraction, seed):  # a split training never made
+        return made_by_training(labels, val_fraction, seed + 1)
+
+    monkeypatch.setattr(data, "stratified_split", other_split)
+    labels = np.asarray(data.load_images(dataset, "train", (16, 16), "squash").labels)
+    now = evaluate.validation_indices(dataset, rundir.read_config(run), labels)
+    cache_paths = data.load_images(dataset, "train", (16, 16), "squash").paths
+    assert sorted(cache_paths[i] for i in now) != sorted(recorded["val"])  # it would differ
+
+    report = evaluate.evaluate_run(run)
+    scored = sorted(Path(p["path"]).relative_to(root).as_posix() for p in report["predictions"])
+    assert scored == sorted(recorded["val"])
+    assert report["num_images"] == len(recorded["val"])
+
+
+def test_runs_without_a_recorded_split_fall_back_to_the_seeded_split(original, workspace):
+    from retrain import rundir
+
+    run = workspace / "runs" / "run-split"
+    if not run.is_dir():
+        run = _train(original, workspace, "run-split", freeze="all", epochs=1)
+    recorded = rundir.read_split(run)
+    (run / rundir.SPLIT_FILE).unlink()  # a run written before runs recorded their split
+    try:
+        report = evaluate.evaluate_run(run)
+        root = Path(evaluate.run_dataset(run).root)
+        scored = sorted(Path(p["path"]).relative_to(root).as_posix() for p in report["predictions"])
+        assert scored == sorted(recorded["val"])  # same seed, same split as training made
+    finally:
+        rundir.write_split(run, recorded["train"], recorded["val"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import evaluate, export
+from retrain import evaluate, export, rundir
 from retrain.errors import ConfigError, RunError
 
 CLASSES = ("cat", "dog", "owl")
@@ -179,7 +179,7 @@ def test_zip_of_everything_holds_every_file(exported, run_dir):
 def test_a_run_that_is_not_done_cannot_be_exported(run_dir, tmp_path):
     copy = tmp_path / "runs" / "run-failed"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export"))
-    (copy / "status.json").write_text(json.dumps({"state": "failed"}))
+    rundir.write_status(copy, "failed")
     with pytest.raises(RunError, match="is failed, not done"):
         export.export_run(copy, ["keras"])
 

@@ -9,7 +9,6 @@ deletes only idle sessions.
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -19,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_run_dir
 from PIL import Image
 
+from retrain import rundir
 from retrain.errors import ConfigError
+from retrain.jobs import session_has_live_run
 from retrain.workspace import (
     cleanup_sessions,
     home,
@@ -94,7 +96,6 @@ def _fake_run(
 ) -> Path:
     """A finished run directory as the worker writes it (DESIGN.md), without training."""
     run_dir = run_path(workspace, run_id)
-    run_dir.mkdir(parents=True)
     config = {
         "data": str(workspace / "datasets" / "secret" / "manifest.json"),
         "base": "builtin:digits-cnn",
@@ -105,17 +106,17 @@ def _fake_run(
         "class_names": classes,
         "dataset_id": "0123456789abcdef",
     }
-    (run_dir / "config.json").write_text(json.dumps(config))
-    (run_dir / "status.json").write_text(
-        json.dumps({"state": state, "run_id": run_id, "started": time.time() - 60, **status})
-    )
     lines = [
         {"epoch": e, "phase": "head", "loss": 1.0 / e, "accuracy": 0.5 + e / 10, "val_loss": 1.1,
          "val_accuracy": 0.5 + e / 10, "lr": 0.001, "seconds": 1.0}
         for e in (1, 2)
     ]  # fmt: skip
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return run_dir
+    return write_run_dir(
+        run_dir,
+        config,
+        status={"state": state, "run_id": run_id, "started": time.time() - 60, **status},
+        metrics=lines,
+    )
 
 
 # --------------------------------------------------------------------------- workspaces
@@ -373,11 +374,11 @@ def test_cleanup_deletes_idle_sessions_and_keeps_active_and_running_ones():
     _age(running, 2 * day, now)
     _age(crashed, 2 * day, now)
     _age(active_run, 2 * day, now)
-    os.utime(active_run / "runs" / "run-writing" / "metrics.jsonl", (now, now))
+    os.utime(active_run / "runs" / "run-writing" / rundir.METRICS_FILE, (now, now))
     _age(not_a_session, 2 * day, now)
     _age(keras_cache, 2 * day, now)
 
-    removed = cleanup_sessions(ttl_hours=24, now=now)
+    removed = cleanup_sessions(session_has_live_run, ttl_hours=24, now=now)
 
     assert sorted(removed) == sorted([idle, crashed])
     assert not idle.exists() and not crashed.exists()
@@ -392,9 +393,9 @@ def test_cleanup_ttl_comes_from_the_environment(monkeypatch):
     (ws / "session.json").write_text("{}")
     _age(ws, 3 * 3600, now)
     monkeypatch.setenv("RETRAIN_SESSION_TTL_HOURS", "4")
-    assert cleanup_sessions(now=now) == []
+    assert cleanup_sessions(session_has_live_run, now=now) == []
     monkeypatch.setenv("RETRAIN_SESSION_TTL_HOURS", "2")
-    assert cleanup_sessions(now=now) == [ws]
+    assert cleanup_sessions(session_has_live_run, now=now) == [ws]
     assert not ws.exists()
 
 

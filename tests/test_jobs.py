@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -10,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_run_dir
 
-from retrain import jobs
+from retrain import jobs, rundir
+from retrain.config import TrainConfig
 from retrain.errors import RunError
-from retrain.train import TrainConfig, read_json, write_json, write_status
+from retrain.rundir import write_status
+from retrain.workspace import write_json
 
 
 def _dead_pid() -> int:
@@ -23,22 +25,18 @@ def _dead_pid() -> int:
 
 
 def _run_dir(tmp_path: Path, name: str = "run-1", **status) -> Path:
-    run_dir = tmp_path / "runs" / name
-    run_dir.mkdir(parents=True)
-    write_json(run_dir / "config.json", {"base": "builtin:digits-cnn", "epochs": 3})
-    if status:
-        write_json(run_dir / "status.json", status)
-    return run_dir
+    config = {"base": "builtin:digits-cnn", "epochs": 3}
+    return write_run_dir(tmp_path / "runs" / name, config, status=status or None)
 
 
 def test_dead_worker_is_reported_interrupted(tmp_path):
     run_dir = _run_dir(tmp_path, state="running", pid=_dead_pid())
-    (run_dir / "last.npz").write_bytes(b"x")
+    (run_dir / rundir.CHECKPOINT_FILE).write_bytes(b"x")
     status = jobs.read_status(run_dir)
     assert status["state"] == "interrupted" and status["previous_state"] == "running"
     assert "resume" in status["error"] and status["resumable"] is True
     # the file itself is not rewritten: a resumed worker owns it
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    assert rundir.read_status_file(run_dir)["state"] == "running"
 
 
 def test_live_worker_stays_running_and_a_stop_request_shows_as_stopping(tmp_path):
@@ -48,7 +46,7 @@ def test_live_worker_stays_running_and_a_stop_request_shows_as_stopping(tmp_path
     run_dir = _run_dir(tmp_path, state="running", pid=me.pid, pid_started=me.create_time())
     assert jobs.read_status(run_dir)["state"] == "running"
     jobs.request_stop(run_dir)
-    assert (run_dir / "stop").is_file()
+    assert rundir.stop_requested(run_dir)
     assert jobs.read_status(run_dir)["state"] == "stopping"
     # a reused pid (another start time) is not the worker
     write_status(run_dir, "running", pid_started=me.create_time() - 1000)
@@ -70,7 +68,7 @@ def test_not_a_run_directory_is_a_run_error(tmp_path):
 
 def test_new_metrics_are_read_incrementally_and_half_lines_wait(tmp_path):
     run_dir = _run_dir(tmp_path)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / rundir.METRICS_FILE  # written by hand: half lines are the point
     path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "lo')
     rows, offset = jobs.read_new_metrics(run_dir, 0)
     assert [r["epoch"] for r in rows] == [1]
@@ -86,8 +84,8 @@ def test_new_metrics_are_read_incrementally_and_half_lines_wait(tmp_path):
 
 def test_list_runs_newest_first_with_best_val_accuracy(tmp_path):
     old = _run_dir(tmp_path, "run-a", state="done", created=100.0)
-    (old / "metrics.jsonl").write_text(
-        '{"epoch": 1, "val_accuracy": 0.5}\n{"epoch": 2, "val_accuracy": 0.75}\n'
+    write_run_dir(
+        old, metrics=[{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}]
     )
     _run_dir(tmp_path, "run-b", state="failed", created=200.0, error="x")
     runs = jobs.list_runs(tmp_path)
@@ -116,7 +114,7 @@ def test_queue_holds_a_second_worker_until_the_first_ends(tmp_path, monkeypatch)
         thread = threading.Thread(target=worker)
         thread.start()
         deadline = time.time() + 10
-        while (read_json(run_dir / "status.json") or {}).get("state") != "queued":
+        while (rundir.read_status_file(run_dir) or {}).get("state") != "queued":
             assert time.time() < deadline
             time.sleep(0.02)
         status = jobs.read_status(run_dir)
@@ -139,7 +137,7 @@ def test_a_stop_while_queued_gives_up_the_place(tmp_path, monkeypatch):
         {"pid": me.pid, "started": me.create_time()},
     )
     run_dir = _run_dir(tmp_path)
-    (run_dir / "stop").write_text("1")
+    rundir.request_stop(run_dir)
     with jobs.training_slot(run_dir, poll_s=0.01) as ok:
         assert ok is False
 
@@ -148,7 +146,7 @@ def test_start_run_writes_config_first_and_a_bad_run_fails_with_one_line(tmp_pat
     config = TrainConfig(data=str(tmp_path / "missing"), base="builtin:digits-cnn", epochs=2)
     run_dir = jobs.start_run(config, tmp_path / "ws")
     assert run_dir.parent == tmp_path / "ws" / "runs"
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved = rundir.read_config(run_dir)
     assert saved["out"] == str(run_dir) and saved["epochs"] == 2
     assert jobs.read_status(run_dir)["state"] in ("queued", "running", "failed")
     deadline = time.time() + 90
@@ -177,7 +175,7 @@ def test_cli_status_and_stop(tmp_path):
     run_dir = _run_dir(tmp_path, state="running", pid=_dead_pid())
     assert main(["status", str(run_dir)]) == 0
     assert main(["stop", str(run_dir)]) == 0
-    assert (run_dir / "stop").exists()
+    assert rundir.stop_requested(run_dir)
     assert main(["status", str(tmp_path / "nope")]) == 2
 
 
@@ -191,3 +189,31 @@ def test_delete_run_removes_a_finished_run_and_refuses_a_live_one(tmp_path):
     with pytest.raises(RunError, match="stop it on the Train page"):
         jobs.delete_run(tmp_path, "run-live")
     assert live.exists()
+
+
+def test_worker_command_is_the_cli_of_a_new_or_resumed_run(tmp_path):
+    from retrain.__main__ import build_parser
+    from retrain.config import config_from_args
+
+    config = TrainConfig(data="d.zip", base="builtin:digits-cnn", epochs=4, freeze="TOP:2")
+    run_dir = tmp_path / "runs" / "run-x"
+    command = jobs.worker_command(run_dir, config, tmp_path)
+    assert command[:4] == [sys.executable, "-m", "retrain", "train"]
+    args = build_parser().parse_args(command[3:])
+    assert args.handler == "retrain.worker:cli_train"
+    again = config_from_args(args)
+    assert again.out == str(run_dir) and again.epochs == 4 and again.freeze == "top:2"
+    assert args.workspace == tmp_path
+    resume = jobs.worker_command(run_dir, workspace=tmp_path, python="python3")
+    assert resume == ["python3", "-m", "retrain", "train", "--resume", str(run_dir),
+                      "--workspace", str(tmp_path)]  # fmt: skip
+
+
+def test_session_liveness_is_what_the_session_sweep_is_given(tmp_path):
+    import os
+
+    session = tmp_path / "session"
+    _run_dir(session, "run-done", state="done")
+    assert jobs.session_has_live_run(session) is False
+    _run_dir(session, "run-live", state="running", pid=os.getpid())
+    assert jobs.session_has_live_run(session) is True

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from retrain import evaluate
+from retrain import evaluate, rundir
 from retrain.workspace import new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +45,10 @@ def _open(token: str) -> AppTest:
 
 
 def _set_config(workspace: Path, **values) -> None:
-    path = workspace / "runs" / RUN_ID / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    run_dir = workspace / "runs" / RUN_ID
+    rundir.write_config(
+        run_dir, rundir.RunConfig.from_dict({**rundir.read_config(run_dir), **values})
+    )
 
 
 def test_without_a_run_it_asks_to_train_first(trained):
@@ -57,7 +59,7 @@ def test_without_a_run_it_asks_to_train_first(trained):
 
 def test_an_unfinished_run_is_not_evaluated(trained):
     token, workspace = _session(trained, run_id=RUN_ID)
-    (workspace / "runs" / RUN_ID / "status.json").write_text(json.dumps({"state": "failed"}))
+    rundir.write_status(workspace / "runs" / RUN_ID, "failed")
     at = _open(token)
     assert "is failed" in at.info[0].value
     assert not at.metric
@@ -95,7 +97,7 @@ def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
     assert "Did it forget the original task?" in [s.value for s in at.subheader]
 
     buf = io.BytesIO()
-    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    data = Path(rundir.read_config(run_dir)["data"])
     with zipfile.ZipFile(buf, "w") as zf:
         for file in sorted(data.rglob("*.png")):
             zf.write(file, file.relative_to(data).as_posix())
@@ -110,7 +112,7 @@ def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
 
 def test_try_an_image_shows_the_top_classes(trained):
     token, workspace = _session(trained, run_id=RUN_ID)
-    data = Path(json.loads((workspace / "runs" / RUN_ID / "config.json").read_text())["data"])
+    data = Path(rundir.read_config(workspace / "runs" / RUN_ID)["data"])
     image = data / "owl" / "0.png"
     at = _open(token)
     at.slider(key="eval_k").set_value(2).run()

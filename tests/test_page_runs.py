@@ -6,8 +6,10 @@ import json
 import time
 from pathlib import Path
 
+from conftest import write_run_dir
 from streamlit.testing.v1 import AppTest
 
+from retrain.rundir import write_status
 from retrain.workspace import new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fake_run(workspace: Path, run_id: str, best: float, state: str = "done", age: float = 0):
     """A run directory as the worker writes it (no model needed on this page)."""
     run_dir = workspace / "runs" / run_id
-    run_dir.mkdir(parents=True)
     config = {
         "data": "/data/flowers.zip",
         "dataset_name": "flowers",
@@ -26,19 +27,16 @@ def _fake_run(workspace: Path, run_id: str, best: float, state: str = "done", ag
         "freeze": "all",
         "fine_tune_epochs": 2,
     }
-    (run_dir / "config.json").write_text(json.dumps(config))
     now = time.time() - age
     status = {"state": state, "created": now - 100, "started": now - 100, "finished": now - 58}
     if state == "running":
         status.update(pid=1, finished=None)
-    (run_dir / "status.json").write_text(json.dumps(status))
     rows = [
         {"epoch": e, "loss": 1 / e, "accuracy": best * e / 3, "val_loss": 1.2 / e,
          "val_accuracy": best * e / 3, "seconds": 1.0}
         for e in (1, 2, 3)
     ]  # fmt: skip
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run_dir
+    return write_run_dir(run_dir, config, status=status, metrics=rows)
 
 
 def _open(runs: list[tuple[str, float, str]]) -> tuple[AppTest, Path]:
@@ -119,8 +117,7 @@ def test_a_run_whose_worker_died_shows_as_interrupted_and_can_be_deleted():
     run_dir = _fake_run(workspace, "run-crashed", 0.5, "running")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    status = json.loads((run_dir / "status.json").read_text())
-    (run_dir / "status.json").write_text(json.dumps({**status, "pid": dead.pid}))
+    write_status(run_dir, "running", pid=dead.pid)
     at.run()
     table = at.dataframe[0].value.set_index("run")
     assert table.loc["run-crashed", "state"] == "interrupted"

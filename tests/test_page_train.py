@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import write_run_dir
 from streamlit.testing.v1 import AppTest
 
-from retrain.train import write_json
+from retrain import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -41,19 +42,13 @@ def _app(session: dict, run_id: str | None = None) -> AppTest:
 
 
 def _fabricate(workspace: Path, run_id: str, state: str, epochs: int, **status) -> Path:
-    run_dir = workspace / "runs" / run_id
-    run_dir.mkdir(parents=True)
-    write_json(
-        run_dir / "config.json",
-        {
-            "base": "builtin:digits-cnn",
-            "epochs": 3,
-            "fine_tune_epochs": 2,
-            "device": {"backend": "tensorflow", "device": "CPU"},
-            "precision": "float32",
-        },
-    )
-    write_json(run_dir / "status.json", {"state": state, "created": 1.0, **status})
+    config = {
+        "base": "builtin:digits-cnn",
+        "epochs": 3,
+        "fine_tune_epochs": 2,
+        "device": {"backend": "tensorflow", "device": "CPU"},
+        "precision": "float32",
+    }
     lines = [
         {
             "epoch": e,
@@ -68,8 +63,13 @@ def _fabricate(workspace: Path, run_id: str, state: str, epochs: int, **status) 
         }
         for e in range(1, epochs + 1)
     ]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (run_dir / "log.txt").write_text("worker started\nepoch 1 done\n")
+    run_dir = write_run_dir(
+        workspace / "runs" / run_id,
+        config,
+        status={"state": state, "created": 1.0, **status},
+        metrics=lines,
+    )
+    rundir.log_path(run_dir).write_text("worker started\nepoch 1 done\n")  # the worker's output
     return run_dir
 
 
@@ -193,8 +193,8 @@ def test_running_run_draws_the_epochs_that_exist_and_progress(session):
         pid=me.pid,
         pid_started=me.create_time(),
     )
-    write_json(
-        run_dir / "progress.json",
+    rundir.write_progress(
+        run_dir,
         {
             "phase": 1,
             "epoch": 3,
@@ -216,10 +216,9 @@ def test_running_run_draws_the_epochs_that_exist_and_progress(session):
     assert at.button(key="start_training").disabled is True
 
     # A new epoch appears on the next poll; Stop writes the stop request.
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 3, "phase": 1, "loss": 0.3, "val_loss": 0.4}) + "\n")
+    rundir.append_metrics(run_dir, {"epoch": 3, "phase": 1, "loss": 0.3, "val_loss": 0.4})
     at.button(key="stop_training").click().run()
-    assert (run_dir / "stop").exists()
+    assert rundir.stop_requested(run_dir)
     assert all(len(t["x"]) == 3 for c in _charts(at) for t in c["data"])
 
 

@@ -5,6 +5,7 @@ No ``tf.*`` here: the file also runs with ``KERAS_BACKEND=jax`` (``make test-bac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrain import callbacks, rundir
 from retrain import train as train_module
+from retrain.config import TrainConfig
 from retrain.errors import ConfigError
-from retrain.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +95,7 @@ def test_config_defaults_are_the_documented_ones():
         "off",
         0.2,
     )
-    for f in train_module.dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"], f"{f.name} has no help text"
 
 
@@ -200,9 +202,9 @@ class _BatchCounter:
 
 def test_metrics_and_progress_writers_write_one_line_per_epoch(tmp_path):
     x, y = _toy()
-    state = train_module.RunState(tmp_path, total_epochs=3)
-    data = train_module.ArrayDataset(x, y, np.arange(32), 8, shuffle=True, seed=3)
-    val = train_module.ArrayDataset(x, y, np.arange(32, 40), 8)
+    state = callbacks.RunState(tmp_path, total_epochs=3)
+    data = callbacks.ArrayDataset(x, y, np.arange(32), 8, shuffle=True, seed=3)
+    val = callbacks.ArrayDataset(x, y, np.arange(32, 40), 8)
     model = _toy_model()
     model.fit(
         data,
@@ -210,18 +212,18 @@ def test_metrics_and_progress_writers_write_one_line_per_epoch(tmp_path):
         epochs=3,
         verbose=0,
         callbacks=[
-            train_module.ProgressWriter(state, 1, len(data), 8, interval=0.0),
-            train_module.MetricsWriter(state, 1, 32),
+            callbacks.RunMonitor(state, 1, len(data), 8, interval=0.0),
+            callbacks.MetricsWriter(state, 1, 32),
         ],
     )
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = rundir.read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     keys = {"epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"}
     for row in rows:
         assert keys | {"images_per_second"} <= row.keys()
         assert row["phase"] == 1 and row["lr"] == pytest.approx(1e-2)
         assert 0 <= row["val_accuracy"] <= 1 and row["images_per_second"] > 0
-    progress = json.loads((tmp_path / "progress.json").read_text())
+    progress = rundir.read_progress(tmp_path)
     assert progress["epoch"] == 3 and progress["epochs"] == 3
     assert progress["batch"] == progress["batches"] == 4
     assert progress["eta_seconds"] == 0
@@ -231,19 +233,19 @@ def test_progress_is_written_mid_epoch_with_an_eta(tmp_path):
     import keras
 
     x, y = _toy(80)
-    state = train_module.RunState(tmp_path, total_epochs=2)
+    state = callbacks.RunState(tmp_path, total_epochs=2)
     seen: list[dict] = []
 
     class Peek(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            seen.append(json.loads((tmp_path / "progress.json").read_text()))
+            seen.append(rundir.read_progress(tmp_path))
 
-    data = train_module.ArrayDataset(x, y, np.arange(80), 8)
+    data = callbacks.ArrayDataset(x, y, np.arange(80), 8)
     _toy_model().fit(
         data,
         epochs=1,
         verbose=0,
-        callbacks=[train_module.ProgressWriter(state, 1, len(data), 8, interval=0.0), Peek()],
+        callbacks=[callbacks.RunMonitor(state, 1, len(data), 8, interval=0.0), Peek()],
     )
     assert [p["batch"] for p in seen] == list(range(1, 11))
     assert seen[4]["eta_seconds"] > 0 and seen[4]["batches"] == 10 and seen[4]["epochs"] == 2
@@ -251,42 +253,42 @@ def test_progress_is_written_mid_epoch_with_an_eta(tmp_path):
 
 def test_stop_request_is_honoured_at_the_next_batch(tmp_path):
     x, y = _toy(80)
-    (tmp_path / "stop").write_text("now")
-    train_module.write_status(tmp_path, "running")
-    state = train_module.RunState(tmp_path, total_epochs=5)
+    rundir.write_status(tmp_path, "running")
+    rundir.request_stop(tmp_path)
+    state = callbacks.RunState(tmp_path, total_epochs=5)
     counter = _BatchCounter()
-    data = train_module.ArrayDataset(x, y, np.arange(80), 8)
+    data = callbacks.ArrayDataset(x, y, np.arange(80), 8)
     _toy_model().fit(
         data,
         epochs=5,
         verbose=0,
         callbacks=[
-            train_module.StopWatcher(state),
+            callbacks.RunMonitor(state),
             counter,
-            train_module.MetricsWriter(state, 1, 80),
+            callbacks.MetricsWriter(state, 1, 80),
         ],
     )
     assert state.stopped and type(counter).batches == 1  # 1 of 50 batches ran
-    status = json.loads((tmp_path / "status.json").read_text())
+    status = rundir.read_status_file(tmp_path)
     assert status["state"] == "stopping"
-    rows = train_module.read_metrics_file(tmp_path)
+    rows = rundir.read_metrics(tmp_path)
     assert len(rows) == 1 and rows[0]["partial"] is True
 
 
 def test_nan_guard_stops_and_records_the_epoch(tmp_path):
     x, y = _toy()
     x[5] = np.inf  # any step that sees this row produces a NaN loss
-    state = train_module.RunState(tmp_path, total_epochs=4)
+    state = callbacks.RunState(tmp_path, total_epochs=4)
     counter = _BatchCounter()
-    data = train_module.ArrayDataset(x, y, np.arange(40), 40)
+    data = callbacks.ArrayDataset(x, y, np.arange(40), 40)
     _toy_model().fit(
         data,
         epochs=4,
         verbose=0,
-        callbacks=[train_module.NanGuard(state), train_module.MetricsWriter(state, 1, 40), counter],
+        callbacks=[callbacks.RunMonitor(state), callbacks.MetricsWriter(state, 1, 40), counter],
     )
     assert state.diverged_epoch == 1 and type(counter).batches == 1
-    assert not (tmp_path / "metrics.jsonl").exists()  # a diverged epoch is not a result
+    assert rundir.read_metrics(tmp_path) == []  # a diverged epoch is not a result
     message = train_module.diverged_message(state.diverged_epoch, 1e-3)
     assert message == (
         "Training diverged (loss is NaN) at epoch 1; lower the learning rate, e.g. --lr 0.0001"
@@ -297,7 +299,7 @@ def test_array_dataset_shuffles_per_epoch_and_weights_samples():
     x = np.arange(20, dtype=np.uint8)[:, None]
     y = np.arange(20)
     weights = np.linspace(0, 1, 20).astype(np.float32)
-    data = train_module.ArrayDataset(
+    data = callbacks.ArrayDataset(
         x, y, np.arange(20), 5, shuffle=True, seed=0, sample_weight=weights
     )
     first = np.concatenate([data[i][0][:, 0] for i in range(len(data))])
@@ -313,15 +315,15 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(tmp_path):
     model = _toy_model()
     model.compile(train_module._make_optimizer("adam", 1e-2), "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=2, verbose=0)
-    state = train_module.RunState(tmp_path, total_epochs=5)
+    state = callbacks.RunState(tmp_path, total_epochs=5)
     state.best_val_accuracy = 0.75
-    train_module.save_checkpoint(state, model, model.optimizer, epoch=2)
-    meta, npz = train_module.load_checkpoint(tmp_path)
+    callbacks.save_checkpoint(state, model, model.optimizer, epoch=2)
+    meta, npz = rundir.load_checkpoint(tmp_path)
     assert meta["epoch"] == 2 and meta["best_val_accuracy"] == 0.75
     fresh = _toy_model()
     fresh.set_weights([npz[f"w{i}"] for i in range(meta["weights"])])
     optimizer = train_module._make_optimizer("adam", 1e-2)
-    assert train_module._restore_optimizer(
+    assert callbacks.restore_optimizer(
         optimizer, fresh.trainable_variables, npz, meta["optimizer_variables"]
     )
     assert int(np.asarray(optimizer.iterations.numpy())) == int(
@@ -393,10 +395,10 @@ def test_two_phases_with_augmentation_and_class_weights(make_image_folder, tmp_p
     )
     summary = train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
     assert summary["feature_cache"] is False  # augmentation changes the base's input
-    rows = train_module.read_metrics_file(tmp_path / "run")
+    rows = rundir.read_metrics(tmp_path / "run")
     assert [(r["epoch"], r["phase"]) for r in rows] == [(1, 1), (2, 1), (3, 2), (4, 2)]
     assert rows[0]["lr"] == pytest.approx(1e-2) and rows[2]["lr"] == pytest.approx(1e-3)
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved = rundir.read_config(tmp_path / "run")
     assert saved["feature_cache"] is False and saved["label_encoding"] == "index"
     from retrain.modelfile import load_model
 
@@ -410,7 +412,7 @@ def test_cache_on_with_augmentation_is_a_config_error(make_image_folder, tmp_pat
     config = TrainConfig(data=str(folder), base=str(tiny_base), augment=True, cache_features="on")
     with pytest.raises(ConfigError, match="--cache-features on needs a frozen base"):
         train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
-    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    status = rundir.read_status_file(tmp_path / "run")
     assert status["state"] == "failed" and status["error"].startswith("--cache-features on")
 
 
@@ -439,13 +441,13 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     summary = json.loads(out.stdout)
     assert summary["state"] == "done" and summary["epochs_done"] == 2
     assert any("Batch size 64 is larger" in w for w in summary["warnings"])
-    for name in ("config.json", "status.json", "metrics.jsonl", "progress.json", "best.keras"):
-        assert (run_dir / name).is_file(), name
-    rows = train_module.read_metrics_file(run_dir)
+    assert rundir.read_config(run_dir) and rundir.read_progress(run_dir)
+    assert rundir.best_model_path(run_dir).is_file()
+    rows = rundir.read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1, 2] and {r["phase"] for r in rows} == {1}
-    status = json.loads((run_dir / "status.json").read_text())
+    status = rundir.read_status_file(run_dir)
     assert status["state"] == "done" and status["stopped"] is False
-    config = json.loads((run_dir / "config.json").read_text())
+    config = rundir.read_config(run_dir)
     assert config["class_names"] == ["blue", "green", "red"]
     import keras
 
@@ -484,7 +486,7 @@ def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
             time.sleep(0.05)
 
     def epochs_done() -> int:
-        return len(train_module.read_metrics_file(run_dir))
+        return len(rundir.read_metrics(run_dir))
 
     run_dir = jobs.start_run(config, workspace)
     wait_for(lambda: epochs_done() >= 2, "first epochs")
@@ -507,7 +509,7 @@ def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     # Resume in the foreground to the end: every epoch exactly once, in order.
     out = _cli("train", "--resume", str(run_dir), "--workspace", str(workspace))
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = train_module.read_metrics_file(run_dir)
+    rows = rundir.read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == list(range(1, 41))
     status = json.loads(_cli("status", str(run_dir)).stdout)
     assert status["state"] == "done" and status["stopped"] is False
@@ -550,8 +552,8 @@ def test_best_checkpoint_takes_the_best_accuracy_and_breaks_ties_by_loss(tmp_pat
     import keras
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
-    state = train_module.RunState(tmp_path, total_epochs=4)
-    best = train_module.BestCheckpoint(state, model, {"class_names": ["a", "b"]}, 1e9)
+    state = callbacks.RunState(tmp_path, total_epochs=4)
+    best = callbacks.BestCheckpoint(state, model, {"class_names": ["a", "b"]}, 1e9)
     logs = [(0.90, 0.50), (0.90, 0.30), (0.90, 0.40), (0.95, 0.60)]
     picked = []
     for epoch, (acc, loss) in enumerate(logs):
@@ -572,8 +574,8 @@ def test_best_checkpoint_snapshots_only_the_head_yet_saves_the_whole_model(tmp_p
     base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="base_dense")])
     head = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head_dense")])
     model = keras.Model(inp, head(base(inp)))
-    state = train_module.RunState(tmp_path, total_epochs=2)
-    best = train_module.BestCheckpoint(state, model, {}, 1e9, changing=head)
+    state = callbacks.RunState(tmp_path, total_epochs=2)
+    best = callbacks.BestCheckpoint(state, model, {}, 1e9, changing=head)
     best_head = [w.copy() for w in head.get_weights()]
     best.on_epoch_end(0, {"val_accuracy": 0.9, "val_loss": 0.1})
     head.set_weights([w + 1 for w in best_head])  # a worse later epoch
@@ -585,3 +587,82 @@ def test_best_checkpoint_snapshots_only_the_head_yet_saves_the_whole_model(tmp_p
     got = np.asarray(saved.predict(x, verbose=0)) - best_head[1]
     assert np.allclose(got.ravel(), expected.ravel(), atol=1e-5)
     assert np.allclose(head.get_weights()[0], best_head[0] + 1)  # training weights restored
+
+
+# ---------------------------------------------------------------------------- recorded split
+
+
+def _split_images(folder: Path, workspace: Path) -> set[str]:
+    from retrain import data
+
+    dataset = data.ingest(folder, workspace)
+    return {p for p, _ in dataset.splits["train"]}
+
+
+@pytest.mark.parametrize("val_split", [0.25, 0.0])
+def test_a_run_records_its_split_and_a_resume_reads_it_back(
+    make_image_folder, tmp_path, tiny_base, monkeypatch, val_split
+):
+    from retrain import data
+
+    folder = make_image_folder(classes=("red", "green"), per_class=6, size=32)
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), out=str(run_dir), epochs=1, batch_size=4,
+        val_split=val_split, workers=1,
+    )  # fmt: skip
+    train_module.train(config, run_dir, workspace=tmp_path / "ws")
+    split = rundir.read_split(run_dir)
+    train_set, val_set = set(split["train"]), set(split["val"])
+    assert not train_set & val_set
+    assert train_set | val_set == _split_images(folder, tmp_path / "ws")
+    assert bool(val_set) == bool(val_split)
+    assert rundir.read_config(run_dir)["num_val"] == len(val_set)
+
+    # A resumed run trains on the same images, whatever the split function says now.
+    made_by_training = data.stratified_split
+    monkeypatch.setattr(
+        data, "stratified_split", lambda labels, f, seed: made_by_training(labels, f, seed + 7)
+    )
+    longer = dataclasses.replace(config, fine_tune_epochs=1)
+    summary = train_module.train(longer, run_dir, workspace=tmp_path / "ws", resume=True)
+    assert summary["epochs_done"] == 2
+    assert rundir.read_split(run_dir) == split
+
+
+def test_data_with_a_val_folder_records_that_folder_as_val(make_image_folder, tmp_path, tiny_base):
+    folder = make_image_folder(
+        classes=("red", "green"), per_class=6, size=32, splits=("train", "val")
+    )
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), out=str(run_dir), epochs=1, batch_size=4, workers=1
+    )
+    train_module.train(config, run_dir, workspace=tmp_path / "ws")
+    split = rundir.read_split(run_dir)
+    assert split["val"] and all(p.startswith("val/") for p in split["val"])
+    assert split["train"] and all(p.startswith("train/") for p in split["train"])
+
+
+def test_the_run_monitor_keeps_keras_async_dispatch(tmp_path, monkeypatch):
+    """Every per-batch hook of a run is async-safe, so Keras need not wait for each step.
+
+    (Keras dispatches asynchronously on thread-safe backends, JAX and PyTorch; the check is
+    made to run on any backend.)
+    """
+    import keras
+    from keras.src import backend
+    from keras.src.callbacks.callback_list import CallbackList
+
+    monkeypatch.setattr(backend, "IS_THREAD_SAFE", True)
+    state = callbacks.RunState(tmp_path, total_epochs=1)
+    model = _toy_model()
+    ours = [
+        callbacks.RunMonitor(state, 1, 4, 8),
+        callbacks.MetricsWriter(state, 1, 32),
+        callbacks.BestCheckpoint(state, model, {}),
+        callbacks.EpochCheckpoint(state, model),
+        keras.callbacks.CSVLogger(str(tmp_path / "h.csv")),
+    ]
+    assert CallbackList(ours, model=model)._async_train is True
+    assert CallbackList([*ours, _BatchCounter()], model=model)._async_train is False

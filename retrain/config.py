@@ -1,0 +1,469 @@
+"""The training config: `TrainConfig`, its command-line flags, and the freeze mini-language.
+
+``TrainConfig`` is the single description of a run. Each field carries its help text, group,
+choices and bounds in its metadata; the CLI flags (`add_config_arguments`) and the Train page's
+widgets are both built from them, so a new field is a new flag and a new widget at once.
+``config.json`` stores the fields (see `retrain.rundir.RunConfig`).
+
+The freeze text ("all", "none", "top:K", "names:a,b") is parsed here only, by
+`FreezeSpec.parse`; `TrainConfig` validates and normalises ``freeze`` through it.
+
+No Keras import: the CLI builds its parser from this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from retrain.data import RESIZE_MODES  # one list, owned by the image cache
+from retrain.devices import PRECISION_CHOICES
+from retrain.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+CACHE_FEATURES = ("auto", "on", "off")
+PRECISIONS = PRECISION_CHOICES
+
+
+@dataclass(frozen=True)
+class FreezeSpec:
+    """Which kept base layers train: all frozen, none frozen, the top K, or named ones.
+
+    One rule for the text: the keyword is case-insensitive and surrounding spaces are ignored
+    ("TOP:5" is "top:5"); ``top:K`` needs K >= 1 ("top:0" is an error: freeze "all" instead);
+    ``names:`` needs at least one layer name (names keep their case).
+    """
+
+    mode: str = "all"  # all | none | top | names
+    k: int = 0
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> FreezeSpec:
+        """Parse ``"all"``, ``"none"``, ``"top:5"`` or ``"names:a,b"``.
+
+        Raises:
+            ConfigError: anything else.
+        """
+        text = (text or "").strip()
+        mode, _, arg = text.partition(":")
+        mode = mode.strip().lower()
+        if mode in ("all", "none") and not arg:
+            return cls(mode=mode)
+        if mode == "top":
+            try:
+                k = int(arg)
+            except ValueError:
+                k = -1
+            if k < 1:
+                raise ConfigError(
+                    f"Freeze '{text}' needs a number of layers K >= 1, e.g. 'top:10'."
+                )
+            return cls(mode="top", k=k)
+        if mode == "names":
+            names = tuple(n.strip() for n in arg.split(",") if n.strip())
+            if not names:
+                raise ConfigError(f"Freeze '{text}' names no layers, e.g. 'names:conv3,bn3'.")
+            return cls(mode="names", names=names)
+        raise ConfigError(f"Unknown freeze '{text}'. Use all, none, top:K or names:a,b.")
+
+    def __str__(self) -> str:
+        if self.mode == "top":
+            return f"top:{self.k}"
+        if self.mode == "names":
+            return "names:" + ",".join(self.names)
+        return self.mode
+
+
+def _opt(help_text: str, default: Any = None, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; the CLI flags and the page widgets come from its fields.
+
+    Field metadata: ``help`` (one line: what it is and why the default), ``group`` ("run",
+    "basic", "head", "augment", "fine-tune", "advanced"), ``choices`` for string enums,
+    ``min``/``max`` for numbers.
+    """
+
+    data: str = _opt(
+        "dataset: a zip, a folder of class folders, or a manifest.json", "", group="run"
+    )
+    base: str = _opt(
+        "base model: path to .keras/.h5 | applications:<Name>[:imagenet] | builtin:<name>",
+        "",
+        group="run",
+    )
+    out: str = _opt("run directory to write (config, metrics, checkpoints, log)", "", group="run")
+    epochs: int = _opt(
+        "epochs of head training with the base frozen; 10 is enough for most new heads",
+        10,
+        group="basic",
+        min=1,
+        max=1000,
+    )
+    batch_size: int = _opt(
+        "images per step; 32 fits any machine, larger is faster on a GPU",
+        32,
+        group="basic",
+        min=1,
+        max=4096,
+    )
+    lr: float = _opt(
+        "learning rate of the new head; 1e-3 is Adam's well-tested default",
+        1e-3,
+        group="basic",
+        min=1e-7,
+        max=1.0,
+    )
+    optimizer: str = _opt(
+        "optimizer; Adam adapts the step size per weight and rarely needs tuning",
+        "adam",
+        group="advanced",
+        choices=OPTIMIZERS,
+    )
+    image_size: int | None = _opt(
+        "image side in pixels; empty = the size the base model expects",
+        None,
+        group="advanced",
+        min=8,
+        max=1024,
+    )
+    resize_mode: str = _opt(
+        "how images get the model's size: squash (stretch), pad (letterbox) or center-crop",
+        "squash",
+        group="advanced",
+        choices=RESIZE_MODES,
+    )
+    val_split: float = _opt(
+        "fraction of the training images held out for validation (used when the data has no "
+        "val folder); 0.2 keeps enough to see overfitting",
+        0.2,
+        group="basic",
+        min=0.0,
+        max=0.9,
+    )
+    seed: int = _opt(
+        "random seed of the split, the weights and the shuffling: same seed, same run",
+        42,
+        group="advanced",
+        min=0,
+        max=2**31 - 1,
+    )
+    cut_at: str | None = _opt(
+        "layer name (or index) the head is attached after; empty = the base's suggestion",
+        None,
+        group="head",
+    )
+    freeze: str = _opt(
+        "what stays frozen in phase 1: all (feature extraction), none, top:K or names:a,b",
+        "all",
+        group="head",
+    )
+    hidden_units: int = _opt(
+        "units of a hidden Dense layer in the new head; 0 = a linear head, often best for "
+        "small data",
+        0,
+        group="head",
+        min=0,
+        max=8192,
+    )
+    dropout: float = _opt(
+        "dropout before the output layer; 0.2 curbs overfitting of a small head",
+        0.2,
+        group="head",
+        min=0.0,
+        max=0.9,
+    )
+    add_conv: int = _opt(
+        "filters of an added Conv2D+MaxPool block before pooling; 0 = none",
+        0,
+        group="head",
+        min=0,
+        max=4096,
+    )
+    binary_sigmoid: bool = _opt(
+        "two classes only: one sigmoid unit with binary cross-entropy instead of softmax",
+        False,
+        group="head",
+    )
+    augment: bool = _opt(
+        "random flips, rotations, zoom and contrast while training: helps small datasets, "
+        "but turns off the feature cache",
+        False,
+        group="augment",
+    )
+    class_weights: bool = _opt(
+        "weight classes by inverse frequency, so rare classes count as much as common ones",
+        False,
+        group="augment",
+    )
+    early_stopping: int = _opt(
+        "stop when validation loss has not improved for this many epochs; 0 = off",
+        0,
+        group="advanced",
+        min=0,
+        max=1000,
+    )
+    reduce_lr: bool = _opt(
+        "lower the learning rate 5x when validation loss stalls for 2 epochs",
+        False,
+        group="advanced",
+    )
+    fine_tune_epochs: int = _opt(
+        "epochs of phase 2 that unfreezes the top of the base; 0 = head only (fast, safe)",
+        0,
+        group="fine-tune",
+        min=0,
+        max=1000,
+    )
+    fine_tune_lr: float | None = _opt(
+        "learning rate of phase 2; empty = lr/10, small enough not to wreck learned features",
+        None,
+        group="fine-tune",
+        min=1e-8,
+        max=1.0,
+    )
+    fine_tune_layers: int = _opt(
+        "how many of the top kept base layers phase 2 unfreezes (BatchNorm stays frozen)",
+        20,
+        group="fine-tune",
+        min=1,
+        max=10000,
+    )
+    cache_features: str = _opt(
+        "compute the frozen base's outputs once and train the head on them: auto = when the "
+        "base is frozen and augmentation is off",
+        "auto",
+        group="advanced",
+        choices=CACHE_FEATURES,
+    )
+    mixed_precision: str = _opt(
+        "float16/bfloat16 compute with float32 weights: faster on recent GPUs; auto picks "
+        "for the device",
+        "off",
+        group="advanced",
+        choices=PRECISIONS,
+    )
+    workers: int = _opt(
+        "threads that read batches from the image cache while the model trains",
+        2,
+        group="advanced",
+        min=1,
+        max=64,
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            flag = _flag(f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"{flag} '{value}' is not one of: {', '.join(choices)}. "
+                    f"Example: {flag} {choices[0]}"
+                )
+            if value is None or isinstance(value, (bool, str)):
+                continue
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}.")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ConfigError(
+                    f"{flag} must be between {lo:g} and {hi:g}, got {value:g}. "
+                    f"Default: {f.default}."
+                )
+        try:
+            freeze = FreezeSpec.parse(self.freeze)
+        except ConfigError as err:
+            raise ConfigError(f"--freeze '{self.freeze}' is not understood: {err}") from None
+        # Stored in its one spelling ("TOP:5" -> "top:5"), so config.json and pages compare it.
+        object.__setattr__(self, "freeze", str(freeze))
+
+    @property
+    def freeze_spec(self) -> FreezeSpec:
+        """``freeze`` parsed."""
+        return FreezeSpec.parse(self.freeze)
+
+    @property
+    def effective_fine_tune_lr(self) -> float:
+        """Phase 2's learning rate: ``fine_tune_lr`` or ``lr / 10``."""
+        return self.fine_tune_lr if self.fine_tune_lr is not None else self.lr / 10
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of both phases together (the epoch count continues into phase 2)."""
+        return self.epochs + self.fine_tune_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Serialise to JSON (the config part of ``config.json``)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | dict[str, Any]) -> TrainConfig:
+        """Read a config from JSON text or a dict; keys that are not fields are ignored.
+
+        ``config.json`` holds extra keys (dataset_id, device, ...) beside the fields.
+
+        Raises:
+            ConfigError: not JSON, or a field has an invalid value.
+        """
+        if isinstance(text, str):
+            try:
+                text = json.loads(text)
+            except ValueError as err:
+                raise ConfigError(f"The training config is not valid JSON ({err}).") from err
+        if not isinstance(text, dict):
+            raise ConfigError("The training config must be a JSON object.")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in text.items():
+            if key in names:
+                values[key] = _convert(names[key], value)
+        return cls(**values)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The base type of a field: bool, int, float or str (``X | None`` -> X)."""
+    text = str(f.type)
+    for kind in (bool, int, float, str):
+        if text.startswith(kind.__name__):
+            return kind
+    raise TypeError(f"Unsupported TrainConfig field type {text}")
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
+
+
+def _convert(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a CLI string (or JSON value) to the field's type, with a one-line error."""
+    flag = _flag(f.name)
+    kind = _kind(f)
+    if value is None or (isinstance(value, str) and value.strip() == "" and _optional(f)):
+        if _optional(f):
+            return None
+        raise ConfigError(f"{flag} needs a value.")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{flag} must be true or false, got '{value}'.")
+    if kind is int:
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{flag} must be a whole number, got '{value}'. Example: {flag} {f.default}"
+            ) from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            example = f.default if f.default is not None else 1e-4
+            raise ConfigError(
+                f"{flag} must be a number, got '{value}'. Example: {flag} {example}"
+            ) from None
+    return str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per `TrainConfig` field (plus ``--resume RUN_DIR``) to ``parser``.
+
+    Values are parsed and checked by `config_from_args`, not by argparse, so a bad value
+    gives one actionable line (exit 2) rather than a usage dump. Flags left out keep the
+    dataclass default.
+    """
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata["help"]
+        if f.default not in (None, "") and _kind(f) is not bool:
+            help_text += f" (default: {f.default})"
+        if _kind(f) is bool:
+            parser.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+            continue
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+        if f.name == "freeze":
+            metavar = "{all,none,top:K}"
+        parser.add_argument(
+            _flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text
+        )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue an interrupted run from its last finished epoch (other flags are ignored)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build a `TrainConfig` from parsed flags; unset flags keep their defaults.
+
+    Raises:
+        ConfigError: a required flag is missing or a value is invalid.
+    """
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        raw = getattr(args, f.name, None)
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    for name, what in (
+        ("data", "a zip or folder of class folders"),
+        ("base", "e.g. builtin:digits-cnn or model.keras"),
+        ("out", "the run directory to write"),
+    ):
+        if not values.get(name):
+            raise ConfigError(f"{_flag(name)} is required ({what}).")
+    return TrainConfig(**values)
+
+
+def config_to_args(config: TrainConfig) -> list[str]:
+    """The CLI flags that reproduce ``config`` (the inverse of `config_from_args`)."""
+    out: list[str] = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(config, f.name)
+        if value == f.default and f.name not in ("data", "base", "out"):
+            continue
+        if isinstance(value, bool):
+            out.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif value is None:
+            continue
+        else:
+            out += [_flag(f.name), repr(value) if isinstance(value, float) else str(value)]
+    return out
+
+
+def demo_capped(config: TrainConfig, max_epochs: int) -> TrainConfig:
+    """``config`` limited to ``max_epochs`` epochs for the whole run (both phases), as the
+    shared demo allows: head epochs first, fine-tuning gets what is left."""
+    epochs = min(config.epochs, max_epochs)
+    fine_tune = min(config.fine_tune_epochs, max_epochs - epochs)
+    if (epochs, fine_tune) == (config.epochs, config.fine_tune_epochs):
+        return config
+    return dataclasses.replace(config, epochs=epochs, fine_tune_epochs=fine_tune)
