@@ -8,6 +8,7 @@ onnxruntime (the self-test) and any other ONNX runtime.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ def write_onnx(model: Any, path: str | Path) -> None:
     shape = (None, *[int(d) if d is not None else None for d in spec.shape[1:]])
     signature = [tf.TensorSpec(shape, tf.as_dtype(spec.dtype), name=INPUT_NAME)]
     path = Path(path)
-    model.export(str(path), format="onnx", verbose=False, input_signature=signature)
+    with warnings.catch_warnings():  # Keras's tf2onnx numpy-2 patch probes np.object
+        warnings.filterwarnings("ignore", message=".*np.object.*", category=FutureWarning)
+        model.export(str(path), format="onnx", verbose=False, input_signature=signature)
     # tf2onnx names the output after TensorFlow's Identity op and the batch axis "unk__N";
     # plain names make the file easier to use.
     proto = onnx.load(str(path))
