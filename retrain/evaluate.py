@@ -97,6 +97,14 @@ def model_class_names(model: Any, meta: dict[str, Any], model_path: str | Path) 
     return list(names)
 
 
+def model_channels(model: Any) -> int:
+    """Channels of the images ``model`` takes: 1 (grayscale) or 3 (RGB)."""
+    shape = model.input_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    return int(shape[-1] or 3)
+
+
 def model_image_size(model: Any, meta: dict[str, Any]) -> tuple[int, int]:
     """The (H, W) images are resized to for ``model``.
 
@@ -151,8 +159,10 @@ def _default_split(dataset: Any) -> str:
     return "all"
 
 
-def load_split(dataset: Any, split: str, image_size: tuple[int, int], resize_mode: str):
-    """(images uint8 (N,H,W,3), labels into dataset.class_names, absolute paths)."""
+def load_split(
+    dataset: Any, split: str, image_size: tuple[int, int], resize_mode: str, channels: int = 3
+):
+    """(images uint8 (N,H,W,channels), labels into dataset.class_names, absolute paths)."""
     from retrain import data
 
     names = [s for s in dataset.splits if dataset.splits[s]] if split == "all" else [split]
@@ -163,7 +173,7 @@ def load_split(dataset: Any, split: str, image_size: tuple[int, int], resize_mod
         )
     images, labels, paths = [], [], []
     for name in names:
-        cache = data.load_images(dataset, name, tuple(image_size), resize_mode)
+        cache = data.load_images(dataset, name, tuple(image_size), resize_mode, channels=channels)
         images.append(np.asarray(cache.images))
         labels.append(np.asarray(cache.labels, dtype=np.int64))
         paths.extend(str(Path(dataset.root) / p) for p in cache.paths)
@@ -312,40 +322,65 @@ def evaluate_model(
     *,
     workspace: str | Path | None = None,
     include_predictions: bool = False,
+    preprocessing_choice: str = "auto",
 ) -> dict[str, Any]:
     """Score a saved model on labelled images; the `evaluate` CLI JSON.
 
     Args:
-        model_path: a .keras file saved by Retrain Studio (raw uint8 in, probabilities out).
+        model_path: a .keras file saved by Retrain Studio (raw uint8 in, probabilities out),
+            or any image classifier .keras (then its outputs are named like an original
+            model's, `models.original_class_names`, and its preprocessing is detected).
         dataset: a ``data.Dataset``, a manifest.json, a zip or a folder of class folders.
         split: "test", "val", "train" or "all"; default test, else val, else all images.
         workspace: where a zip is extracted (default: the home folder).
         include_predictions: also return ``predictions``, one record per image (for the
             confusion-matrix drill-down).
+        preprocessing_choice: how pixels reach the model: ``auto`` (a Retrain Studio model
+            has its preprocessing inside; another model gets the detected one) or a key of
+            `retrain.preprocessing.REGISTRY`, put in front of the model.
 
     Returns:
         accuracy, loss (log loss), class_names, per_class {name: precision, recall, f1,
         support}, macro, weighted, confusion_matrix (rows true, columns predicted, in the
         model's class order), top_k (k=3, only with more than 3 classes), misclassified
-        (most confidently wrong first), plus split and num_images.
+        (most confidently wrong first), plus split, num_images and preprocessing.
 
     Raises:
-        ModelError: the model cannot be loaded or has no class names.
+        ModelError: the model cannot be loaded or its outputs cannot be named.
         ConfigError: class folders do not match the model's classes, or no such split.
         DatasetError: the data cannot be read.
     """
     model, meta = load_model(model_path)
-    class_names = model_class_names(model, meta, model_path)
     ds = resolve_dataset(dataset, workspace)
+    key = "inside" if preprocessing_choice == "auto" else preprocessing_choice
+    source = "inside the model" if key == "inside" else "set by hand (--preprocessing)"
+    if meta.get("class_names"):
+        class_names = model_class_names(model, meta, model_path)
+    else:  # not saved by Retrain Studio: read it as a base model (names, preprocessing)
+        from retrain import models
+
+        base = models.load_base(str(model_path))
+        class_names, _rule = models.original_class_names(base, list(ds.class_names))
+        base = models.resolve_preprocessing(base, preprocessing_choice)
+        key = base.preprocessing
+        source = base.origin.get("preprocessing_source")
+    preprocessing.get(key)  # an unknown key is a ModelError
+    if key not in ("inside", "raw"):
+        model = preprocessing.with_preprocessing(model, key)
     mapping = match_classes(class_names, ds.class_names)
     split = split or _default_split(ds)
     size = model_image_size(model, meta)
-    images, labels, paths = load_split(ds, split, size, meta.get("resize_mode", "squash"))
+    channels = model_channels(model)
+    resize_mode = meta.get("resize_mode", "squash")
+    images, labels, paths = load_split(ds, split, size, resize_mode, channels)
     if len(images) == 0:
         raise DatasetError(f"The '{split}' split has no images. Pick another split.")
-    return _report(
+    report = _report(
         model, meta, class_names, mapping[labels], images, paths, split, include_predictions
     )
+    report["preprocessing"] = key
+    report["preprocessing_source"] = source
+    return report
 
 
 def _report(
@@ -453,10 +488,11 @@ def run_images(
     """
     dataset = run_dataset(run_dir, config)
     size = model_image_size(model, meta)
+    channels = model_channels(model)
     resize_mode = meta.get("resize_mode", config.get("resize_mode", "squash"))
     if split != "val" or dataset.splits.get("val"):
-        return dataset, *load_split(dataset, split, size, resize_mode)
-    images, labels, paths = load_split(dataset, "train", size, resize_mode)
+        return dataset, *load_split(dataset, split, size, resize_mode, channels)
+    images, labels, paths = load_split(dataset, "train", size, resize_mode, channels)
     recorded = rundir.read_split(Path(run_dir))
     if recorded is None:  # a run from before runs recorded their split
         held_out = validation_indices(dataset, config, labels)
@@ -652,14 +688,16 @@ def forgetting(
 # --------------------------------------------------------------------------------------
 
 
-def _image_array(image: Any, size: tuple[int, int], resize_mode: str) -> np.ndarray:
+def _image_array(
+    image: Any, size: tuple[int, int], resize_mode: str, channels: int = 3
+) -> np.ndarray:
     from retrain import data
 
     if isinstance(image, np.ndarray):
         return image
     if isinstance(image, str | Path) and not Path(image).is_file():
         raise DatasetError(f"No image at '{image}'. Check the path.")
-    return data.load_image_file(image, size, resize_mode)
+    return data.load_image_file(image, size, resize_mode, channels)
 
 
 def predict(
@@ -689,7 +727,8 @@ def predict(
     class_names = model_class_names(model, meta, model_path)
     size = model_image_size(model, meta)
     resize_mode = meta.get("resize_mode", "squash")
-    batch = np.stack([_image_array(img, size, resize_mode) for img in images])
+    channels = model_channels(model)
+    batch = np.stack([_image_array(img, size, resize_mode, channels) for img in images])
     probs = class_probabilities(raw_outputs(model, batch), meta.get("label_encoding"))
     k = min(top_k, len(class_names))
     results = []
@@ -745,7 +784,7 @@ def grad_cam(model_path: str | Path, image: Any, class_index: int | None = None)
     head_layers = model.layers[position + 1 :]
     probe = keras.Model(features.input, [spatial.output, features.output])
     size = model_image_size(model, meta)
-    x = _image_array(image, size, meta.get("resize_mode", "squash"))[None]
+    x = _image_array(image, size, meta.get("resize_mode", "squash"), model_channels(model))[None]
     with tf.GradientTape() as tape:
         fmap, out = probe(x, training=False)
         for layer in head_layers:
@@ -772,10 +811,12 @@ def grad_cam_overlay(model_path: str | Path, image: Any, alpha: float = 0.5) -> 
 
     model, meta = load_model(model_path)
     size = model_image_size(model, meta)
-    pixels = _image_array(image, size, meta.get("resize_mode", "squash"))
+    pixels = _image_array(image, size, meta.get("resize_mode", "squash"), model_channels(model))
     cam = grad_cam(model_path, pixels)
     if cam is None:
         return None
+    if pixels.shape[-1] == 1:  # grayscale: blend the heat into a gray RGB picture
+        pixels = np.repeat(pixels, 3, axis=-1)
     heat = Image.fromarray(np.uint8(np.clip(cam, 0, 1) * 255)).resize(
         (size[1], size[0]), Image.BILINEAR
     )
@@ -790,8 +831,15 @@ def grad_cam_overlay(model_path: str | Path, image: Any, alpha: float = 0.5) -> 
 
 
 def cli_evaluate(args: Any) -> dict[str, Any]:
-    """`python -m retrain evaluate --model MODEL.keras --data DATA [--split S]`."""
-    return evaluate_model(args.model, args.data, args.split, workspace=args.workspace)
+    """`python -m retrain evaluate --model MODEL.keras --data DATA [--split S]
+    [--preprocessing KEY]`."""
+    return evaluate_model(
+        args.model,
+        args.data,
+        args.split,
+        workspace=args.workspace,
+        preprocessing_choice=getattr(args, "preprocessing", "auto") or "auto",
+    )
 
 
 def cli_forgetting(args: Any) -> dict[str, Any]:

@@ -142,7 +142,8 @@ def _calibration_images(run_dir: Path, config: dict, meta: dict, model: Any) -> 
     dataset = evaluate.run_dataset(run_dir, config)
     size = evaluate.model_image_size(model, meta)
     mode = meta.get("resize_mode", config.get("resize_mode", "squash"))
-    images, _, _ = evaluate.load_split(dataset, "train", size, mode)
+    channels = evaluate.model_channels(model)  # grayscale models calibrate on grayscale
+    images, _, _ = evaluate.load_split(dataset, "train", size, mode, channels)
     rng = np.random.default_rng(int(config.get("seed", 0)))
     count = min(CALIBRATION_IMAGES, len(images))
     keep = np.sort(rng.choice(len(images), count, replace=False))
