@@ -32,12 +32,31 @@ def _base_head(spec: str, workspace: str) -> dict:
     from retrain import models
 
     base = models.load_base(spec, workspace=Path(workspace))
-    return {"name": base.name, "has_head": bool(base.has_original_head and base.class_names)}
+    # A head without class names is fine: the old data's folders (sorted) name its outputs.
+    return {"name": base.name, "has_head": bool(base.has_original_head)}
 
 
 @st.cache_data(show_spinner="Scoring the original task before and after...", max_entries=4)
 def _forgetting(spec: str, run_dir: str, data: str, workspace: str, model_mtime: float) -> dict:
     return evaluate.forgetting(spec, run_dir, data, workspace)
+
+
+def _forgetting_figure(result: dict) -> go.Figure:
+    """Per old class: accuracy before and after retraining, side by side."""
+    names = list(result["per_class"])
+    fig = go.Figure()
+    for key, colour in (("before", "#8aa4c8"), ("after", "#f29e4c")):
+        fig.add_bar(
+            x=names, y=[result["per_class"][n][key] for n in names], name=key, marker_color=colour
+        )
+    fig.update_layout(
+        barmode="group",
+        height=300,
+        margin=dict(l=10, r=10, t=30, b=10),
+        yaxis=dict(title="accuracy", range=[0, 1], tickformat=".0%"),
+        legend=dict(orientation="h", y=1.1),
+    )
+    return fig
 
 
 def _mtime(path: Path) -> int:
@@ -195,12 +214,21 @@ except RetrainError as err:
     st.caption(f"Forgetting check unavailable: {err}")
 if base_info["has_head"]:
     st.subheader("Did it forget the original task?")
+    keep_run = bool(config.get("keep_old_classes"))
     st.caption(
-        "The original model is scored on its own task; then the retrained layers are put back "
-        "under the original head and scored again. A frozen base forgets nothing."
+        "The original model is scored on its own task; then the retrained model itself, among "
+        "all its classes (what a user of the exported model gets)."
+        if keep_run
+        else "The original model is scored on its own task; then the retrained layers are put "
+        "back under the original head and scored again. A frozen base forgets nothing."
     )
     old_data = None
-    if base_spec.startswith("builtin:digits") and st.toggle(
+    if config.get("old_data") and st.toggle(
+        "Use this run's old data (its held-out images)", value=True, key="eval_forget_own"
+    ):
+        old_data = str(config["old_data"])
+    offer_digits = old_data is None and base_spec.startswith("builtin:digits")
+    if offer_digits and st.toggle(
         "Use the built-in digits 0-4 (the original task)", key="eval_forget_builtin"
     ):
         from retrain.sample import sample_dataset
@@ -227,6 +255,19 @@ if base_info["has_head"]:
             cols[1].metric("After retraining", f"{result['after']:.1%}")
             cols[2].metric("Drop", f"{result['drop']:.1%}", delta_color="inverse")
             st.info(result["note"])
+            st.caption(
+                f"After = {result['method_help']}. {result['num_images']} old images; "
+                f"original classes named by: {result['class_names_rule']}."
+            )
+            st.plotly_chart(_forgetting_figure(result), key="eval_forget_chart", width="stretch")
+            st.dataframe(
+                [
+                    {"class": name, "before": row["before"], "after": row["after"]}
+                    for name, row in result["per_class"].items()
+                ],
+                hide_index=True,
+                key="eval_forget_table",
+            )
 
 # --- try an image -----------------------------------------------------------------------
 st.subheader("Try an image")
