@@ -12,7 +12,13 @@ import streamlit as st
 
 from pages._ui import demo_mode, ensure_session, link, load_dataset_cached, remember
 from retrain.errors import RetrainError
-from retrain.models import MODEL_EXTENSIONS, ZOO, group_layers, layer_stack
+from retrain.models import (
+    MODEL_EXTENSIONS,
+    PREPROCESSING_CHOICES,
+    ZOO,
+    group_layers,
+    layer_stack,
+)
 from retrain.preprocessing import PREPROCESSING
 from retrain.uploads import save_upload
 
@@ -41,20 +47,32 @@ def load_base_cached(spec: str) -> Any:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def describe_cached(spec: str) -> dict:
-    from retrain.models import describe
+def describe_cached(
+    spec: str, preprocessing: str = "auto", old_data: str | None = None, workspace: str = ""
+) -> dict:
+    """`models.describe` of the base with its preprocessing set or probed on ``old_data``."""
+    from retrain.models import describe, resolve_preprocessing
 
-    return describe(load_base_cached(spec))
+    base = load_base_cached(spec)
+    if preprocessing != "auto" or old_data:
+        base = resolve_preprocessing(
+            base, preprocessing, old_data, workspace=Path(workspace) if workspace else None
+        )
+    return describe(base)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> dict:
     """Build the new model for the current choices; return its diff and layer table."""
     from retrain import surgery
+    from retrain.models import resolve_preprocessing
 
     choice = json.loads(choice_json)
+    base = load_base_cached(spec)
+    if choice.get("preprocessing"):  # found or set on this page (copy; the model is shared)
+        base = resolve_preprocessing(base, choice["preprocessing"])
     result = surgery.replace_head(
-        load_base_cached(spec),
+        base,
         list(classes),
         cut_at=choice["cut_at"],
         head=surgery.HeadSpec(
@@ -216,20 +234,74 @@ except RetrainError as err:
     st.error(str(err))
     st.stop()
 
+# --- preprocessing: set by hand, or found by scoring the original task's images ----------
+with st.expander("Preprocessing (how pixels are scaled for this model)"):
+    prep_choice = st.selectbox(
+        "Preprocessing",
+        PREPROCESSING_CHOICES,
+        key="preprocessing_choice",
+        format_func=lambda k: (
+            "auto (detect, or probe with old data)" if k == "auto" else f"{k}: {PREPROCESSING[k]}"
+        ),
+    )
+    st.caption(
+        "Why it matters: a model fed pixels scaled differently from its training quietly gets "
+        "everything wrong. Give the original task's images and each way is scored on them."
+    )
+    probe_data = None
+    if spec.startswith("builtin:"):
+        if st.checkbox("Check with the sample digits 0-4 (its original task)", key="probe_sample"):
+            from retrain.sample import sample_dataset
+
+            probe_data = str(sample_dataset(workspace, "0-4"))
+    else:
+        old_upload = st.file_uploader(
+            "The original task's images (zip of class folders), to probe",
+            type=["zip"],
+            key="probe_old_data",
+        )
+        if old_upload is not None:
+            probe_data = str(
+                save_upload(workspace / "uploads", old_upload.name, old_upload.getvalue())
+            )
+if prep_choice != "auto" or probe_data:
+    try:
+        with st.spinner("Scoring each preprocessing on the original task's images…"):
+            info = describe_cached(spec, prep_choice, probe_data, str(workspace))
+    except RetrainError as err:
+        st.error(str(err))
+
 # --- the base model ------------------------------------------------------------------------
 st.subheader(info["name"])
 cols = st.columns(5)
 cols[0].metric("Parameters", f"{info['total_params']:,}")
 cols[1].metric("Trainable", f"{info['trainable_params']:,}")
 cols[2].metric("Layers", info["num_layers"])
-size = info["input_size"]
-cols[3].metric("Input size", f"{size[0]}×{size[1]}" if size else "any")
+cols[3].metric("Input", info["input"].replace("x", "×", 1))
 cols[4].metric("Original classes", len(info["class_names"] or []) or info["output_shape"][-1])
 st.caption(
     f"Preprocessing: **{info['preprocessing']}**, {PREPROCESSING[info['preprocessing']]} "
     f"({info['origin'].get('preprocessing_source', '')}). The new model applies it inside, so it "
     "takes raw images."
 )
+if info.get("preprocessing_probe"):
+    probe_info = info["preprocessing_probe_info"]
+    scores = pd.DataFrame(
+        {
+            "preprocessing": list(info["preprocessing_probe"]),
+            "accuracy": list(info["preprocessing_probe"].values()),
+            "log loss": [probe_info["log_loss"][k] for k in info["preprocessing_probe"]],
+        }
+    ).sort_values("log loss")
+    scores["chosen"] = scores["preprocessing"] == info["preprocessing"]
+    st.dataframe(scores, hide_index=True, key="probe_scores")
+    st.caption(
+        f"Probe: {probe_info['images']} images of the original task "
+        f"({probe_info['per_class']} per class, seed {probe_info['seed']}) through the original "
+        f"head; best: **{probe_info['best']}**. {probe_info['margin'].capitalize()}."
+    )
+    if probe_info.get("warning"):
+        st.warning(probe_info["warning"])
 if info["origin"].get("converted"):
     st.caption(
         f"{info['origin']['converted']}; outputs match the original within "
@@ -311,6 +383,8 @@ choice = {
     "add_conv": int(add_conv),
     "binary_sigmoid": bool(binary_sigmoid),
 }
+if prep_choice != "auto" or info.get("preprocessing_probe"):
+    choice["preprocessing"] = info["preprocessing"]  # Train uses what was found or set here
 base_label = info["name"]
 preview = None
 if classes is not None:
@@ -353,7 +427,8 @@ if preview is not None:
         f"- **Added**: {', '.join(diff['added'])}\n"
         f"- **Output**: {preview['output_shape'][-1]} units, loss {loss} "
         f"(labels as {preview['label_encoding']}: `{preview['loss']}`)\n"
-        f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} RGB images"
+        f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} "
+        f"{'grayscale' if info['channels'] == 1 else 'RGB'} images"
     )
     stack = layer_stack(info["layers"], preview["rows"])
 else:

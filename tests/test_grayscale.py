@@ -36,3 +36,48 @@ def test_other_channel_counts_are_refused(tmp_path: Path, make_image_folder):
     dataset = data.ingest(make_image_folder(per_class=2), tmp_path / "ws")
     with pytest.raises(ConfigError, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels, not 4"):
         data.load_images(dataset, "train", (8, 8), channels=4)
+
+
+# --- the done-when model (a): MNIST-style CNN, 28x28x1, trained on x / 255 ---------------------
+
+
+def zipped(folder: Path, target: Path) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(folder.rglob("*.png")):
+            zf.write(path, path.relative_to(folder.parent).as_posix())
+    return target.read_bytes()
+
+
+def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.done_when_models import trained
+
+    made = trained("mnist_cnn")
+    new = data.ingest(made["new"], tmp_path / "ws")
+    page = str(Path(__file__).resolve().parents[1] / "pages" / "model.py")
+    at = AppTest.from_file(page, default_timeout=180)
+    at.session_state["dataset"] = str(new.manifest_path)
+    at.run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    at.file_uploader(key="model_upload").set_value(
+        ("mnist_cnn.keras", made["model"].read_bytes(), "application/zip")
+    ).run()
+    assert not at.exception, at.exception
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Input"] == "28×28 grayscale"
+    at.file_uploader(key="probe_old_data").set_value(
+        ("old.zip", zipped(made["old"], tmp_path / "old.zip"), "application/zip")
+    ).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    scores = next(d.value for d in at.dataframe if "log loss" in d.value.columns)
+    assert set(scores["preprocessing"]) == {"raw", "unit", "tf"}
+    chosen = scores[scores["chosen"]]
+    assert list(chosen["preprocessing"]) == ["unit"] and float(chosen["accuracy"].iloc[0]) >= 0.9
+    assert any("best: **unit**" in c.value for c in at.caption)
+    assert not at.warning  # unit is clearly ahead
+    assert at.session_state["surgery"]["preprocessing"] == "unit"
+    assert any("28×28 grayscale images" in m.value for m in at.markdown)
