@@ -177,22 +177,19 @@ def _spawn(run_dir: Path, command: list[str]) -> int:
     return proc.pid
 
 
-def start_run(config: TrainConfig, workspace: Path) -> Path:
-    """Create a run directory in ``workspace``, start its worker, return the run directory.
-
-    The config is written before the worker starts, so the run shows up (queued) at once.
-    """
-    run_dir = run_path(workspace, new_run_id())
+def create_run(config: TrainConfig, workspace: Path, *, run_dir: Path | None = None) -> Path:
+    """Create a run directory (default: a new id in ``workspace``) with its config and a
+    "queued" status, so the run shows up at once; start nothing. Return the run directory."""
+    run_dir = Path(run_dir) if run_dir is not None else run_path(workspace, new_run_id())
     run_dir.mkdir(parents=True, exist_ok=False)
     config = dataclasses.replace(config, out=str(run_dir))
     rundir.write_config(run_dir, rundir.RunConfig(settings=config.to_dict(), run_id=run_dir.name))
     rundir.write_status(run_dir, "queued", created=time.time())
-    _spawn(run_dir, worker_command(run_dir, config, workspace))
     return run_dir
 
 
-def resume_run(run_dir: Path, workspace: Path | None = None) -> Path:
-    """Start a worker that continues ``run_dir`` from its last finished epoch.
+def prepare_resume(run_dir: Path) -> Path:
+    """Mark a finished/interrupted run "queued" again, forgetting its old worker.
 
     Raises:
         RunError: the run is still active or is not a run directory.
@@ -203,6 +200,23 @@ def resume_run(run_dir: Path, workspace: Path | None = None) -> Path:
         raise RunError(f"Run '{run_dir.name}' is still {status['state']}; stop it first.")
     rundir.write_status(run_dir, "queued", created=time.time(), error=None, stopped=False)
     rundir.clear_pid(run_dir)
+    return run_dir
+
+
+def start_run(config: TrainConfig, workspace: Path, *, run_dir: Path | None = None) -> Path:
+    """Create a run directory in ``workspace``, start its worker, return the run directory."""
+    run_dir = create_run(config, workspace, run_dir=run_dir)
+    _spawn(run_dir, worker_command(run_dir, config, workspace))
+    return run_dir
+
+
+def resume_run(run_dir: Path, workspace: Path | None = None) -> Path:
+    """Start a worker that continues ``run_dir`` from its last finished epoch.
+
+    Raises:
+        RunError: the run is still active or is not a run directory.
+    """
+    run_dir = prepare_resume(run_dir)
     _spawn(run_dir, worker_command(run_dir, workspace=workspace))
     return run_dir
 

@@ -157,51 +157,6 @@ def cached_features(
 
 
 # ----------------------------------------------------------------------------------------
-# The training run.
-
-
-def _make_optimizer(name: str, lr: float) -> Any:
-    import keras
-
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
-    return keras.optimizers.RMSprop(learning_rate=lr)
-
-
-def _augmented(surgery: Any, seed: int) -> Any:
-    """``Input -> random flip/rotation/zoom/contrast -> features -> head``, for training only.
-
-    The random layers are active only while fitting; the saved model is ``surgery.model``,
-    which has none.
-    """
-    import keras
-
-    inp_spec = surgery.model.inputs[0]
-    inputs = keras.Input(shape=tuple(inp_spec.shape[1:]), dtype=inp_spec.dtype, name="images")
-    x = keras.ops.cast(inputs, "float32")
-    x = keras.layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(x)
-    x = keras.layers.RandomRotation(0.08, seed=seed + 1, name="augment_rotation")(x)
-    x = keras.layers.RandomZoom(0.1, seed=seed + 2, name="augment_zoom")(x)
-    x = keras.layers.RandomContrast(0.2, seed=seed + 3, name="augment_contrast")(x)
-    x = keras.ops.cast(keras.ops.clip(keras.ops.round(x), 0, 255), inp_spec.dtype)
-    outputs = surgery.head(surgery.features(x, training=False))
-    return keras.Model(inputs, outputs, name="train_with_augmentation")
-
-
-def _class_weight_vector(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Balanced class weights n / (k * count_c) (classes without images get 1)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.ones(num_classes)
-    present = counts > 0
-    weights[present] = len(labels) / (present.sum() * counts[present])
-    return weights.astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------
 # Pieces of the recipe.
 
 

@@ -217,3 +217,24 @@ def test_session_liveness_is_what_the_session_sweep_is_given(tmp_path):
     assert jobs.session_has_live_run(session) is False
     _run_dir(session, "run-live", state="running", pid=os.getpid())
     assert jobs.session_has_live_run(session) is True
+
+
+def test_create_run_and_prepare_resume_start_no_process(tmp_path):
+    import os
+
+    config = TrainConfig(data="d.zip", base="builtin:digits-cnn", epochs=2)
+    run_dir = jobs.create_run(config, tmp_path)
+    assert run_dir.parent == tmp_path / "runs" and rundir.read_pid(run_dir) is None
+    assert rundir.read_config(run_dir) == {**config.to_dict(), "out": str(run_dir),
+                                           "run_id": run_dir.name}  # fmt: skip
+    assert rundir.read_status_file(run_dir)["state"] == "queued"
+    with pytest.raises(FileExistsError):
+        jobs.create_run(config, tmp_path, run_dir=run_dir)
+    rundir.write_status(run_dir, "running", pid=os.getpid())
+    with pytest.raises(RunError, match="is still running; stop it first"):
+        jobs.prepare_resume(run_dir)
+    rundir.write_status(run_dir, "done", pid=None)
+    rundir.write_pid(run_dir, 99999)
+    assert jobs.prepare_resume(run_dir) == run_dir
+    assert rundir.read_status_file(run_dir)["state"] == "queued"
+    assert rundir.read_pid(run_dir) is None
