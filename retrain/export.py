@@ -598,7 +598,7 @@ def export_run(
     if images is None or len(images) == 0:
         # No held-out images left (data gone): a fixed random sample still tests the files.
         size = evaluate.model_image_size(model, meta)
-        channels = int(model.inputs[0].shape[-1] or 3)
+        channels = evaluate.model_channels(model)
         images = np.random.default_rng(0).integers(0, 256, (8, *size, channels), dtype=np.uint8)
         labels = None
     expected = evaluate.raw_outputs(model, images)

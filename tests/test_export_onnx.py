@@ -75,3 +75,30 @@ def test_export_run_writes_onnx_and_self_tests_it_in_onnxruntime(make_run, tmp_p
     assert 'session.run(["probabilities"], {"image": images_uint8})' in card
     saved = json.loads((run_dir / "export" / "export.json").read_text())
     assert saved["self_test"]["onnx"]["ok"]
+
+
+def test_a_grayscale_28x28_run_exports_to_onnx_and_tfjs(make_run, tmp_path):
+    """An MNIST-style 1-channel model: every model format keeps (28, 28, 1) and agrees."""
+    import shutil
+
+    import keras
+
+    from retrain import modelfile, rundir
+
+    run_dir = make_run(tmp_path, classes=("cat", "dog", "owl"), epochs=1, run_id="run-gray")
+    model = nested_model(1, (28, 28), seed=3, classes=3)
+    meta = {**modelfile.read_metadata(rundir.best_model_path(run_dir)), "image_size": [28, 28]}
+    modelfile.save_model(model, rundir.best_model_path(run_dir), meta)
+    formats = ["onnx", "tflite", "tfjs", "card"]
+    result = export.export_run(run_dir, formats)
+    report = result["self_test"]
+    assert report["onnx"]["ok"] and report["onnx"]["max_abs_diff"] < 1e-5, report["onnx"]
+    assert report["tflite"]["ok"], report["tflite"]
+    if shutil.which("node"):
+        assert report["tfjs"]["ok"] and report["tfjs"]["max_abs_diff"] < 1e-5, report["tfjs"]
+    doc = json.loads((run_dir / "export" / "tfjs" / "model.json").read_text())
+    assert doc["userDefinedMetadata"]["input"]["shape"] == [28, 28, 1]
+    card = (run_dir / "export" / "MODEL_CARD.md").read_text()
+    assert "Classifies a grayscale image" in card and "(N, H, W, 1) uint8" in card
+    assert ".mul([0.299, 0.587, 0.114]).sum(-1, true)" in card  # RGB -> L in the JS snippet
+    assert keras.saving.load_model(rundir.best_model_path(run_dir)).inputs[0].shape[-1] == 1
