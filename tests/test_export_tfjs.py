@@ -87,6 +87,29 @@ def test_nested_model_with_batchnorm_and_depthwise_runs_in_tfjs(tmp_path, tfjs_d
     assert agreement == 1.0 and max_diff < 1e-5, (agreement, max_diff)
 
 
+@pytest.mark.parametrize("key", ["inside", "raw", "unit", "tf", "torch", "caffe"])
+def test_every_preprocessing_front_runs_in_tfjs(tmp_path, tfjs_dir, key):
+    """The fronts `retrain.preprocessing` builds (Rescaling, Normalization, caffe's BGR map)."""
+    import keras
+
+    from retrain import preprocessing
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [
+            keras.Input((20, 24, 3)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = preprocessing.with_preprocessing(inner, key)
+    spec = export_tfjs.write_tfjs(model, tmp_path / "tfjs")
+    images = np.random.default_rng(2).integers(0, 256, (16, 20, 24, 3), dtype=np.uint8)
+    got = export_tfjs.run_in_tfjs(tmp_path / "tfjs", export_tfjs.resize_for_tfjs(images, spec))
+    np.testing.assert_allclose(got["outputs"], model.predict(images, verbose=0), atol=1e-5)
+
+
 def test_model_json_is_the_tfjs_layers_format(tmp_path):
     model = nested_model()
     export_tfjs.write_tfjs(model, tmp_path / "tfjs", {"class_names": ["a", "b", "c"]})
