@@ -564,7 +564,7 @@ def ensure_tfjs(install: bool = True) -> Path:
     try:
         (tmp / "package.json").write_text('{"private": true}')
         proc = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error",
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--fetch-retries=1",
              f"@tensorflow/tfjs@{TFJS_VERSION}"],
             cwd=tmp,
             capture_output=True,
