@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -89,6 +90,12 @@ _MERGES = {
 }
 
 
+def tfjs_name(name: str) -> str:
+    """``name`` as TF.js accepts layer and weight names: ``[A-Za-z0-9][-A-Za-z0-9._]*``."""
+    name = re.sub(r"[^-A-Za-z0-9._]", "_", str(name)) or "layer"
+    return name if name[0].isalnum() else "l" + name
+
+
 def _np(value: Any) -> np.ndarray:
     import keras
 
@@ -116,6 +123,7 @@ class _Flattener:
 
     # -- bookkeeping ------------------------------------------------------------------
     def unique(self, name: str) -> str:
+        name = tfjs_name(name)
         new, i = name, 1
         while new in self.names:
             new = f"{name}_{i}"
@@ -205,7 +213,7 @@ class _Flattener:
         cfg = op.get_config()
         x = ins[0] if ins else None
         w = {v.name: _np(v) for v in op.weights}
-        if cfg.get("data_format", "channels_last") != "channels_last":
+        if (cfg.get("data_format") or "channels_last") != "channels_last":
             raise _unsupported(op, ", channels_first")
         if kind in _IDENTITY_LAYERS or kind == "Dropout" and not cfg.get("rate"):
             return x
@@ -491,7 +499,7 @@ def write_tfjs(model: Any, folder: str | Path, metadata: dict | None = None) -> 
             "model_config": {
                 "class_name": "Model",
                 "config": {
-                    "name": model.name,
+                    "name": tfjs_name(model.name),
                     "layers": flat.layers,
                     "input_layers": [flat.input_ref],
                     "output_layers": [out],

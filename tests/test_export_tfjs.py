@@ -142,10 +142,13 @@ def test_large_weights_are_split_into_4mb_shards_that_tfjs_reassembles(tmp_path,
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 3), dtype="uint8")
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inp))
-    x = keras.layers.Dense(6000, activation="relu")(x)  # 192 x 6000 floats: 4.6 MB
+    # 192 x 6000 floats: 4.6 MB; a name TF.js would reject as it is
+    x = keras.layers.Dense(6000, activation="relu", name="_wide_dense")(x)
     out = keras.layers.Dense(4, activation="softmax")(x)
     model = keras.Model(inp, out)
     spec = export_tfjs.write_tfjs(model, tmp_path / "tfjs")
+    doc = json.loads((tmp_path / "tfjs" / "model.json").read_text())
+    assert "l_wide_dense/kernel" in [w["name"] for w in doc["weightsManifest"][0]["weights"]]
     shards = sorted((tmp_path / "tfjs").glob("*.bin"))
     assert [p.name for p in shards] == ["group1-shard1of2.bin", "group1-shard2of2.bin"]
     assert shards[0].stat().st_size == export_tfjs.SHARD_BYTES
