@@ -331,15 +331,21 @@ def _tfjs_usage(model_input: dict | None, tfjs_input: dict | None) -> list[str]:
         else "tf.browser.fromPixels(img)"
     )
     resize = (tfjs_input or {}).get("resize")
-    note = (
-        f"The TF.js model takes float32 {_colour(model_input)} pixels in 0-255 (not uint8) of "
-        f"shape [N, {height}, {width}, {channels}]"
-        + (
+    if resize:
+        size_note = (
             f": the Keras model's resize from {resize['from'][0]}x{resize['from'][1]} happens "
             f"before the model ({resize['interpolation']}, half-pixel centers)."
-            if resize
-            else "; resize images as for training, the model does its own preprocessing."
         )
+    elif tfjs_input:
+        size_note = "; resize images as for training, the model does its own preprocessing."
+    else:
+        size_note = (
+            " unless its model.json says otherwise (`userDefinedMetadata.input`; export tfjs "
+            "to get it)."
+        )
+    note = (
+        f"The TF.js model takes float32 {_colour(model_input)} pixels in 0-255 (not uint8) of "
+        f"shape [N, {height}, {width}, {channels}]{size_note}"
     )
     return [
         "TF.js (`tfjs/model.json` + its `.bin` weight files, TF.js Layers format):",
