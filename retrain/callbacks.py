@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from retrain import rundir
+from retrain.keep import split_accuracies
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -218,7 +219,8 @@ class MetricsWriter(keras.callbacks.Callback):
 
     Keys: epoch (1-based, continuing across phases), phase, loss, accuracy, val_loss,
     val_accuracy, lr, seconds, images_per_second (training images per second: the time until
-    validation starts), time; ``partial`` when a stop cut the epoch short.
+    validation starts), time; ``partial`` when a stop cut the epoch short; `TASK_KEYS` when
+    `TaskAccuracy` put them in the logs.
     """
 
     def __init__(self, run_state: RunState, phase: int, num_images: int) -> None:
@@ -254,9 +256,36 @@ class MetricsWriter(keras.callbacks.Callback):
             "images_per_second": round(self.num_images / train_seconds, 1),
             "time": time.time(),
         }
+        for key in TASK_KEYS:  # keep-old-classes runs: each task's held-out accuracy
+            if key in logs:
+                row[key] = finite(logs[key])
         if self.state.stopped:
             row["partial"] = True
         rundir.append_metrics(self.state.run_dir, row)
+
+
+#: Per-task accuracies `TaskAccuracy` adds to an epoch's logs (and MetricsWriter writes).
+TASK_KEYS = ("old_val_accuracy", "new_val_accuracy")
+
+
+class TaskAccuracy(keras.callbacks.Callback):
+    """Score the held-out images of each task after every epoch (a keep-old-classes run).
+
+    Adds ``old_val_accuracy`` (images of the original classes) and ``new_val_accuracy`` (of
+    the new classes) to the epoch's logs, each among *all* the model's classes; placed before
+    `MetricsWriter`, which writes them. ``labels`` are the output indices of ``val_data``'s
+    rows in the order it yields them; outputs below ``n_old`` are the original classes.
+    """
+
+    def __init__(self, val_data: Any, labels: np.ndarray, n_old: int) -> None:
+        super().__init__()
+        self.val_data, self.labels, self.n_old = val_data, np.asarray(labels), n_old
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        probs = np.asarray(self.model.predict(self.val_data, verbose=0))
+        logs.update(split_accuracies(probs, self.labels[: len(probs)], self.n_old))
 
 
 class BestCheckpoint(keras.callbacks.Callback):

@@ -229,6 +229,7 @@ def model_card(
         f"- base: `{config.get('base', meta.get('base', '?'))}`",
         f"- preprocessing: {config.get('preprocessing', meta.get('preprocessing', '?'))}",
         "",
+        *_keep_section(run_dir, config, meta, metrics),
         "## Surgery",
         f"- cut after layer `{config.get('cut_at_used') or config.get('cut_at') or '?'}`"
         + (f"; removed: {', '.join(diff['removed'])}" if diff.get("removed") else ""),
@@ -295,6 +296,51 @@ def model_card(
         *_tfjs_usage(model_input, tfjs_input),
     ]
     return "\n".join(lines)
+
+
+def _keep_section(
+    run_dir: Path, config: dict, meta: dict, metrics: list[dict[str, Any]]
+) -> list[str]:
+    """The card's "Mode" section: replaced head, or old classes kept (how, and how well)."""
+    if not config.get("keep_old_classes"):
+        return [
+            "## Mode",
+            "- replace the classifier: the original classes are gone; only the new ones remain",
+            "",
+        ]
+    old = rundir.read_old_task(run_dir) or {}
+    original = meta.get("original_classes") or old.get("original_classes") or []
+    added = meta.get("new_classes") or []
+    lines = [
+        "## Mode",
+        "- add classes, keep the old ones: the original head was widened; outputs "
+        f"0-{len(original) - 1} are the original classes ({', '.join(f'`{c}`' for c in original)}"
+        f"; named by: {old.get('class_names_rule', '?')}), then the new ones "
+        f"({', '.join(f'`{c}`' for c in added) or 'none: the new data only had old classes'})",
+    ]
+    if old.get("rehearsal_images"):
+        lines.append(
+            f"- rehearsal: {old['rehearsal_images']} old images "
+            f"({config.get('rehearsal_per_class')} per class, seed {config.get('seed')}) mixed "
+            f"into every epoch; {old.get('old_val_images', 0)} old images held out"
+        )
+    if old.get("distill_weight"):
+        lines.append(
+            f"- distillation (LwF): weight {old['distill_weight']:g}, temperature "
+            f"{old.get('distill_temperature', '?')}"
+        )
+    epoch = meta.get("epoch")
+    row = next((r for r in metrics if r.get("epoch") == epoch), metrics[-1] if metrics else {})
+    for key, what in (
+        ("old_val_accuracy", "old classes' held-out images"),
+        ("new_val_accuracy", "new classes' held-out images"),
+    ):
+        if isinstance(row.get(key), int | float):
+            lines.append(
+                f"- measured (epoch {row.get('epoch')}): {row[key]:.4f} accuracy on the {what}, "
+                "among all classes"
+            )
+    return [*lines, ""]
 
 
 def _channels(model_input: dict | None) -> int:

@@ -6,7 +6,7 @@ the old task alive while the new classes are learnt:
 
 - **rehearsal** (with ``--old-data``): a fixed, seeded memory of N images per old class from
   the old data's train part is mixed into every epoch; the old data's held-out part is a
-  second validation set, scored every epoch (``old_val_accuracy`` in metrics.jsonl);
+  second validation set, scored every epoch (``old_val_accuracy`` in the epoch metrics);
 - **distillation** (Learning without Forgetting, Li & Hoiem 2016; used without old data):
   the original model's outputs on the new images, softened with a temperature T, are
   targets for the old outputs. They are computed once, before training, from the extended

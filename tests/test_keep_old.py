@@ -215,3 +215,154 @@ def test_stacked_rows_read_across_parts_without_copying():
     assert len(both) == 9 and both.shape == (9, 2)
     np.testing.assert_array_equal(both[np.array([0, 5, 6, 8])], np.stack([a[0], a[5], b[0], b[2]]))
     np.testing.assert_array_equal(both[4:8], np.concatenate([a, b])[4:8])
+
+
+# --------------------------------------------------------------------------------------
+# End to end through the CLI: a model without class names, and the starter model
+
+
+#: kind -> (colour, horizontal stripes): 0-4 the old task, 5-6 new kinds.
+KINDS = {
+    0: ((220, 40, 40), False),
+    1: ((40, 200, 60), False),
+    2: ((40, 60, 220), False),
+    3: ((200, 200, 40), False),
+    4: ((220, 40, 40), True),
+    5: ((210, 40, 210), False),
+    6: ((40, 210, 210), False),
+}
+
+
+def _shape_image(kind: int, i: int, size: int = 16) -> np.ndarray:
+    """A learnable image of one kind: its colour and stripe direction, plus noise."""
+    rng = np.random.default_rng(kind * 1000 + i)
+    colour, horizontal = KINDS[kind]
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:] = colour
+    stripes = np.arange(size) % 6 < 3
+    if horizontal:
+        image[stripes, :, :] //= 3
+    else:
+        image[:, stripes, :] //= 3
+    return np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8)
+
+
+def _folder(root: Path, kinds: dict[str, int], per_class: int, start: int = 0) -> Path:
+    from PIL import Image
+
+    for name, kind in kinds.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            Image.fromarray(_shape_image(kind, i)).save(root / name / f"{i}.png")
+    return root
+
+
+OLD_KINDS = {"ant": 0, "bee": 1, "cat": 2, "dog": 3, "eel": 4}
+NEW_KINDS = {"fox": 5, "gnu": 6, "cat": 2}  # "cat" is an old class: its images join it
+
+
+@pytest.fixture(scope="module")
+def plain_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A plain Keras CNN trained on 5 sorted class folders (labels as
+    image_dataset_from_directory gives them), saved with model.save: no class names inside."""
+    import keras
+
+    root = tmp_path_factory.mktemp("plain_task")
+    old = _folder(root / "old", OLD_KINDS, 20)
+    new = _folder(root / "new", NEW_KINDS, 20, start=100)
+    both = _folder(_folder(root / "both", OLD_KINDS, 4, start=200), NEW_KINDS, 4, start=300)
+    x = np.stack([_shape_image(k, i) for k in range(5) for i in range(20)])
+    y = np.repeat(np.arange(5), 20)  # sorted folder names -> 0..4
+    path = save_plain_cnn(root / "plain.keras")
+    model = keras.saving.load_model(path)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(x.astype("float32"), y, epochs=25, batch_size=16, verbose=0)
+    model.save(path)
+    return {"model": path, "old": old, "new": new, "both": both, "root": root}
+
+
+def _cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
+    import json
+
+    from retrain.__main__ import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 and out.out.strip() else None), out.err
+
+
+def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
+    plain_task, tmp_path, capsys, monkeypatch
+):
+    from retrain import callbacks, rundir
+
+    ws, run = tmp_path / "ws", tmp_path / "ws" / "runs" / "keep-plain"
+    # Stop after the first epoch (as a person pressing Stop would), then resume.
+    scored = callbacks.TaskAccuracy.on_epoch_end
+
+    def stop_after_first(self, epoch, logs=None):
+        scored(self, epoch, logs)
+        if epoch == 0:
+            rundir.request_stop(run)
+
+    monkeypatch.setattr(callbacks.TaskAccuracy, "on_epoch_end", stop_after_first)
+    code, summary, err = _cli(
+        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+        "--out", run, "--keep-old-classes", "--old-data", plain_task["old"],
+        "--rehearsal-per-class", 6, "--epochs", 8, "--batch-size", 8, "--lr", 0.01,
+        "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert summary["stopped"] and summary["epochs_done"] < 8
+    merged = [*OLD_KINDS, "fox", "gnu"]  # old first in output order, "cat" not repeated
+    assert summary["class_names"] == merged
+    record = rundir.read_old_task(run)
+    assert record["class_names_rule"] == "folders"
+    assert record["original_classes"] == list(OLD_KINDS)
+    assert len(record["memory"]) == 5 * 6 and record["val"]
+    assert not set(record["memory"]) & set(record["val"])
+    monkeypatch.setattr(callbacks.TaskAccuracy, "on_epoch_end", scored)
+
+    code, status, err = _cli(capsys, "status", run)
+    assert code == 0 and status["state"] == "done" and status["stopped"]
+    code, summary, err = _cli(capsys, "train", "--resume", run, "--workspace", ws)
+    assert code == 0, err
+    rows = rundir.read_metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(1, 9))
+    assert all(0 <= r["old_val_accuracy"] <= 1 and 0 <= r["new_val_accuracy"] <= 1 for r in rows)
+    assert rundir.read_old_task(run)["memory"] == record["memory"]  # the same memory
+    assert rows[-1]["old_val_accuracy"] >= 0.8, rows[-1]
+    assert rows[-1]["new_val_accuracy"] >= 0.8, rows[-1]
+
+    # evaluate on a folder holding old and new class folders: every class by name
+    code, report, err = _cli(
+        capsys, "evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
+        "--split", "all", "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert report["class_names"] == merged
+    assert set(report["per_class"]) == set(merged)
+    assert report["accuracy"] >= 0.8
+
+    # forgetting: the retrained model itself on the old images, named by the sorted folders
+    code, forgot, err = _cli(
+        capsys, "forgetting", "--original", plain_task["model"], "--run", run,
+        "--data", plain_task["old"], "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert forgot["method"] == "retrained-model" and forgot["class_names_rule"] == "folders"
+    assert forgot["split"] == "held out by the run"
+    assert forgot["num_images"] == len(record["val"])
+    assert set(forgot["per_class"]) == set(OLD_KINDS)
+    assert forgot["drop"] == pytest.approx(forgot["before"] - forgot["after"])
+    assert forgot["before"] >= 0.8 and forgot["drop"] <= 0.2
+
+    code, exported, err = _cli(
+        capsys, "export", "--run", run, "--format", "labels", "--format", "card"
+    )
+    assert code == 0, err
+    export_dir = Path(exported["files"][0]).parent
+    assert (export_dir / "labels.txt").read_text().splitlines() == merged
+    card = (export_dir / "MODEL_CARD.md").read_text()
+    assert "add classes, keep the old ones" in card
+    assert "accuracy on the old classes' held-out images" in card
