@@ -25,7 +25,7 @@ from pages._ui import (
     remember,
     require,
 )
-from retrain import jobs, rundir
+from retrain import jobs, rundir, runners
 from retrain.config import TrainConfig, demo_capped
 from retrain.errors import RetrainError
 from retrain.workspace import run_path
@@ -288,7 +288,14 @@ def _run_view(run_id: str, run_dir: Path) -> None:
             + (f" · {config['precision']}" if config.get("precision") else "")
             + (" · feature cache on" if config.get("feature_cache") else "")
         )
-    if state == "queued":
+    if state == "queued" and status.get("waiting"):  # a Ray job waiting for the cluster
+        waiting, jobs_waiting = status["waiting"], status.get("cluster_waiting")
+        st.info(  # Ray tells how many jobs wait, not the place of this one
+            waiting[0].upper()
+            + waiting[1:]
+            + (f" ({jobs_waiting} jobs waiting there)." if jobs_waiting else ".")
+        )
+    elif state == "queued":
         position = status.get("position")
         st.info(
             f"Waiting for a free training slot (position {position} in the queue)."
@@ -381,15 +388,15 @@ with st.container(border=True):
 try:
     if clicked_start:
         config = _build_config(manifest, base, surgery, values)
-        run_dir = jobs.start_run(config, workspace)
+        run_dir = Path(runners.get_runner().start(config, workspace)["run_dir"])
         remember(run_id=run_dir.name)
         st.query_params["run"] = run_dir.name
         st.rerun()
     if clicked_stop and run_dir is not None:
-        jobs.request_stop(run_dir)
+        runners.runner_for(run_dir).stop(run_dir)
         st.toast("Stopping after the current batch; what was trained is kept.")
     if clicked_resume and run_dir is not None:
-        jobs.resume_run(run_dir, workspace)
+        runners.runner_for(run_dir).resume(run_dir, workspace)
         st.rerun()
 except RetrainError as err:
     st.error(str(err))

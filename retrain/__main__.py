@@ -55,13 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     _workspace_arg(p)
     p.set_defaults(handler="retrain.worker:cli_train")
 
+    p = sub.add_parser(
+        "submit",
+        help="start a run in the background (local worker or Ray job) and return at once",
+    )
+    add_config_arguments(p)
+    p.add_argument(
+        "--runner",
+        choices=["local", "ray"],
+        default=None,
+        help="where the run trains (default: $RETRAIN_RUNNER, else local; docs/scale-out.md)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=float,
+        default=None,
+        help="ray: GPUs the job asks Ray for (default: $RETRAIN_RAY_GPUS, else 1)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="ray: CPUs the job asks Ray for (default: $RETRAIN_RAY_CPUS, else 1)",
+    )
+    _workspace_arg(p)
+    p.set_defaults(handler="retrain.runners:cli_submit")
+
     p = sub.add_parser("status", help="print a run's status (detects dead workers)")
     p.add_argument("run_dir", type=Path)
-    p.set_defaults(handler="retrain.jobs:cli_status")
+    p.set_defaults(handler="retrain.runners:cli_status")
 
     p = sub.add_parser("stop", help="ask a running training to stop after the current batch")
     p.add_argument("run_dir", type=Path)
-    p.set_defaults(handler="retrain.jobs:cli_stop")
+    p.set_defaults(handler="retrain.runners:cli_stop")
 
     p = sub.add_parser("evaluate", help="score a model on a labelled folder/zip")
     p.add_argument("--model", required=True, type=Path, help="MODEL.keras")

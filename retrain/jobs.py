@@ -252,7 +252,13 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     status = dict(status)
     state = status.get("state", "queued")
     if state in ACTIVE_STATES:
-        if not _worker_alive(run_dir, status):
+        record = rundir.read_runner(run_dir) or {}
+        if record.get("runner") == "ray":
+            status = _with_ray_view(run_dir, status, record)
+            state = status["state"]
+            if state == "running" and rundir.stop_requested(run_dir):
+                status["state"] = "stopping"
+        elif not _worker_alive(run_dir, status):
             status["previous_state"] = state
             status["state"] = state = "interrupted"
             status["error"] = (
@@ -262,8 +268,27 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         elif state == "running" and rundir.stop_requested(run_dir):
             status["state"] = "stopping"
     status["run_id"] = run_dir.name
-    status["resumable"] = state == "interrupted" and rundir.has_checkpoint(run_dir)
+    # A Ray job that died (failed in Ray, not by the worker's own hand) resumes like a crash.
+    died = state == "interrupted" or (state == "failed" and "previous_state" in status)
+    status["resumable"] = died and rundir.has_checkpoint(run_dir)
     return status
+
+
+def _with_ray_view(run_dir: Path, status: dict[str, Any], record: dict[str, Any]) -> dict:
+    """An active Ray run's liveness comes from Ray (`retrain.ray_runner`), not from a pid on
+    another machine: queued while Ray waits for resources, interrupted when the cluster is
+    gone, failed with the job's last log line; ``ray`` holds Ray's view."""
+    from retrain import ray_runner
+
+    view = ray_runner.job_view(record)
+    if view.get("job_status") not in ("PENDING", "RUNNING"):
+        # The job ended (or the cluster went away) right after the worker wrote its end.
+        fresh = rundir.read_status_file(run_dir)
+        if fresh and fresh.get("state") not in ACTIVE_STATES:
+            return {**fresh, "ray": view}
+    merged = ray_runner.apply_view(status, record, view)
+    merged["ray"] = view
+    return merged
 
 
 def is_live(run_dir: Path) -> bool:

@@ -14,6 +14,7 @@ goes through the functions below and never spells a file name::
     best.keras      the best epoch's model; model.keras the last one
     history.csv     Keras CSVLogger; tensorboard/ TensorBoard logs
     log.txt         the worker's stdout/stderr; pid its process id
+    runner.json     where the run trains when not locally: {"runner": "ray", "job_id", "address", ...}
 
 JSON files are written atomically (`retrain.workspace.write_json`), so a reader never sees half
 a file. This module imports no framework and nothing of ``retrain`` above the workspace.
@@ -48,6 +49,7 @@ HISTORY_FILE = "history.csv"
 LOG_FILE = "log.txt"
 PID_FILE = "pid"
 TENSORBOARD_DIR = "tensorboard"
+RUNNER_FILE = "runner.json"  # the runner that started the run (retrain.runners)
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,6 +350,27 @@ def stop_requested(run_dir: Path) -> bool:
 def clear_stop(run_dir: Path) -> None:
     """Forget a stop request: it belonged to a previous worker of the run."""
     (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The runner record: which runner started the run, and its job there (retrain.runners)
+
+
+def write_runner(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record the runner that started the run and its job (e.g. ``{"runner": "ray",
+    "job_id", "address", ...}``), so any later process can find the job."""
+    write_json(Path(run_dir) / RUNNER_FILE, record)
+
+
+def read_runner(run_dir: Path) -> dict[str, Any] | None:
+    """The run's runner record (None for a run the local runner started)."""
+    record = read_json(Path(run_dir) / RUNNER_FILE)
+    return record if isinstance(record, dict) else None
+
+
+def clear_runner(run_dir: Path) -> None:
+    """Forget the runner record (the run now trains in a local worker)."""
+    (Path(run_dir) / RUNNER_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retrain import jobs, rundir
+from retrain import jobs, ray_runner, rundir
 from retrain.config import TrainConfig, config_from_args
 from retrain.errors import RunError
 from retrain.train import train
@@ -37,6 +37,11 @@ def cli_train(args: argparse.Namespace) -> dict[str, Any]:
 
         devices.limit_threads(int(threads))
     resume = bool(getattr(args, "resume", None))
+    if ray_runner.in_ray_job():  # Ray placed this worker; the dashboard wrote its run directory
+        target = Path(args.resume if resume else (args.out or "."))
+        ray_runner.enter_job(
+            rundir.config_path(target), rundir.log_path(target), rundir.read_runner(target)
+        )
     if resume:
         run_dir = Path(args.resume)
         saved = rundir.read_config(run_dir)
@@ -56,8 +61,17 @@ def run_in_slot(
 ) -> dict[str, Any]:
     """Wait for a training slot on this host, then `retrain.train.train` the run.
 
-    A stop requested while waiting ends the run as done (stopped, no epoch trained).
+    A stop requested while waiting ends the run as done (stopped, no epoch trained). A worker
+    that Ray placed takes no local slot (Ray queued it) but honours a stop requested before it
+    started the same way.
     """
+    if ray_runner.in_ray_job():
+        if rundir.stop_requested(run_dir):
+            rundir.write_status(run_dir, "done", stopped=True, finished=time.time())
+            return {"run_dir": str(run_dir), "state": "done", "stopped": True, "epochs_done": 0}
+        return train(config, run_dir, workspace=workspace, resume=resume)
+    if (rundir.read_runner(run_dir) or {}).get("runner") == "ray":
+        rundir.clear_runner(run_dir)  # it trains here now, not in its old Ray job
     with jobs.training_slot(run_dir) as granted:
         if not granted:  # stopped while waiting in the queue
             rundir.write_status(run_dir, "done", stopped=True, finished=time.time())

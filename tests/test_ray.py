@@ -7,6 +7,9 @@ model, a few 16x16 images, 1-2 epochs) so the whole module stays around two minu
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,3 +158,291 @@ def test_code_shipped_as_working_dir_or_installed_on_the_node(ray_env: Cluster, 
         else:  # the node's own copy (PYTHONPATH of the head = this checkout)
             assert str(ROOT / "retrain" / "__init__.py") in where
         assert record["entrypoint"].startswith("python -c ")
+
+
+# --- Runs through the CLI, the seam and the page ---
+
+
+def cli(*args: str, check: bool = True) -> dict:
+    """Run ``python -m retrain ARGS`` as a user would; return its JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrain", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "RETRAIN_JSON_COMPACT": "1"},
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+    return {"returncode": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout}
+
+
+@pytest.fixture
+def tiny_data(make_image_folder, keras_cache) -> Path:
+    """Two classes of 16x16 images; the built-in starter model is already trained."""
+    return make_image_folder(classes=("cat", "dog"), per_class=6, size=16)
+
+
+def submit(data: Path, run_dir: Path, *extra: str) -> dict:
+    return cli(
+        "submit",
+        "--data",
+        str(data),
+        "--base",
+        "builtin:digits-cnn",
+        "--out",
+        str(run_dir),
+        "--batch-size",
+        "4",
+        *extra,
+    )
+
+
+def epochs_of(run_dir: Path) -> list[int]:
+    from retrain import rundir
+
+    return [row["epoch"] for row in rundir.read_metrics(run_dir)]
+
+
+def test_local_default_imports_no_ray(tiny_data: Path, tmp_path: Path):
+    """The local path (jobs, worker, CLI, the seam) trains a run without importing Ray."""
+    script = f"""
+import sys
+from retrain import jobs, runners, worker  # noqa: F401
+from retrain.__main__ import main
+assert runners.get_runner().name == "local"
+code = main(["train", "--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn",
+             "--out", {str(tmp_path / "run")!r}, "--epochs", "1"])
+assert code == 0, code
+main(["status", {str(tmp_path / "run")!r}])
+print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RETRAIN_RUNNER", "RAY_ADDRESS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "NO_RAY"
+    from retrain import jobs
+
+    assert jobs.read_status(tmp_path / "run")["state"] == "done"
+
+
+def test_submit_trains_on_ray_and_status_watches_it_to_done(
+    ray_env: Cluster, tiny_data: Path, tmp_path: Path
+):
+    run_dir = tmp_path / "run-ray"
+    reply = submit(tiny_data, run_dir, "--epochs", "2", "--runner", "ray", "--gpus", "0")
+    assert set(reply) == {"run_dir", "runner", "job_id", "state"}
+    assert reply["runner"] == "ray" and reply["run_dir"] == str(run_dir)
+    assert reply["state"] == "queued" and reply["job_id"].startswith("retrain-run-ray-")
+    from retrain import rundir
+
+    record = rundir.read_runner(run_dir)
+    assert record["job_id"] == reply["job_id"] and record["address"] == ray_env.address
+    assert record["entrypoint"].startswith("python -m retrain train ")
+    assert f"--out {run_dir}" in record["entrypoint"]
+
+    seen = set()
+
+    def finished():
+        status = cli("status", str(run_dir))
+        seen.add(status["state"])
+        return status if status["state"] not in ("queued", "running", "stopping") else None
+
+    status = wait_for(finished, timeout_s=240, poll_s=1.0, what="the Ray run to finish")
+    assert status["state"] == "done", status
+    assert status["epochs_done"] == 2 and status["runner"] == "ray"
+    assert status["ray"]["job_status"] == "SUCCEEDED"
+    assert "running" in seen  # the CLI saw it train
+    assert epochs_of(run_dir) == [1, 2]
+    log = rundir.read_log_tail(run_dir, 400)
+    assert "epoch" in log.lower()  # the worker's output is in the run's own log too
+
+
+def test_stop_a_running_ray_job_then_resume_it(ray_env: Cluster, tiny_data: Path, tmp_path: Path):
+    from retrain import ray_runner, rundir
+
+    run_dir = tmp_path / "run-long"
+    reply = submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
+    wait_for(lambda: len(epochs_of(run_dir)) >= 2, timeout_s=240, what="two epochs")
+    stopped = cli("stop", str(run_dir))
+    assert stopped["stop_requested"] is True and stopped["state"] in ("stopping", "done")
+    wait_for(lambda: cli("status", str(run_dir))["state"] == "done", timeout_s=120, what="the stop")
+    status = cli("status", str(run_dir))
+    assert status["stopped"] is True and 2 <= status["epochs_done"] < 400
+    # Ray: the job is over (the worker stopped itself after its batch and exited cleanly).
+    view = wait_for(
+        lambda: (
+            (v := ray_runner.job_view(rundir.read_runner(run_dir)))["job_status"]
+            in ray_runner.TERMINAL
+            and v
+        ),
+        timeout_s=60,
+        what="Ray to see the job end",
+    )
+    assert view["job_status"] == "SUCCEEDED" and view["job_id"] == reply["job_id"]
+    done_before = epochs_of(run_dir)
+
+    # Resume: a new Ray job for the same run directory, continuing after the last epoch.
+    resumed = cli("submit", "--resume", str(run_dir))  # the run's record says ray
+    assert resumed["runner"] == "ray" and resumed["job_id"] != reply["job_id"]
+    assert rundir.read_runner(run_dir)["entrypoint"].endswith(f"--resume {run_dir}") or (
+        f"--resume {run_dir}" in rundir.read_runner(run_dir)["entrypoint"]
+    )
+    wait_for(lambda: len(epochs_of(run_dir)) > len(done_before), timeout_s=240, what="a new epoch")
+    cli("stop", str(run_dir))
+    wait_for(lambda: cli("status", str(run_dir))["state"] == "done", timeout_s=120, what="stop")
+    epochs = epochs_of(run_dir)
+    assert epochs == list(range(1, len(epochs) + 1))  # each epoch exactly once, in order
+    assert epochs[: len(done_before)] == done_before
+
+
+def test_a_job_waiting_for_a_gpu_shows_it_and_stops_without_training(
+    ray_env: Cluster, tiny_data: Path, tmp_path: Path
+):
+    """The head has no GPU: a run asking for one waits in Ray's queue; stop ends it."""
+    from retrain import jobs, ray_runner, rundir
+
+    run_dir = tmp_path / "run-gpu"
+    reply = submit(tiny_data, run_dir, "--epochs", "1", "--runner", "ray", "--gpus", "1")
+    assert reply["state"] == "queued"
+    status = wait_for(
+        lambda: (s := jobs.read_status(run_dir)).get("waiting") and s, what="Ray's PENDING"
+    )
+    assert status["state"] == "queued"
+    assert status["waiting"] == "waiting for a free GPU on the cluster"
+    assert status["cluster_waiting"] >= 1 and status["ray"]["job_status"] == "PENDING"
+    stopped = cli("stop", str(run_dir))
+    assert stopped["state"] == "done" and stopped["ray_stop_job"] is True
+    status = cli("status", str(run_dir))
+    assert status["state"] == "done" and status["stopped"] is True
+    assert status["epochs_done"] == 0 and rundir.stop_requested(run_dir)
+    # Should Ray start it later anyway (Ray 2.60 does not cancel a job waiting for
+    # resources), its worker reads the stop request first and trains nothing.
+    assert ray_runner.job_view(rundir.read_runner(run_dir))["job_status"] == "PENDING"
+
+
+APP = str(ROOT / "app.py")
+
+
+@pytest.fixture
+def page_session(tmp_path: Path, tiny_data: Path) -> dict:
+    from retrain import data
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    dataset = data.ingest(tiny_data, workspace)
+    return {"workspace": workspace, "manifest": str(dataset.manifest_path)}
+
+
+def train_page(session: dict, run_id: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page("pages/train.py")
+    at.session_state["workspace"] = session["workspace"]
+    at.session_state["dataset"] = session["manifest"]
+    at.session_state["base"] = "builtin:digits-cnn"
+    at.session_state["surgery"] = {"freeze": "all"}  # the starter model's suggested cut
+    if run_id:
+        at.session_state["run_id"] = run_id
+    return at
+
+
+def page_text(at) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    for kind in ("success", "error", "warning", "info"):
+        parts += [str(el.value) for el in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def test_train_page_starts_and_watches_a_ray_run(ray_env: Cluster, page_session: dict):
+    from retrain import rundir
+
+    at = train_page(page_session).run()
+    assert not at.exception
+    at.number_input(key="epochs").set_value(2)
+    at.button(key="start_training").click().run()
+    assert not at.exception, at.exception
+    run_id = at.session_state["run_id"]
+    run_dir = page_session["workspace"] / "runs" / run_id
+    assert rundir.read_runner(run_dir)["runner"] == "ray"
+
+    def done():
+        at.run()
+        assert not at.error, [e.value for e in at.error]
+        return "Done" in page_text(at)
+
+    wait_for(done, timeout_s=240, poll_s=1.0, what="the page to show the run done")
+    assert not at.exception
+    assert "best validation accuracy" in page_text(at)
+    assert len(at.get("plotly_chart")) == 2 and epochs_of(run_dir) == [1, 2]
+
+
+def test_train_page_shows_a_run_waiting_for_a_gpu_and_stops_it(
+    ray_env: Cluster, page_session: dict, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("RETRAIN_RAY_GPUS", "1")  # the head has none: Ray keeps it waiting
+    at = train_page(page_session).run()
+    at.number_input(key="epochs").set_value(1)
+    at.button(key="start_training").click().run()
+
+    def waiting():
+        at.run()
+        return "Waiting for a free GPU on the cluster" in page_text(at)
+
+    wait_for(waiting, timeout_s=60, poll_s=1.0, what="the page to show the GPU wait")
+    at.button(key="stop_training").click().run()
+    at.run()
+    assert "Stopped." in page_text(at) and not at.exception
+
+
+def test_head_killed_mid_run_shows_interrupted_then_resume_continues(
+    ray_env: Cluster, page_session: dict, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Runs last in this module: it kills the module's head and starts the next one."""
+    import psutil
+
+    from retrain import jobs, rundir
+
+    run_dir = page_session["workspace"] / "runs" / "run-kill"
+    submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
+    wait_for(lambda: len(epochs_of(run_dir)) >= 2, timeout_s=240, what="two epochs")
+    pid = rundir.read_status_file(run_dir)["pid"]
+
+    ray_env.head.kill()  # the whole head at once, as when its machine goes away
+    status = cli("status", str(run_dir))
+    assert status["state"] == "interrupted", status
+    assert status["error"].startswith(f"Lost the Ray cluster at {ray_env.address}")
+    assert "resume" in status["error"] and status["resumable"] is True
+    assert status["ray"]["reachable"] is False
+    # The worker does not go on alone: it ends with its job's supervisor.
+    wait_for(lambda: not psutil.pid_exists(pid), timeout_s=30, what="the orphaned worker to end")
+    finished = epochs_of(run_dir)
+    time.sleep(1.5)
+    assert epochs_of(run_dir) == finished  # nothing writes the run any more
+    assert jobs.read_status(run_dir)["state"] == "interrupted"
+
+    ray_env.restart()
+    monkeypatch.setenv("RAY_ADDRESS", ray_env.address)
+    at = train_page(page_session, "run-kill").run()
+    assert not at.exception
+    assert "Lost the Ray cluster" in page_text(at)  # the old head is gone for good
+    at.button(key="resume_training").click().run()
+    assert not at.exception, at.exception
+    record = rundir.read_runner(run_dir)
+    assert record["address"] == ray_env.address
+    wait_for(lambda: len(epochs_of(run_dir)) > len(finished), timeout_s=240, what="a resumed epoch")
+    cli("stop", str(run_dir))
+    wait_for(lambda: cli("status", str(run_dir))["state"] == "done", timeout_s=120, what="stop")
+    epochs = epochs_of(run_dir)
+    assert epochs[: len(finished)] == finished  # continued from the last finished epoch
+    assert epochs == list(range(1, len(epochs) + 1))
