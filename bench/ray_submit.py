@@ -135,7 +135,17 @@ def main() -> int:
         total_s = time.monotonic() - started
         finished = [jobs.read_status(r) for r in run_dirs]
         epochs = [len(rundir.read_metrics(r)) for r in run_dirs]
-        ray_final = [ray_runner.job_view(rundir.read_runner(r)).get("job_status") for r in run_dirs]
+
+        def ray_states() -> list:
+            return [ray_runner.job_view(rundir.read_runner(r)).get("job_status") for r in run_dirs]
+
+        ray_at_done = ray_states()  # Ray lags the run directory by the worker's exit
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            s in ray_runner.TERMINAL for s in ray_states()
+        ):
+            time.sleep(0.5)
+        ray_final = ray_states()
         result["concurrent"] = {
             "runs": args.concurrent,
             "head_cpus": 2,
@@ -143,6 +153,7 @@ def main() -> int:
             "submit_all_s": round(submitted_s, 2),
             "all_done_s": round(total_s, 1),
             "states": [s["state"] for s in finished],
+            "ray_states_when_runs_done": ray_at_done,
             "ray_states": ray_final,
             "epochs_recorded": epochs,
             "most_running_at_once": most_running,
