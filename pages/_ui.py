@@ -48,7 +48,16 @@ from retrain.workspace import (
 REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
 
 # The Model page's choices (the ``surgery`` key): TrainConfig fields that Train and Runs carry.
-SURGERY_KEYS = ("cut_at", "freeze", "hidden_units", "dropout", "add_conv", "binary_sigmoid")
+# ``preprocessing`` is there only when the page found it (probe) or it was set by hand.
+SURGERY_KEYS = (
+    "cut_at",
+    "freeze",
+    "hidden_units",
+    "dropout",
+    "add_conv",
+    "binary_sigmoid",
+    "preprocessing",
+)
 
 PAGE_FILES = {
     "dataset": "pages/dataset.py",

@@ -23,10 +23,13 @@ from typing import Any
 from retrain.data import RESIZE_MODES  # one list, owned by the image cache
 from retrain.devices import PRECISION_CHOICES
 from retrain.errors import ConfigError
+from retrain.preprocessing import REGISTRY as _PREPROCESSING_REGISTRY
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 CACHE_FEATURES = ("auto", "on", "off")
 PRECISIONS = PRECISION_CHOICES
+#: auto = detected, or found by the probe when --old-data is given; else a preprocessing key.
+PREPROCESSINGS = ("auto", *_PREPROCESSING_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,14 @@ class TrainConfig:
         "squash",
         group="advanced",
         choices=RESIZE_MODES,
+    )
+    preprocessing: str = _opt(
+        "how pixels are scaled for the base: auto = detected, or scored on --old-data (the "
+        "original task's images) and the best taken; or set it: inside, raw (0-255), unit "
+        "([0,1]), tf ([-1,1]), torch (ImageNet mean/std), caffe (BGR minus ImageNet means)",
+        "auto",
+        group="advanced",
+        choices=PREPROCESSINGS,
     )
     val_split: float = _opt(
         "fraction of the training images held out for validation (used when the data has no "

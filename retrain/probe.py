@@ -6,14 +6,17 @@ on a seeded sample of them (`DEFAULT_PER_CLASS` per class) through the original 
 
 - **accuracy**: how often the original head names the right class;
 - **log loss**: the mean of ``-log p(true class)``. A model is fitted by minimising exactly
-  this on data preprocessed its way, so the right candidate has the lowest. It also tells
-  apart candidates that differ only by a scale (0-255 vs [0, 1] into a ReLU network give the
-  same argmax, but wildly overconfident mistakes).
+  this on data preprocessed its way, so the right candidate has the lowest;
+- **blend loss**: each image is blended half-and-half with one of another class (seeded), and
+  scored against the half-and-half answer. A model fed pixels scaled its own way splits its
+  probability on such a blend; fed them at a wrong scale (0-255 into a ReLU network trained
+  on [0, 1]) it answers with full confidence. Accuracy and log loss on clean images cannot
+  see this when the head gets every image right: argmax ignores a scale.
 
-The winner has the lowest log loss among the candidates whose accuracy is within
-`ACCURACY_TIE` of the best accuracy. It is *clearly ahead* when every other candidate is at
-least `CLEAR_ACCURACY` less accurate or has at least `CLEAR_LOSS_RATIO` times its log loss;
-otherwise the result carries a warning.
+The winner has the lowest ``loss`` (log loss + blend loss) among the candidates whose
+accuracy is within `ACCURACY_TIE` of the best accuracy. It is *clearly ahead* when every other
+candidate is at least `CLEAR_ACCURACY` less accurate, or has at least `CLEAR_LOSS_RATIO` times
+its log loss or its blend loss; otherwise the result carries a warning.
 
 This module imports `data`, `preprocessing` and `errors` only (models calls it).
 """
@@ -37,11 +40,11 @@ MAX_IMAGES = 2000
 ACCURACY_TIE = 0.02
 #: The winner is clearly ahead of a candidate that is this much less accurate ...
 CLEAR_ACCURACY = 0.05
-#: ... or whose log loss is at least this many times the winner's.
+#: ... or whose log loss or blend loss is at least this many times the winner's.
 CLEAR_LOSS_RATIO = 1.25
 MARGIN_TEXT = (
-    f"clearly ahead = every other candidate at least {CLEAR_ACCURACY:.0%} less accurate "
-    f"or with at least {CLEAR_LOSS_RATIO:g}x its log loss"
+    f"clearly ahead = every other candidate at least {CLEAR_ACCURACY:.0%} less accurate, "
+    f"or with at least {CLEAR_LOSS_RATIO:g}x its log loss or blend loss"
 )
 
 
@@ -52,6 +55,7 @@ class ProbeResult:
     Attributes:
         accuracy: candidate key -> accuracy on the sample (the ``preprocessing_probe`` JSON).
         log_loss: candidate key -> mean ``-log p(true class)``.
+        blend_loss: candidate key -> mean loss on the half-and-half blends.
         best: the winning key.
         clear: whether the winner is clearly ahead (see the module docstring).
         runner_up: the candidate closest to the winner.
@@ -63,6 +67,7 @@ class ProbeResult:
 
     accuracy: dict[str, float]
     log_loss: dict[str, float]
+    blend_loss: dict[str, float]
     best: str
     clear: bool
     runner_up: str | None
@@ -80,6 +85,7 @@ class ProbeResult:
             "clear": self.clear,
             "runner_up": self.runner_up,
             "log_loss": self.log_loss,
+            "blend_loss": self.blend_loss,
             "images": self.images,
             "classes": self.classes,
             "per_class": self.per_class,
@@ -89,8 +95,11 @@ class ProbeResult:
         }
 
     def describe(self, key: str) -> str:
-        """One phrase about ``key``'s score, e.g. ``"unit: 98% accuracy, log loss 0.043"``."""
-        return f"{key}: {self.accuracy[key]:.0%} accuracy, log loss {self.log_loss[key]:.3g}"
+        """One phrase about ``key``'s scores, e.g. ``"unit: 98% accuracy, losses 0.04 + 1.5"``."""
+        return (
+            f"{key}: {self.accuracy[key]:.0%} accuracy, log loss {self.log_loss[key]:.2g}, "
+            f"blend loss {self.blend_loss[key]:.2g}"
+        )
 
 
 def candidates(channels: int, has_layers_inside: bool, takes_uint8: bool = False) -> list[str]:
@@ -168,54 +177,89 @@ def sample_images(
     return images, labels, classes
 
 
-def score(
-    model: Any, images: np.ndarray, labels: np.ndarray, keys: Sequence[str]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Accuracy and mean log loss of ``model`` (the original head) under each key.
+def blends(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """For each image, the index of a partner of another class (seeded; -1 when none)."""
+    rng = np.random.default_rng(seed + 1)
+    partner = np.full(len(labels), -1, dtype=np.int64)
+    for i, label in enumerate(labels):
+        others = np.flatnonzero(labels != label)
+        if len(others):
+            partner[i] = rng.choice(others)
+    return partner
 
-    A 1-unit sigmoid head counts as two classes (``[1 - p, p]``).
-    """
+
+def _probabilities(wrapped: Any, images: np.ndarray) -> np.ndarray:
+    probs = np.concatenate(
+        [
+            np.asarray(wrapped.predict_on_batch(images[i : i + 64]), dtype=np.float64)
+            for i in range(0, len(images), 64)
+        ]
+    ).reshape(len(images), -1)
+    if probs.shape[1] == 1:  # a 1-unit sigmoid head: two classes
+        probs = np.concatenate([1.0 - probs, probs], axis=1)
+    if probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:  # logits
+        probs = np.exp(probs - probs.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
+def score(
+    model: Any, images: np.ndarray, labels: np.ndarray, keys: Sequence[str], seed: int = 0
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Accuracy, mean log loss and blend loss of ``model`` (the original head) under each key."""
+    partner = blends(images, labels, seed)
+    paired = np.flatnonzero(partner >= 0)
+    mixed = (
+        (images[paired].astype(np.uint16) + images[partner[paired]].astype(np.uint16) + 1) // 2
+    ).astype(np.uint8)
     accuracy: dict[str, float] = {}
     log_loss: dict[str, float] = {}
+    blend_loss: dict[str, float] = {}
+
+    def nll(p: np.ndarray) -> np.ndarray:
+        return -np.log(np.clip(p, 1e-7, 1.0))
+
     for key in keys:
         wrapped = preprocessing.with_preprocessing(model, key)
-        probs = np.concatenate(
-            [
-                np.asarray(wrapped.predict_on_batch(images[i : i + 64]), dtype=np.float64)
-                for i in range(0, len(images), 64)
-            ]
-        )
-        probs = probs.reshape(len(images), -1)
-        if probs.shape[1] == 1:
-            probs = np.concatenate([1.0 - probs, probs], axis=1)
-        if probs.min() < 0 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:  # logits
-            probs = np.exp(probs - probs.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
-        true = probs[np.arange(len(labels)), labels]
+        probs = _probabilities(wrapped, images)
+        rows = np.arange(len(labels))
         accuracy[key] = round(float(np.mean(probs.argmax(axis=1) == labels)), 4)
-        log_loss[key] = round(float(np.mean(-np.log(np.clip(true, 1e-7, 1.0)))), 4)
-    return accuracy, log_loss
+        log_loss[key] = round(float(np.mean(nll(probs[rows, labels]))), 4)
+        if len(paired):
+            q = _probabilities(wrapped, mixed)
+            both = 0.5 * nll(q[np.arange(len(paired)), labels[paired]]) + 0.5 * nll(
+                q[np.arange(len(paired)), labels[partner[paired]]]
+            )
+            blend_loss[key] = round(float(np.mean(both)), 4)
+        else:
+            blend_loss[key] = 0.0
+    return accuracy, log_loss, blend_loss
 
 
-def choose(accuracy: dict[str, float], log_loss: dict[str, float]) -> tuple[str, bool, str | None]:
+def choose(
+    accuracy: dict[str, float], log_loss: dict[str, float], blend_loss: dict[str, float]
+) -> tuple[str, bool, str | None]:
     """``(winner, clearly ahead, runner-up)`` by the rule of the module docstring."""
+    loss = {k: log_loss[k] + blend_loss[k] for k in accuracy}
     top = max(accuracy.values())
     tied = [k for k in accuracy if accuracy[k] >= top - ACCURACY_TIE - 1e-9]
-    best = min(tied, key=lambda k: (log_loss[k], -accuracy[k]))
+    best = min(tied, key=lambda k: (loss[k], -accuracy[k]))
     others = [k for k in accuracy if k != best]
     if not others:
         return best, True, None
 
-    def closeness(k: str) -> tuple[float, float]:
-        return (accuracy[best] - accuracy[k], log_loss[k] / max(log_loss[best], 1e-9))
+    def apart(k: str) -> bool:
+        return (
+            accuracy[best] - accuracy[k] >= CLEAR_ACCURACY - 1e-9
+            or log_loss[k] >= CLEAR_LOSS_RATIO * log_loss[best] + 1e-9
+            or blend_loss[k] >= CLEAR_LOSS_RATIO * blend_loss[best] + 1e-9
+        )
+
+    def closeness(k: str) -> tuple[bool, float, float]:
+        return (apart(k), accuracy[best] - accuracy[k], loss[k] / max(loss[best], 1e-9))
 
     runner_up = min(others, key=closeness)
-    clear = all(
-        accuracy[best] - accuracy[k] >= CLEAR_ACCURACY - 1e-9
-        or log_loss[k] >= CLEAR_LOSS_RATIO * log_loss[best]
-        for k in others
-    )
-    return best, clear, runner_up
+    return best, all(apart(k) for k in others), runner_up
 
 
 def probe(
@@ -257,11 +301,12 @@ def probe(
     )
     takes_uint8 = "int" in str(getattr(model.inputs[0], "dtype", "float32"))
     keys = candidates(channels, has_layers_inside, takes_uint8)
-    accuracy, log_loss = score(model, images, labels, keys)
-    best, clear, runner_up = choose(accuracy, log_loss)
+    accuracy, log_loss, blend_loss = score(model, images, labels, keys, seed)
+    best, clear, runner_up = choose(accuracy, log_loss, blend_loss)
     result = ProbeResult(
         accuracy=accuracy,
         log_loss=log_loss,
+        blend_loss=blend_loss,
         best=best,
         clear=clear,
         runner_up=runner_up,
@@ -290,7 +335,8 @@ def check_choice(result: ProbeResult, chosen: str) -> str | None:
         return None
     worse = (
         result.accuracy[result.best] - result.accuracy[key] >= CLEAR_ACCURACY - 1e-9
-        or result.log_loss[key] >= CLEAR_LOSS_RATIO * result.log_loss[result.best]
+        or result.log_loss[key] >= CLEAR_LOSS_RATIO * result.log_loss[result.best] + 1e-9
+        or result.blend_loss[key] >= CLEAR_LOSS_RATIO * result.blend_loss[result.best] + 1e-9
     )
     if not worse:
         return None

@@ -139,7 +139,10 @@ class RunConfig:
     image_size_used: list[int] | None = None
     loss: str | None = None
     label_encoding: str | None = None
-    preprocessing: str | None = None
+    preprocessing: str | None = None  # the key used; also the setting of that name (see below)
+    preprocessing_source: str | None = None  # how it was found: detected, probe, set by hand
+    preprocessing_probe: dict[str, float] | None = None  # candidate -> accuracy on old data
+    preprocessing_probe_info: dict[str, Any] | None = None  # log losses, sample, margin
     cut_at_used: str | None = None
     feature_cache: bool | None = None
     batch_size_used: int | None = None
@@ -157,10 +160,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Split a ``config.json`` object into settings and resolved keys."""
+        """Split a ``config.json`` object into settings and resolved keys.
+
+        ``preprocessing`` is both: the setting (auto or a key) is overwritten in the file by
+        the key training used, which as a setting reproduces the run (resume keeps it).
+        """
         resolved = set(cls.resolved_keys())
         return cls(
-            settings={k: v for k, v in data.items() if k not in resolved},
+            settings={k: v for k, v in data.items() if k not in resolved or k == "preprocessing"},
             **{k: v for k, v in data.items() if k in resolved},
         )
 

@@ -97,11 +97,12 @@ def feature_cache_path(
     resize_mode: str,
     split: str,
     policy: str = "float32",
+    preprocessing: str = "",
 ) -> Path:
     """Where the cached base outputs of one dataset split live.
 
     The key is (dataset id, base spec, cut layer, image size, resize mode, dtype policy,
-    backend); a base given as a file also keys on the file's size and modification time, so
+    backend, preprocessing: features of pixels scaled another way are other features); a base given as a file also keys on the file's size and modification time, so
     a replaced file is never served stale features.
     """
     import keras
@@ -114,6 +115,7 @@ def feature_cache_path(
     key = json.dumps(
         [dataset.dataset_id, spec, cut_at, list(image_size), resize_mode, policy]
         + [keras.backend.backend()]
+        + ([preprocessing] if preprocessing else [])
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = Path(dataset.manifest_path).parent / "cache"
@@ -334,6 +336,7 @@ class _Run:
         else:
             size = self.base.input_size
             self.image_size = tuple(size) if size else (224, 224)
+        self._find_preprocessing()
         self.freeze = config.freeze_spec
         self.frozen_base = self.freeze.mode == "all"
         if config.cache_features == "on" and (config.augment or not self.frozen_base):
@@ -343,6 +346,29 @@ class _Run:
             )
         self.use_cache = config.cache_features != "off" and self.frozen_base and not config.augment
 
+    def _find_preprocessing(self) -> None:
+        """Set the base's preprocessing by --preprocessing, or probe it on --old-data."""
+        from retrain import models
+
+        config = self.config
+        old_data = getattr(config, "old_data", None) or None
+        if config.preprocessing == "auto" and not old_data:
+            return
+        self.base = models.resolve_preprocessing(
+            self.base,
+            config.preprocessing,
+            old_data,
+            workspace=self.workspace,
+            original_classes=getattr(config, "original_classes", None) or None,
+            image_size=self.image_size,
+            resize_mode=config.resize_mode,  # the probe's sample is seeded on its own, so the
+        )  # Model page, describe and training score the same images
+        origin = self.base.origin
+        _say(f"preprocessing: {self.base.preprocessing} ({origin['preprocessing_source']})")
+        warning = (origin.get("preprocessing_probe_info") or {}).get("warning")
+        if warning:
+            self._note(warning, say=True)
+
     # -- 2. data: the uint8 image cache at the model's size, and the recorded split
 
     def prepare_data(self, resume: bool) -> None:
@@ -350,10 +376,15 @@ class _Run:
 
         config, dataset = self.config, self.dataset
         rundir.write_progress(self.run_dir, {"phase": "caching images"})
-        self.train_cache = data.load_images(dataset, "train", self.image_size, config.resize_mode)
+        channels = self.base.channels  # a grayscale base gets grayscale images
+        self.train_cache = data.load_images(
+            dataset, "train", self.image_size, config.resize_mode, channels=channels
+        )
         self.val_cache = None
         if dataset.splits.get("val"):
-            self.val_cache = data.load_images(dataset, "val", self.image_size, config.resize_mode)
+            self.val_cache = data.load_images(
+                dataset, "val", self.image_size, config.resize_mode, channels=channels
+            )
             self.val_source = "the dataset's val folder"
         elif config.val_split > 0:
             self.val_cache = self.train_cache
@@ -431,6 +462,7 @@ class _Run:
                 image_size=self.image_size,
             )
         self.preprocessing = self.base.preprocessing
+        self.preprocessing_origin = self.base.origin
         del self.base  # the surgery keeps what it needs; the original head can go
         self.y_train = self._encode(self.train_cache.labels)
         self.y_val = self._encode(self.val_cache.labels) if self.val_cache is not None else None
@@ -480,6 +512,9 @@ class _Run:
                 loss=surgery.loss,
                 label_encoding=surgery.label_encoding,
                 preprocessing=self.preprocessing,
+                preprocessing_source=self.preprocessing_origin.get("preprocessing_source"),
+                preprocessing_probe=self.preprocessing_origin.get("preprocessing_probe"),
+                preprocessing_probe_info=self.preprocessing_origin.get("preprocessing_probe_info"),
                 cut_at_used=surgery.cut_at,
                 feature_cache=self.use_cache,
                 batch_size_used=self.batch_size,
@@ -562,7 +597,7 @@ class _Run:
     def _features_of(self, split: str, images: np.ndarray) -> np.ndarray:
         path = feature_cache_path(
             self.dataset, self.config.base, self.surgery.cut_at, self.image_size,
-            self.config.resize_mode, split, self.policy,
+            self.config.resize_mode, split, self.policy, self.preprocessing,
         )  # fmt: skip
         return cached_features(
             self.surgery.features, images, path, batch_size=max(self.global_batch, 64)

@@ -12,7 +12,9 @@ Training takes a few seconds on a CPU.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -135,4 +137,5 @@ def rgb_cnn(folder: Path) -> dict:
 def trained(name: str) -> dict:
     """``mnist_cnn`` or ``rgb_cnn``, trained once per test process (in a temporary folder)."""
     folder = Path(tempfile.mkdtemp(prefix=f"retrain-{name}-"))
+    atexit.register(shutil.rmtree, folder, True)
     return {"mnist_cnn": mnist_cnn, "rgb_cnn": rgb_cnn}[name](folder)

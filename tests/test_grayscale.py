@@ -81,3 +81,127 @@ def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
     assert not at.warning  # unit is clearly ahead
     assert at.session_state["surgery"]["preprocessing"] == "unit"
     assert any("28×28 grayscale images" in m.value for m in at.markdown)
+
+
+def run_cli(*args: object, timeout: int = 600) -> dict:
+    """Run ``python -m retrain ARGS``; return its JSON (the test fails on a non-zero exit)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "retrain", *map(str, args)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Path):
+    """Done when (a): the 28x28x1 model trained on x / 255, old data -> probe -> unit."""
+    import json
+
+    from retrain import modelfile
+    from tests.done_when_models import trained
+
+    made = trained("mnist_cnn")
+    ws, run = tmp_path / "ws", tmp_path / "run"
+    info = run_cli("describe", made["model"], "--old-data", made["old"], "--workspace", ws)
+    assert info["input"] == "28x28 grayscale" and info["input_shape"] == [None, 28, 28, 1]
+    assert info["preprocessing"] == "unit" and info["preprocessing_probe"]["unit"] >= 0.9
+    run_cli(
+        "train", "--base", made["model"], "--data", made["new"], "--old-data", made["old"],
+        "--out", run, "--epochs", 4, "--workspace", ws,
+    )  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert config["preprocessing"] == "unit"
+    assert config["preprocessing_probe"] == info["preprocessing_probe"]  # seeded: the same
+    assert config["image_size_used"] == [28, 28]
+    meta = modelfile.read_metadata(run / "model.keras")
+    assert meta["preprocessing"] == "unit" and meta["image_size"] == [28, 28]
+    model, _ = modelfile.load_model(run / "model.keras")
+    assert tuple(model.inputs[0].shape) == (None, 28, 28, 1)
+    report = run_cli("evaluate", "--model", run / "model.keras", "--data", made["new"],
+                     "--workspace", ws)  # fmt: skip
+    assert report["accuracy"] >= 0.6 and report["num_images"] > 0  # 5 new classes: chance 0.2
+    exported = run_cli(
+        "export", "--run", run, "--format", "keras", "--format", "tflite", "--format", "tflite-int8"
+    )  # fmt: skip
+    assert exported["self_test"]["tflite-int8"]["ok"]  # calibrated on grayscale images
+    for fmt in ("keras", "tflite"):
+        check = exported["self_test"][fmt]
+        assert check["ok"] and check["argmax_agreement"] == 1.0, check
+    forgot = run_cli("forgetting", "--original", made["model"], "--run", run, "--data",
+                     made["old"], "--workspace", ws)  # fmt: skip
+    assert forgot["preprocessing"] == "unit" and forgot["before"] >= 0.9
+
+
+def test_surgery_keeps_one_channel_and_a_non_square_size(tmp_path: Path, make_image_folder):
+    import keras
+
+    from retrain import models, surgery
+
+    inp = keras.Input((20, 36, 1), name="pixels")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    path = tmp_path / "gray_wide.keras"
+    keras.Model(inp, out).save(path)
+    base = models.load_base(str(path))
+    assert base.input_size == (20, 36) and base.channels == 1
+    assert models.describe(base)["input"] == "20x36 grayscale"
+    made = surgery.replace_head(base, ["a", "b"])
+    assert tuple(made.model.inputs[0].shape) == (None, 20, 36, 1)
+    assert made.model.inputs[0].dtype == "uint8" and made.diff["image_size"] == [20, 36]
+    dataset = data.ingest(make_image_folder(classes=("a", "b"), per_class=2), tmp_path / "ws")
+    images = data.load_images(dataset, "train", (20, 36), channels=1).images
+    probs = made.model.predict(np.asarray(images), verbose=0)
+    assert probs.shape == (4, 2)
+    bigger = surgery.replace_head(base, ["a", "b"], image_size=(40, 72))
+    assert tuple(bigger.model.inputs[0].shape) == (None, 40, 72, 1)
+    assert any("resize" in name for name in bigger.diff["added"])  # feeds the base 20x36
+
+
+def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path: Path):
+    import json
+    import shutil
+    import time
+
+    from streamlit.testing.v1 import AppTest
+
+    from retrain import jobs
+    from tests.done_when_models import trained
+
+    made = trained("mnist_cnn")
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    model = Path(shutil.copy(made["model"], ws / "models" / "mnist_cnn.keras"))
+    new = data.ingest(made["new"], ws)
+    root = Path(__file__).resolve().parents[1]
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=60)
+    at.switch_page("pages/train.py")
+    at.session_state["workspace"] = ws
+    at.session_state["dataset"] = str(new.manifest_path)
+    at.session_state["base"] = str(model)
+    # What the Model page remembers after its probe (see the Model page test above).
+    at.session_state["surgery"] = {"cut_at": "flatten", "freeze": "all", "preprocessing": "unit"}
+    at.run()
+    at.number_input(key="epochs").set_value(2)
+    at.button(key="start_training").click().run()
+    assert not at.exception, at.exception
+    run_dir = ws / "runs" / at.session_state["run_id"]
+    deadline = time.time() + 300
+    while jobs.read_status(run_dir)["state"] not in ("done", "failed", "interrupted"):
+        assert time.time() < deadline, "the run did not finish in 5 minutes"
+        time.sleep(1)
+    status = jobs.read_status(run_dir)
+    assert status["state"] == "done", status
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preprocessing"] == "unit" and config["image_size_used"] == [28, 28]
+    assert config["preprocessing_source"] == "set by hand (--preprocessing)"

@@ -12,18 +12,26 @@ from retrain.errors import ConfigError, ModelError
 from tests.done_when_models import trained
 
 
-def test_choose_breaks_accuracy_ties_by_log_loss_and_says_when_unsure():
-    # A scale-only difference: same accuracy, far worse log loss -> clearly ahead.
-    best, clear, runner = probe.choose({"unit": 0.99, "raw": 0.99}, {"unit": 0.04, "raw": 0.16})
+def test_choose_breaks_accuracy_ties_by_loss_and_says_when_unsure():
+    # A scale-only difference: the same answers, but full confidence on blends -> clear.
+    best, clear, runner = probe.choose(
+        {"unit": 1.0, "raw": 1.0}, {"unit": 0.003, "raw": 0.0}, {"unit": 1.5, "raw": 8.3}
+    )
     assert (best, clear, runner) == ("unit", True, "raw")
-    # 1 point less accurate but a lower log loss: tied on accuracy, the log loss decides.
-    best, clear, _ = probe.choose({"tf": 0.96, "torch": 0.95}, {"tf": 0.20, "torch": 0.10})
+    # 1 point less accurate but lower losses: tied on accuracy, the loss decides.
+    best, clear, _ = probe.choose(
+        {"tf": 0.96, "torch": 0.95}, {"tf": 0.20, "torch": 0.10}, {"tf": 2.0, "torch": 1.5}
+    )
     assert best == "torch" and clear
-    # Neither 5 points nor 1.25x apart: not clearly ahead.
-    best, clear, runner = probe.choose({"tf": 0.96, "torch": 0.93}, {"tf": 0.20, "torch": 0.22})
+    # Neither 5 points nor 1.25x apart in either loss: not clearly ahead.
+    best, clear, runner = probe.choose(
+        {"tf": 0.96, "torch": 0.93}, {"tf": 0.20, "torch": 0.22}, {"tf": 1.8, "torch": 1.9}
+    )
     assert (best, clear, runner) == ("tf", False, "torch")
-    # Clearly more accurate wins even with a worse log loss.
-    best, clear, _ = probe.choose({"tf": 0.90, "unit": 0.60}, {"tf": 0.5, "unit": 0.4})
+    # Clearly more accurate wins even with worse losses.
+    best, clear, _ = probe.choose(
+        {"tf": 0.90, "unit": 0.60}, {"tf": 0.5, "unit": 0.4}, {"tf": 2.0, "unit": 1.9}
+    )
     assert best == "tf" and clear
 
 
@@ -44,7 +52,8 @@ def test_grayscale_mnist_model_probes_unit(tmp_path: Path):
     assert found.preprocessing == "unit" and info["best"] == "unit" and info["clear"]
     assert set(scores) == {"raw", "unit", "tf"}  # RGB-only keys are not tried on grayscale
     assert scores["unit"] >= 0.9 and info["images"] == 100 and info["warning"] is None
-    assert info["log_loss"]["raw"] >= 1.25 * info["log_loss"]["unit"]
+    # Scaled 255x, the ReLU network answers blends of two digits with full confidence.
+    assert info["blend_loss"]["raw"] >= 3 * info["blend_loss"]["unit"]
     assert found.origin["preprocessing_source"].startswith("probe on 100 old images: unit")
     assert base.preprocessing == "unit" and "preprocessing_probe" not in base.origin  # a copy
 
@@ -138,3 +147,34 @@ def test_describe_json_has_the_probe_scores(tmp_path: Path):
         probe.sample_images(
             probe.old_dataset(made["old"], tmp_path), ["a", "b"], (28, 28), channels=1
         )
+
+
+def test_rgb_minus_one_to_one_model_retrains_through_the_cli(tmp_path: Path):
+    """Done when (b): RGB model trained on [-1, 1], no preprocessing layer; probe -> tf."""
+    import json
+
+    from retrain import modelfile
+    from tests.test_grayscale import run_cli
+
+    made = trained("rgb_cnn")
+    ws, run = tmp_path / "ws", tmp_path / "run"
+    run_cli(
+        "train", "--base", made["model"], "--data", made["new"], "--old-data", made["old"],
+        "--out", run, "--epochs", 15, "--lr", 0.005, "--workspace", ws,
+    )  # fmt: skip
+    config = json.loads((run / "config.json").read_text())
+    assert config["preprocessing"] == "tf"
+    assert max(config["preprocessing_probe"], key=config["preprocessing_probe"].get) == "tf"
+    assert modelfile.read_metadata(run / "model.keras")["preprocessing"] == "tf"
+    report = run_cli(
+        "evaluate", "--model", run / "model.keras", "--data", made["new"], "--workspace", ws
+    )
+    assert report["accuracy"] >= 0.6
+    # The original model scored on its own data: detection alone says unit (wrong), the flag fixes it.
+    wrong = run_cli("evaluate", "--model", made["model"], "--data", made["old"], "--workspace", ws)
+    right = run_cli("evaluate", "--model", made["model"], "--data", made["old"],
+                    "--preprocessing", "tf", "--workspace", ws)  # fmt: skip
+    assert wrong["preprocessing"] == "unit" and right["preprocessing"] == "tf"
+    assert right["accuracy"] >= 0.9 > 0.5 > wrong["accuracy"]
+    exported = run_cli("export", "--run", run, "--format", "keras", "--format", "tflite")
+    assert all(exported["self_test"][f]["ok"] for f in ("keras", "tflite")), exported
