@@ -205,3 +205,14 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preprocessing"] == "unit" and config["image_size_used"] == [28, 28]
     assert config["preprocessing_source"] == "set by hand (--preprocessing)"
+    # What the Evaluate page shows for the run: its held-out images, a prediction, Grad-CAM.
+    from retrain import evaluate
+
+    report = evaluate.evaluate_run(run_dir)
+    assert report["num_images"] > 0 and report["accuracy"] > 0.4  # 5 classes: chance 0.2
+    image = next(made["new"].rglob("*.png"))
+    best = run_dir / "best.keras"
+    top = evaluate.predict(best, [image])[0]["top_k"]
+    assert len(top) == 3 and abs(sum(t["probability"] for t in top) - 1) < 0.5
+    overlay = evaluate.grad_cam_overlay(best, image)
+    assert overlay is None or overlay.shape == (28, 28, 3)  # grayscale shown in colour

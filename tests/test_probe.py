@@ -178,3 +178,74 @@ def test_rgb_minus_one_to_one_model_retrains_through_the_cli(tmp_path: Path):
     assert right["accuracy"] >= 0.9 > 0.5 > wrong["accuracy"]
     exported = run_cli("export", "--run", run, "--format", "keras", "--format", "tflite")
     assert all(exported["self_test"][f]["ok"] for f in ("keras", "tflite")), exported
+
+
+def test_a_resumed_run_keeps_the_preprocessing_it_used():
+    """config.json's ``preprocessing`` is the key training used; as a setting it reproduces
+    the run, so --resume does not probe or detect again."""
+    from retrain import rundir
+    from retrain.config import TrainConfig
+
+    saved = {"base": "m.keras", "data": "d", "preprocessing": "tf", "image_size_used": [32, 32]}
+    run_config = rundir.RunConfig.from_dict(saved)
+    assert run_config.preprocessing == "tf" and run_config.settings["preprocessing"] == "tf"
+    assert TrainConfig.from_json(run_config.settings).preprocessing == "tf"
+    assert run_config.to_dict()["preprocessing"] == "tf"
+    with pytest.raises(ConfigError, match="--preprocessing 'nope' is not one of: auto, inside"):
+        TrainConfig(preprocessing="nope")
+
+
+def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
+    """Done when (b) through the pages: the Model page probes, the Train page starts the run."""
+    import io
+    import json
+    import time
+    import zipfile
+
+    from streamlit.testing.v1 import AppTest
+
+    from retrain import data, jobs
+
+    made = trained("rgb_cnn")
+    ws = tmp_path / "ws"
+    (ws / "models").mkdir(parents=True)
+    new = data.ingest(made["new"], ws)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(made["old"].rglob("*.png")):
+            zf.write(path, path.relative_to(made["old"].parent).as_posix())
+    root = Path(__file__).resolve().parents[1]
+    at = AppTest.from_file(str(root / "pages" / "model.py"), default_timeout=180)
+    at.session_state["workspace"] = ws
+    at.session_state["dataset"] = str(new.manifest_path)
+    at.run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    at.file_uploader(key="model_upload").set_value(
+        ("rgb_cnn.keras", made["model"].read_bytes(), "application/zip")
+    ).run()
+    at.file_uploader(key="probe_old_data").set_value(
+        ("old.zip", buf.getvalue(), "application/zip")
+    ).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    scores = next(d.value for d in at.dataframe if "log loss" in d.value.columns)
+    assert list(scores[scores["chosen"]]["preprocessing"]) == ["tf"]
+    assert {m.label: m.value for m in at.metric}["Input"] == "32×32 RGB"
+    surgery, base = at.session_state["surgery"], at.session_state["base"]
+    assert surgery["preprocessing"] == "tf"
+
+    train = AppTest.from_file(str(root / "app.py"), default_timeout=60)
+    train.switch_page("pages/train.py")
+    for key, value in {"workspace": ws, "dataset": str(new.manifest_path), "base": base,
+                       "surgery": surgery}.items():  # fmt: skip
+        train.session_state[key] = value
+    train.run()
+    train.number_input(key="epochs").set_value(2)
+    train.button(key="start_training").click().run()
+    assert not train.exception, train.exception
+    run_dir = ws / "runs" / train.session_state["run_id"]
+    deadline = time.time() + 300
+    while jobs.read_status(run_dir)["state"] not in ("done", "failed", "interrupted"):
+        assert time.time() < deadline, "the run did not finish in 5 minutes"
+        time.sleep(1)
+    assert jobs.read_status(run_dir)["state"] == "done"
+    assert json.loads((run_dir / "config.json").read_text())["preprocessing"] == "tf"
