@@ -27,6 +27,18 @@ def _workspace_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _preprocessing_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    from retrain.config import PREPROCESSINGS  # no Keras: the registry is plain data
+
+    parser.add_argument(
+        "--preprocessing",
+        default="auto",
+        choices=PREPROCESSINGS,
+        help=f"how pixels are scaled for {what}: auto = detected (with --old-data: each way "
+        "scored on the original task's images, the best taken), or set it",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -44,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "base",
         help="path to .keras/.h5 | applications:<Name>[:imagenet|:none|:<weights file>] | builtin:<name>",
+    )
+    _preprocessing_arg(p, "the model")
+    p.add_argument(
+        "--old-data",
+        default=None,
+        metavar="OLD",
+        help="the original task's images (zip/folder of class folders): score each "
+        "preprocessing on them through the original head (preprocessing_probe)",
     )
     _workspace_arg(p)
     p.set_defaults(handler="retrain.models:cli_describe")
@@ -95,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", default=None, help="split to score (default: test, else val, else all)"
     )
+    _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_evaluate")
 
@@ -102,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", required=True, help="the original model (BASE syntax)")
     p.add_argument("--run", required=True, type=Path, help="RUN_DIR of the retraining")
     p.add_argument("--data", required=True, help="the original task's data (zip/folder)")
+    _preprocessing_arg(p, "the original model (auto: what the run used)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_forgetting")
 
