@@ -34,8 +34,20 @@ def _preprocessing_arg(parser: argparse.ArgumentParser, what: str) -> None:
         "--preprocessing",
         default="auto",
         choices=PREPROCESSINGS,
-        help=f"how pixels are scaled for {what}: auto = detected (with --old-data: each way "
-        "scored on the original task's images, the best taken), or set it",
+        help=f"how pixels are scaled for {what}, or set it: inside, raw (0-255), unit ([0,1]), "
+        "tf ([-1,1]), torch (ImageNet mean/std), caffe (BGR minus ImageNet means)",
+    )
+
+
+def _preprocessing_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    from retrain.config import PREPROCESSINGS  # no Keras: the registry is plain data
+
+    parser.add_argument(
+        "--preprocessing",
+        default="auto",
+        choices=PREPROCESSINGS,
+        help=f"how pixels are scaled for {what}, or set it: inside, raw (0-255), unit ([0,1]), "
+        "tf ([-1,1]), torch (ImageNet mean/std), caffe (BGR minus ImageNet means)",
     )
 
 
@@ -57,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         "base",
         help="path to .keras/.h5 | applications:<Name>[:imagenet|:none|:<weights file>] | builtin:<name>",
     )
-    _preprocessing_arg(p, "the model")
+    _preprocessing_arg(p, "the model (auto: detected, or the probe's best with --old-data)")
+    p.add_argument(
+        "--old-data",
+        default=None,
+        metavar="OLD",
+        help="the original task's images (zip/folder of class folders): score each "
+        "preprocessing on them through the original head (preprocessing_probe)",
+    )
+    _preprocessing_arg(p, "the model (auto: detected, or the probe's best with --old-data)")
     p.add_argument(
         "--old-data",
         default=None,
@@ -116,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="split to score (default: test, else val, else all)"
     )
     _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
+    _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_evaluate")
 
@@ -123,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", required=True, help="the original model (BASE syntax)")
     p.add_argument("--run", required=True, type=Path, help="RUN_DIR of the retraining")
     p.add_argument("--data", required=True, help="the original task's data (zip/folder)")
+    _preprocessing_arg(p, "the original model (auto: what the run used)")
     _preprocessing_arg(p, "the original model (auto: what the run used)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_forgetting")
