@@ -354,7 +354,7 @@ def evaluate_model(
     ds = resolve_dataset(dataset, workspace)
     key = "inside" if preprocessing_choice == "auto" else preprocessing_choice
     source = "inside the model" if key == "inside" else "set by hand (--preprocessing)"
-    if meta.get("class_names"):
+    if meta.get("class_names") or modelfile.has_metadata(model_path):
         class_names = model_class_names(model, meta, model_path)
     else:  # not saved by Retrain Studio: read it as a base model (names, preprocessing)
         from retrain import models

@@ -146,6 +146,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"'{Path(path).name}' is not a readable .keras file ({err}).") from err
 
 
+def has_metadata(path: str | Path) -> bool:
+    """Whether ``path`` was saved by Retrain Studio (it has a ``retrain.json`` entry)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return METADATA_ENTRY in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """Load a saved model safely (no Lambda code runs) and its metadata.
 
