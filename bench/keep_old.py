@@ -72,7 +72,13 @@ def measure(mode: str, task: dict[str, Path], workspace: Path, args: argparse.Na
     from retrain.config import TrainConfig
     from retrain.train import train
 
-    settings = {"epochs": args.epochs, "batch_size": 32, "lr": args.lr, "seed": 0}
+    settings = {
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "lr": args.lr,
+        "seed": 0,
+        "fine_tune_epochs": args.fine_tune_epochs,
+    }
     if mode == "keep + rehearsal":
         settings.update(
             keep_old_classes=True,
@@ -138,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--fine-tune-epochs", type=int, default=0, help="phase 2 epochs")
     parser.add_argument("--per-class", type=int, default=20, help="rehearsal memory per class")
     parser.add_argument(
         "--modes", default="replace,keep + rehearsal,keep + distillation", help="comma-separated"
@@ -149,7 +156,10 @@ def main() -> None:
         os.environ["RETRAIN_HOME"] = tmp
         workspace = Path(tmp)
         task = build_task(workspace / "task")
-        rows = [measure(m.strip(), task, workspace, args) for m in args.modes.split(",")]
+        rows = []
+        for mode in args.modes.split(","):
+            rows.append(measure(mode.strip(), task, workspace, args))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "keep_old.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print(table(rows))

@@ -57,6 +57,9 @@ SURGERY_KEYS = (
     "add_conv",
     "binary_sigmoid",
     "preprocessing",
+    "keep_old_classes",  # "Add classes, keep the old ones" (with its old data and names)
+    "old_data",
+    "original_classes",
 )
 
 PAGE_FILES = {
@@ -197,6 +200,50 @@ def prefill_train_settings(settings: dict[str, Any]) -> None:
     for name, value in settings.items():
         if name not in skipped:
             st.session_state[name] = value
+
+
+OLD_DATA_SOURCES = {
+    "sample": "The built-in sample's digits 0-4 (the starter model's original task)",
+    "upload": "Upload the original task's images (zip of class folders)",
+    "none": "None: distillation (the original model's own outputs keep the old classes)",
+}
+
+
+def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
+    """The original task's images for "Add classes, keep the old ones"; a path or None.
+
+    Offers the built-in digits 0-4 for the starter model, an upload, or none; starts from
+    what the Model page remembered (``surgery["old_data"]``).
+    """
+    remembered = (st.session_state.get("surgery") or {}).get("old_data")
+    sources = [s for s in OLD_DATA_SOURCES if s != "sample" or base_spec.startswith("builtin:")]
+    start = "upload" if remembered else "none"
+    if remembered and "digits-0-1-2-3-4" in remembered:  # sample.sample_dataset's folder
+        start = "sample"
+    source = st.radio(
+        "The original task's images",
+        sources,
+        index=sources.index(start) if start in sources else len(sources) - 1,
+        format_func=OLD_DATA_SOURCES.get,
+        key=f"{key}_old_source",
+        help="With them: a few images per old class are rehearsed every epoch and the rest "
+        "measure the old task live. Without: distillation, and no live old-task measure.",
+    )
+    if source == "sample":
+        from retrain.sample import sample_dataset
+
+        return str(sample_dataset(workspace, "0-4"))
+    if source == "none":
+        return None
+    upload = st.file_uploader(OLD_DATA_SOURCES["upload"], type=["zip"], key=f"{key}_old_upload")
+    if upload is not None:
+        from retrain.uploads import save_upload
+
+        return str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+    if remembered and Path(remembered).exists() and start == "upload":
+        st.caption(f"Using the images uploaded earlier: {Path(remembered).name}")
+        return remembered
+    return None
 
 
 def link(page: str, label: str, icon: str = ":material/arrow_forward:") -> None:

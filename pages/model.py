@@ -10,7 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import demo_mode, ensure_session, link, load_dataset_cached, remember
+from pages._ui import (
+    demo_mode,
+    ensure_session,
+    link,
+    load_dataset_cached,
+    old_data_picker,
+    remember,
+)
 from retrain.errors import RetrainError
 from retrain.models import (
     MODEL_EXTENSIONS,
@@ -62,7 +69,9 @@ def describe_cached(
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> dict:
+def surgery_preview(
+    spec: str, classes: tuple[str, ...], choice_json: str, workspace: str = ""
+) -> dict:
     """Build the new model for the current choices; return its diff and layer table."""
     from retrain import surgery
     from retrain.models import resolve_preprocessing
@@ -71,6 +80,8 @@ def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> di
     base = load_base_cached(spec)
     if choice.get("preprocessing"):  # found or set on this page (copy; the model is shared)
         base = resolve_preprocessing(base, choice["preprocessing"])
+    if choice.get("keep_old_classes"):
+        return extension_preview(base, list(classes), choice, Path(workspace))
     result = surgery.replace_head(
         base,
         list(classes),
@@ -89,6 +100,43 @@ def surgery_preview(spec: str, classes: tuple[str, ...], choice_json: str) -> di
         "loss": result.loss,
         "label_encoding": result.label_encoding,
         "output_shape": list(result.model.outputs[0].shape),
+    }
+
+
+def extension_preview(base: Any, classes: list[str], choice: dict, workspace: Path) -> dict:
+    """The widened model of "Add classes, keep the old ones" and its outputs before/after."""
+    from retrain import models, surgery
+
+    folders = None
+    if choice.get("old_data"):
+        from retrain.data import ingest
+
+        folders = list(ingest(choice["old_data"], workspace).class_names)
+    old, rule = models.original_class_names(base, folders, choice.get("original_classes"))
+    result = surgery.extend_head(
+        base, old, classes, freeze=surgery.FreezeSpec.parse(choice["freeze"])
+    )
+    outputs = [
+        {
+            "output": i,
+            "class": name,
+            "before": name if i < len(old) else "",
+            "after": "kept"
+            if i >= len(old) or name not in classes
+            else "kept, your images of it join it",
+        }
+        for i, name in enumerate(result.class_names)
+    ]
+    for row in outputs[len(old) :]:
+        row["after"] = "new"
+    return {
+        "diff": result.diff,
+        "rows": surgery.summary(result),
+        "loss": result.loss,
+        "label_encoding": result.label_encoding,
+        "output_shape": list(result.model.outputs[0].shape),
+        "outputs": outputs,
+        "names_rule": models.CLASS_NAME_RULES[rule],
     }
 
 
@@ -319,6 +367,38 @@ if classes is None:
     link("dataset", "Go to Dataset")
 else:
     st.caption(f"{len(classes)} classes from your dataset: {', '.join(classes[:12])}")
+HEAD_MODES = {
+    "replace": "Replace the classifier (new classes only)",
+    "keep": "Add classes, keep the old ones",
+}
+head_mode = st.radio(
+    "What happens to the model's own classes",
+    list(HEAD_MODES),
+    format_func=HEAD_MODES.get,
+    key="head_mode",
+    horizontal=True,
+    disabled=not info["has_original_head"],
+    help="Replace: the model forgets its classes and learns yours. Keep: its classifier is "
+    "widened, its classes stay (first, in their order) and yours are added after them.",
+)
+keep_old = head_mode == "keep" and info["has_original_head"]
+old_data = original_classes = None
+if keep_old:
+    st.caption(
+        "Why keep: one model that knows the old classes and yours. Its original head is kept "
+        "(so the cut and head options below do not apply); old images rehearsed every epoch, "
+        "or without them the original model's own outputs (distillation), keep the old classes."
+    )
+    if not info["class_names"]:
+        original_classes = (
+            st.text_input(
+                "Names of the model's outputs, comma-separated, in output order",
+                key="original_classes",
+                placeholder="empty = the old images' class folders, sorted",
+            ).strip()
+            or None
+        )
+    old_data = old_data_picker(workspace, spec, "model")
 
 suggested = names.index(info["suggested_cut"]) if info["suggested_cut"] in names else len(names) - 1
 cut_index = st.selectbox(
@@ -327,10 +407,14 @@ cut_index = st.selectbox(
     index=suggested,
     format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
     key=f"cut_at::{spec}",
+    disabled=keep_old,
 )
 removed = names[cut_index + 1 :]
 st.caption(
-    f"Removes {len(removed)} layers: {', '.join(removed[:8])}{' …' if len(removed) > 8 else ''}. "
+    f"Keeps the original head ({', '.join(removed[:8])}) and widens its output layer."
+    if keep_old
+    else f"Removes {len(removed)} layers: {', '.join(removed[:8])}"
+    f"{' …' if len(removed) > 8 else ''}. "
     + (
         "Why this default: it is the last layer before the original classifier."
         if cut_index == suggested
@@ -357,19 +441,21 @@ if freeze_mode == "top":
     freeze = f"top:{k}"
 with st.expander("Head options (Keras: Dense, Dropout)"):
     hidden_units = st.number_input(
-        "Hidden Dense units (0 = none)", 0, 4096, 0, step=32, key="hidden_units"
+        "Hidden Dense units (0 = none)", 0, 4096, 0, step=32, key="hidden_units", disabled=keep_old
     )
     st.caption("Why none: one output layer on pooled features is enough for most transfers.")
-    dropout = st.slider("Dropout", 0.0, 0.8, 0.2, 0.05, key="dropout")
+    dropout = st.slider("Dropout", 0.0, 0.8, 0.2, 0.05, key="dropout", disabled=keep_old)
     st.caption("Why 0.2: a little dropout keeps a small head from memorising few images.")
     binary_sigmoid = False
-    if classes is not None and len(classes) == 2:
+    if classes is not None and len(classes) == 2 and not keep_old:
         binary_sigmoid = st.checkbox(
             "One sigmoid unit (binary cross-entropy)", False, key="binary_sigmoid"
         )
         st.caption("Why off: softmax over 2 units is equivalent and keeps the same code path.")
 with st.expander("Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)"):
-    add_conv = st.number_input("Filters (0 = no block)", 0, 1024, 0, step=16, key="add_conv")
+    add_conv = st.number_input(
+        "Filters (0 = no block)", 0, 1024, 0, step=16, key="add_conv", disabled=keep_old
+    )
     st.caption(
         "Why none: pretrained features are usually enough; a block helps when you cut early "
         "(a 4-D cut output) and the new images differ a lot."
@@ -385,12 +471,24 @@ choice = {
 }
 if prep_choice != "auto" or info.get("preprocessing_probe"):
     choice["preprocessing"] = info["preprocessing"]  # Train uses what was found or set here
+if keep_old:  # the original head is kept: no cut or head options go to Train
+    choice.update(
+        cut_at=None,
+        hidden_units=0,
+        add_conv=0,
+        binary_sigmoid=False,
+        keep_old_classes=True,
+        old_data=old_data,
+        original_classes=original_classes,
+    )
 base_label = info["name"]
 preview = None
 if classes is not None:
     try:
         with st.spinner("Building the new model…"):
-            preview = surgery_preview(spec, tuple(classes), json.dumps(choice, sort_keys=True))
+            preview = surgery_preview(
+                spec, tuple(classes), json.dumps(choice, sort_keys=True), str(workspace)
+            )
     except RetrainError as err:
         st.error(str(err))
     else:
@@ -430,6 +528,9 @@ if preview is not None:
         f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} "
         f"{'grayscale' if info['channels'] == 1 else 'RGB'} images"
     )
+    if preview.get("outputs"):
+        st.markdown(f"**Outputs before → after** (original names: {preview['names_rule']})")
+        st.dataframe(preview["outputs"], hide_index=True, key="model_outputs_table")
     stack = layer_stack(info["layers"], preview["rows"])
 else:
     stack = layer_stack(info["layers"])

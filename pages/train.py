@@ -22,6 +22,7 @@ from pages._ui import (
     ensure_session,
     link,
     load_dataset_cached,
+    old_data_picker,
     remember,
     require,
 )
@@ -52,7 +53,12 @@ EXPANDERS = {
         "workers",
     ),
 }
+#: Shown when the Model page chose "Add classes, keep the old ones".
+KEEP_FIELDS = ("rehearsal_per_class", "distill_weight", "distill_temperature")
 LABELS = {
+    "rehearsal_per_class": "Old images rehearsed per class",
+    "distill_weight": "Distillation weight (empty = automatic)",
+    "distill_temperature": "Distillation temperature",
     "lr": "Learning rate",
     "val_split": "Validation fraction",
     "fine_tune_lr": "Fine-tune learning rate",
@@ -152,6 +158,11 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
                 if name == "class_weights" and not warning:
                     continue
                 values[name] = _widget(name)
+    if surgery.get("keep_old_classes"):
+        with st.expander("Keep the old classes", expanded=True):
+            values["old_data"] = old_data_picker(st.session_state["workspace"], base, "train")
+            for name in KEEP_FIELDS:
+                values[name] = _widget(name)
     st.caption(f"New head (from the Model page): {_head_text(surgery)}.")
     return values
 
@@ -160,6 +171,8 @@ def _head_text(surgery: dict) -> str:
     """The Model page's choices in the user's words."""
     if not surgery:
         return "the defaults"
+    if surgery.get("keep_old_classes"):
+        return "the original head kept and widened: its classes first, then yours"
     freeze = surgery.get("freeze") or "all"
     frozen = {"all": "base frozen", "none": "whole base trains"}.get(
         freeze,
@@ -179,7 +192,10 @@ def _head_text(surgery: dict) -> str:
 
 
 def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> TrainConfig:
-    settings = {k: surgery[k] for k in SURGERY_KEYS if surgery.get(k) is not None}
+    # The Train page's own choices (e.g. the old data) win over the Model page's.
+    settings = {
+        k: surgery[k] for k in SURGERY_KEYS if surgery.get(k) is not None and k not in values
+    }
     if settings.get("cut_at") is not None:
         settings["cut_at"] = str(settings["cut_at"])
     clean = {k: v for k, v in values.items() if v is not None}
@@ -195,7 +211,7 @@ def _prefill_from_run(run_dir: Path) -> None:
     come back with the defaults while the run below it used other settings.
     """
     config = jobs.read_config(run_dir)  # {} when unreadable
-    for name in (*BASIC, *(n for names in EXPANDERS.values() for n in names)):
+    for name in (*BASIC, *(n for names in EXPANDERS.values() for n in names), *KEEP_FIELDS):
         if name in config and name not in st.session_state:
             if config[name] is None and FIELDS[name].default is not None:
                 continue
@@ -242,6 +258,36 @@ def _curve_figure(rows: list[dict], metric: str, title: str) -> go.Figure:
         legend=dict(orientation="h", y=-0.25),
     )
     # Epochs are whole numbers; without this plotly labels 1.2, 1.4, ...
+    fig.update_xaxes(tickmode="linear", dtick=max(1, len(epochs) // 10), tick0=1)
+    return fig
+
+
+def _task_figure(rows: list[dict]) -> go.Figure:
+    """The forgetting curve: held-out accuracy of the old classes and of the new ones."""
+    fig = go.Figure()
+    epochs = [r["epoch"] for r in rows]
+    for key, name, colour in (
+        ("old_val_accuracy", "old classes", "#e4572e"),
+        ("new_val_accuracy", "new classes", "#3bb273"),
+    ):
+        if any(r.get(key) is not None for r in rows):
+            fig.add_trace(
+                go.Scatter(
+                    x=epochs,
+                    y=[r.get(key) for r in rows],
+                    mode="lines+markers",
+                    name=name,
+                    line=dict(color=colour),
+                )
+            )
+    fig.update_layout(
+        title="Old task vs new task (held-out accuracy, among all classes)",
+        xaxis_title="epoch",
+        yaxis=dict(range=[0, 1.02], tickformat=".0%"),
+        height=320,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", y=-0.25),
+    )
     fig.update_xaxes(tickmode="linear", dtick=max(1, len(epochs) // 10), tick0=1)
     return fig
 
@@ -331,6 +377,12 @@ def _run_view(run_id: str, run_dir: Path) -> None:
             st.plotly_chart(_curve_figure(rows, "loss", "Loss"), key="train_loss_chart")
         with right:
             st.plotly_chart(_curve_figure(rows, "accuracy", "Accuracy"), key="train_accuracy_chart")
+        if any(r.get("old_val_accuracy") is not None for r in rows):
+            st.plotly_chart(_task_figure(rows), key="train_tasks_chart")
+            st.caption(
+                "Each epoch the held-out images of the old classes and of the new ones are "
+                "scored among all classes: a falling old curve is forgetting, as it happens."
+            )
     elif state in ("queued", "running", "stopping"):
         st.caption("The curves appear when the first epoch finishes.")
     with st.expander("Worker log"):

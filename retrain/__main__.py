@@ -27,15 +27,13 @@ def _workspace_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _preprocessing_arg(parser: argparse.ArgumentParser, what: str) -> None:
-    from retrain.config import PREPROCESSINGS  # no Keras: the registry is plain data
-
+def _original_classes_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preprocessing",
-        default="auto",
-        choices=PREPROCESSINGS,
-        help=f"how pixels are scaled for {what}, or set it: inside, raw (0-255), unit ([0,1]), "
-        "tf ([-1,1]), torch (ImageNet mean/std), caffe (BGR minus ImageNet means)",
+        "--original-classes",
+        default=None,
+        metavar='"a,b,c"',
+        help="names of the original model's outputs, in output order, when it carries none "
+        "(default: its labels.txt/metadata, else the old data's class folders, sorted)",
     )
 
 
@@ -69,14 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "base",
         help="path to .keras/.h5 | applications:<Name>[:imagenet|:none|:<weights file>] | builtin:<name>",
     )
-    _preprocessing_arg(p, "the model (auto: detected, or the probe's best with --old-data)")
-    p.add_argument(
-        "--old-data",
-        default=None,
-        metavar="OLD",
-        help="the original task's images (zip/folder of class folders): score each "
-        "preprocessing on them through the original head (preprocessing_probe)",
-    )
+    _original_classes_arg(p)
     _preprocessing_arg(p, "the model (auto: detected, or the probe's best with --old-data)")
     p.add_argument(
         "--old-data",
@@ -136,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default=None, help="split to score (default: test, else val, else all)"
     )
     _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
-    _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_evaluate")
 
@@ -144,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", required=True, help="the original model (BASE syntax)")
     p.add_argument("--run", required=True, type=Path, help="RUN_DIR of the retraining")
     p.add_argument("--data", required=True, help="the original task's data (zip/folder)")
-    _preprocessing_arg(p, "the original model (auto: what the run used)")
+    _original_classes_arg(p)
     _preprocessing_arg(p, "the original model (auto: what the run used)")
     _workspace_arg(p)
     p.set_defaults(handler="retrain.evaluate:cli_forgetting")

@@ -285,7 +285,9 @@ class TaskAccuracy(keras.callbacks.Callback):
         if logs is None:
             return
         probs = np.asarray(self.model.predict(self.val_data, verbose=0))
-        logs.update(split_accuracies(probs, self.labels[: len(probs)], self.n_old))
+        scores = split_accuracies(probs, self.labels[: len(probs)], self.n_old)
+        # A task without held-out images has no score (other callbacks log numbers only).
+        logs.update({k: v for k, v in scores.items() if v is not None})
 
 
 class BestCheckpoint(keras.callbacks.Callback):

@@ -32,6 +32,14 @@ PRECISIONS = PRECISION_CHOICES
 PREPROCESSINGS = ("auto", *_PREPROCESSING_REGISTRY)
 
 
+#: Old images remembered per old class (--rehearsal-per-class). iCaRL's standard budget
+#: (2,000 exemplars for 100 classes) is 20 per class: enough to anchor each old class, small
+#: enough that an epoch costs little more than the new data alone.
+DEFAULT_REHEARSAL_PER_CLASS = 20
+#: Softening temperature of distillation (LwF and Hinton et al. use T = 2).
+DEFAULT_TEMPERATURE = 2.0
+
+
 @dataclass(frozen=True)
 class FreezeSpec:
     """Which kept base layers train: all frozen, none frozen, the top K, or named ones.
@@ -268,6 +276,49 @@ class TrainConfig:
         group="advanced",
         min=1,
         max=64,
+    )
+    keep_old_classes: bool = _opt(
+        "keep the original classes and add the new ones (old first, in output order; a new "
+        "class named like an old one joins it); off = replace the classifier with the new "
+        "classes only",
+        False,
+        group="keep",
+    )
+    old_data: str | None = _opt(
+        "the original task's images (zip/folder of class folders): with --keep-old-classes a "
+        "rehearsal memory and a second validation set (the old task's accuracy per epoch)",
+        None,
+        group="keep",
+    )
+    original_classes: str | None = _opt(
+        'names of the original outputs, comma-separated in output order ("a,b,c"), for a '
+        "model that carries none; empty = the model's own, else the old data's folders sorted",
+        None,
+        group="keep",
+    )
+    rehearsal_per_class: int = _opt(
+        "old images remembered per old class and mixed into every epoch (with --old-data); "
+        "20 is iCaRL's budget per class: it anchors each old class at little cost",
+        DEFAULT_REHEARSAL_PER_CLASS,
+        group="keep",
+        min=0,
+        max=100000,
+    )
+    distill_weight: float | None = _opt(
+        "weight of distillation (Learning without Forgetting): the original model's softened "
+        "outputs on the new images are targets for the old outputs; empty = 1 without "
+        "--old-data, 0 with it (rehearsal does the work)",
+        None,
+        group="keep",
+        min=0.0,
+        max=100.0,
+    )
+    distill_temperature: float = _opt(
+        "temperature that softens the original outputs for distillation; 2 as in LwF",
+        DEFAULT_TEMPERATURE,
+        group="keep",
+        min=0.1,
+        max=100.0,
     )
 
     def __post_init__(self) -> None:

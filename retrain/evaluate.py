@@ -507,7 +507,8 @@ def evaluate_run(
     """Score a run's model on its own data: the validation images (default) or another split.
 
     "val" is the data's own val split, or else the images the run held out of train (its
-    recorded split), so the numbers match the run's val_accuracy.
+    recorded split), so the numbers match the run's val_accuracy; for a keep-old-classes
+    run it includes the old data's held-out images too (``old_images`` counts them).
 
     Raises:
         RunError: no model or no data for the run.
@@ -520,14 +521,47 @@ def evaluate_run(
     class_names = model_class_names(model, meta, model_path)
     split = split or "val"
     dataset, images, labels, paths = run_images(run_dir, config, meta, model, split)
-    mapping = match_classes(class_names, dataset.class_names)
+    y_true = match_classes(class_names, dataset.class_names)[labels]
+    old_count = 0
+    if split == "val":  # a keep-old-classes run also validated on the old held-out images
+        old = _old_held_out(run_dir, class_names, meta, model)
+        if old is not None:
+            old_images, old_true, old_paths = old
+            images = np.concatenate([images, old_images]) if len(images) else old_images
+            y_true = np.concatenate([y_true, old_true])
+            paths, old_count = [*paths, *old_paths], len(old_true)
     if len(images) == 0:
         raise DatasetError(f"The '{split}' split of this run has no images. Pick another split.")
-    report = _report(
-        model, meta, class_names, mapping[labels], images, paths, split, include_predictions
-    )
+    report = _report(model, meta, class_names, y_true, images, paths, split, include_predictions)
     report["model_file"] = model_path.name
+    if old_count:
+        report["old_images"] = old_count
     return report
+
+
+def _old_held_out(
+    run_dir: Path, class_names: list[str], meta: dict[str, Any], model: Any
+) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The old data's held-out images of a keep-old-classes run (`rundir.read_old_task`):
+    ``(images, model class indices, paths)``, or None when the run has none or they are gone."""
+    from retrain import data
+
+    record = rundir.read_old_task(run_dir) or {}
+    if not record.get("val") or not record.get("manifest_path"):
+        return None
+    try:
+        old = data.load_dataset(record["manifest_path"])
+    except (DatasetError, OSError):
+        return None
+    split = record.get("val_split", "train")
+    size = model_image_size(model, meta)
+    images, labels, paths = load_split(
+        old, split, size, meta.get("resize_mode", "squash"), model_channels(model)
+    )
+    positions = {p: i for i, p in enumerate(rel for rel, _ in old.splits.get(split, []))}
+    chosen = np.asarray([positions[p] for p in record["val"] if p in positions], dtype=np.int64)
+    y_true = match_classes(class_names, old.class_names)[labels[chosen]]
+    return images[chosen], y_true, [paths[i] for i in chosen]
 
 
 # --------------------------------------------------------------------------------------

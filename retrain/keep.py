@@ -28,14 +28,9 @@ import numpy as np
 
 from retrain.errors import ConfigError
 
-#: Old images remembered per old class. iCaRL's standard budget (2,000 exemplars for 100
-#: classes) is 20 per class: enough to anchor each old class's decision region, small
-#: enough that an epoch costs little more than the new data alone.
-DEFAULT_REHEARSAL_PER_CLASS = 20
-#: Distillation weight without old data (LwF's lambda_o = 1).
+#: Distillation weight without old data (LwF's lambda_o = 1). The other defaults (memory
+#: size, temperature) are `retrain.config.TrainConfig`'s.
 DEFAULT_DISTILL_WEIGHT = 1.0
-#: Softening temperature (LwF and Hinton et al. use T = 2).
-DEFAULT_TEMPERATURE = 2.0
 _EPS = 1e-7
 
 

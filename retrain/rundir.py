@@ -9,6 +9,8 @@ goes through the functions below and never spells a file name::
     metrics.jsonl   one JSON object per finished epoch (epoch, phase, loss, val_accuracy, ...)
     progress.json   the current epoch/batch, images per second, ETA (or a preparing phase)
     split.json      {"train": [...], "val": [...]}: image paths relative to the dataset root
+    old_task.json   a keep-old-classes run: the original classes, how they were named, and the
+                    old data's rehearsal memory and held-out images (paths, as split.json)
     stop            a stop request (its presence is the request)
     last.npz        the resume checkpoint: weights + optimizer state + epoch counter
     best.keras      the best epoch's model; model.keras the last one
@@ -41,6 +43,7 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 SPLIT_FILE = "split.json"
+OLD_TASK_FILE = "old_task.json"  # keep-old-classes runs (retrain.keep)
 STOP_FILE = "stop"
 CHECKPOINT_FILE = "last.npz"  # weights + optimizer state + epoch counter, for --resume
 BEST_MODEL_FILE = "best.keras"
@@ -419,6 +422,23 @@ def read_log_tail(run_dir: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------------------
+# old_task.json: what a keep-old-classes run kept of the original task
+
+
+def write_old_task(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record the original task of a keep-old-classes run (`keep.OldTask.record`): keys
+    ``original_classes``, ``class_names_rule`` and, with old data, ``dataset_id``,
+    ``manifest_path``, ``memory`` and ``val`` (paths relative to its root), ``val_split``."""
+    write_json(Path(run_dir) / OLD_TASK_FILE, dict(record))
+
+
+def read_old_task(run_dir: Path) -> dict[str, Any] | None:
+    """The recorded original task (see `write_old_task`); None for other runs."""
+    record = read_json(Path(run_dir) / OLD_TASK_FILE)
+    return record if isinstance(record, dict) else None
 
 
 # ----------------------------------------------------------------------------------------

@@ -337,6 +337,7 @@ class _Run:
             size = self.base.input_size
             self.image_size = tuple(size) if size else (224, 224)
         self._find_preprocessing()
+        self._name_old_task()
         self.freeze = config.freeze_spec
         self.frozen_base = self.freeze.mode == "all"
         if config.cache_features == "on" and (config.augment or not self.frozen_base):
@@ -396,6 +397,7 @@ class _Run:
             self._use_split(recorded)
         else:
             self._make_split()
+        self._training_rows(resume)
         self.n_train = len(self.train_idx)
         if self.n_train == 0:
             raise ConfigError(
@@ -440,6 +442,159 @@ class _Run:
         else:
             self.val_idx = rundir.indices_of(self.val_cache.paths, recorded["val"])
 
+    # -- keep the old classes (retrain.keep): the old task's rows and distillation targets
+
+    def _name_old_task(self) -> None:
+        """A keep-old-classes run: name the original outputs; with old data, choose its
+        rehearsal memory and held-out images. Other runs: nothing (``self.old`` is None)."""
+        from retrain import keep
+
+        config = self.config
+        self.old, self.distill_weight = None, 0.0
+        self._targets: dict[str, np.ndarray] = {}  # distillation targets, per side
+        if not config.keep_old_classes:
+            return
+        for flag, value in (
+            ("--cut-at", config.cut_at),
+            ("--hidden-units", config.hidden_units),
+            ("--add-conv", config.add_conv),
+            ("--binary-sigmoid", config.binary_sigmoid),
+        ):
+            if value:
+                raise ConfigError(
+                    f"{flag} does not apply with --keep-old-classes: the original head is kept "
+                    f"(cut just before it) and widened for the new classes; leave {flag} out."
+                )
+        self.old = keep.old_task(
+            self.base,
+            config.old_data,
+            config.original_classes,
+            workspace=self.workspace,
+            per_class=config.rehearsal_per_class,
+            val_split=config.val_split,
+            seed=config.seed,
+        )
+        self.distill_weight = keep.distill_weight(config.distill_weight, bool(config.old_data))
+        if self.old.dataset is None and self.distill_weight == 0:
+            self._note(
+                "Nothing keeps the old classes alive: no --old-data and --distill-weight 0.",
+                say=True,
+            )
+
+    def _training_rows(self, resume: bool) -> None:
+        """What fit reads: images, labels (output indices) and the rows to use, per side.
+
+        A keep-old-classes run appends the old data's rows after the new data's: the
+        rehearsal memory to the training images, the old held-out images to validation; new
+        labels become output indices of the widened head (old classes first).
+        """
+        from retrain import data, keep
+        from retrain.surgery import merged_classes
+
+        train, val = self.train_cache, self.val_cache
+        self.class_names = list(self.dataset.class_names)
+        self.train_images, self.train_labels = train.images, np.asarray(train.labels)
+        self.val_images = val.images if val is not None else None
+        self.val_labels = np.asarray(val.labels) if val is not None else None
+        old = self.old
+        if old is None:
+            return
+        self.class_names = merged_classes(old.class_names, self.class_names)
+        to_output = np.array([self.class_names.index(c) for c in self.dataset.class_names])
+        self.train_labels = to_output[self.train_labels]
+        if self.val_labels is not None:
+            self.val_labels = to_output[self.val_labels]
+        if old.dataset is None:
+            return
+        recorded = rundir.read_old_task(self.run_dir) if resume else None
+        size, mode, channels = self.image_size, self.config.resize_mode, self.base.channels
+        caches = {
+            split: data.load_images(old.dataset, split, size, mode, channels=channels)
+            for split in ("train", old.val_split)
+        }
+        self.old_caches = caches
+        if recorded and recorded.get("dataset_id") == old.dataset.dataset_id:
+            old.memory = rundir.indices_of(caches["train"].paths, recorded.get("memory", []))
+            old.val = rundir.indices_of(caches[old.val_split].paths, recorded.get("val", []))
+        memory_images = np.asarray(caches["train"].images[old.memory])
+        old_val_images = np.asarray(caches[old.val_split].images[old.val])
+        memory_labels = old.to_output[np.asarray(caches["train"].labels)[old.memory]]
+        old_val_labels = old.to_output[np.asarray(caches[old.val_split].labels)[old.val]]
+
+        n_train = len(self.train_labels)
+        self.train_images = keep.StackedRows(self.train_images, memory_images)
+        self.train_labels = np.concatenate([self.train_labels, memory_labels])
+        self.train_idx = np.concatenate([self.train_idx, n_train + np.arange(len(old.memory))])
+        if self.val_images is None:  # no new held-out images: only the old ones
+            self.val_images, self.val_labels = old_val_images, old_val_labels
+            self.val_idx = np.arange(len(old.val))
+        else:
+            n_val = len(self.val_labels)
+            self.val_images = keep.StackedRows(self.val_images, old_val_images)
+            self.val_labels = np.concatenate([self.val_labels, old_val_labels])
+            self.val_idx = np.concatenate([self.val_idx, n_val + np.arange(len(old.val))])
+        self.val_source += f" + {len(old.val)} old images ({old.val_source})"
+
+    def _with_old_features(self, x_train: Any, x_val: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The old rows' features appended as `_training_rows` appended their images."""
+        old = self.old
+        if old is None or old.dataset is None:
+            return x_train, x_val
+        shape = tuple(x_train.shape[1:])
+        feats = {
+            split: self._features_of(split, cache.images, old.dataset)
+            for split, cache in self.old_caches.items()
+        }
+        x_train = np.concatenate([np.asarray(x_train), np.asarray(feats["train"])[old.memory]])
+        new_val = np.zeros((0, *shape), np.float32) if self.val_cache is None else x_val
+        x_val = np.concatenate([np.asarray(new_val), np.asarray(feats[old.val_split])[old.val]])
+        return x_train, x_val
+
+    def _distillation(self, model: Any, x_train: Any, x_val: Any) -> tuple:
+        """Learning without Forgetting: ``(y_train, y_val, loss, metrics, model to fit)``.
+
+        The targets are the step-0 model's softened old outputs on every row, computed once
+        (the head alone on cached features). ``model`` is fitted through a wrapper so the
+        saved model keeps a standard compile config (no custom loss to deserialize).
+        """
+        import keras
+
+        from retrain import keep
+
+        on_features = model is self.surgery.head
+        teacher = self.surgery.head if on_features else self.surgery.model
+        targets = self._targets
+        n_old, t = len(self.old.class_names), self.config.distill_temperature
+
+        def packed(part: str, y: np.ndarray, x: Any) -> np.ndarray:
+            if part not in targets:
+                now = teacher.get_weights()
+                teacher.set_weights(self._step0["head" if on_features else "model"])
+                try:
+                    probs = np.concatenate(
+                        [
+                            np.asarray(teacher.predict_on_batch(np.asarray(x[i : i + 256])))
+                            for i in range(0, len(y), 256)
+                        ]
+                    )
+                finally:
+                    teacher.set_weights(now)
+                targets[part] = keep.soften(probs, n_old, t)
+            return keep.pack_targets(y, targets[part])
+
+        y_train = packed("train", self.y_train, x_train)
+        y_val = packed("val", self.y_val, x_val) if self.y_val is not None else None
+        loss = keep.distillation_loss(n_old, t, self.distill_weight)
+        fitted = keras.Model(model.inputs, model.outputs, name=f"{model.name}_distilled")
+        return y_train, y_val, loss, [keep.packed_accuracy], fitted
+
+    def _task_accuracy(self) -> list:
+        """`callbacks.TaskAccuracy` for a keep-old-classes run with held-out images."""
+        if self.old is None or self.val_idx is None:
+            return []
+        labels = np.asarray(self.val_labels)[np.sort(self.val_idx)]
+        return [_keras_parts().TaskAccuracy(self._val_data, labels, len(self.old.class_names))]
+
     # -- 3. the model: the new head on the cut base, labels encoded for its loss
 
     def build(self) -> None:
@@ -453,28 +608,45 @@ class _Run:
             add_conv=config.add_conv,
         )
         with self.scope:
-            self.surgery = surgery_module.replace_head(
-                self.base,
-                dataset.class_names,
-                cut_at=config.cut_at,
-                head=head_spec,
-                freeze=self.freeze,
-                image_size=self.image_size,
-            )
+            if self.old is not None:  # keep the old classes: widen the original head
+                self.surgery = surgery_module.extend_head(
+                    self.base,
+                    self.old.class_names,
+                    dataset.class_names,
+                    freeze=self.freeze,
+                    image_size=self.image_size,
+                )
+            else:
+                self.surgery = surgery_module.replace_head(
+                    self.base,
+                    dataset.class_names,
+                    cut_at=config.cut_at,
+                    head=head_spec,
+                    freeze=self.freeze,
+                    image_size=self.image_size,
+                )
+        if self.distill_weight > 0:  # the teacher: the model before any step (step 0)
+            self._step0 = {
+                "head": self.surgery.head.get_weights(),
+                "model": self.surgery.model.get_weights(),
+            }
         self.preprocessing = self.base.preprocessing
         self.preprocessing_origin = self.base.origin
         del self.base  # the surgery keeps what it needs; the original head can go
-        self.y_train = self._encode(self.train_cache.labels)
-        self.y_val = self._encode(self.val_cache.labels) if self.val_cache is not None else None
+        self.y_train = self._encode(self.train_labels)
+        self.y_val = self._encode(self.val_labels) if self.val_labels is not None else None
         self.sample_weight = None
-        labels = np.asarray(self.train_cache.labels)
-        if config.class_weights:
-            weights = _class_weight_vector(labels[self.train_idx], len(dataset.class_names))
+        labels = np.asarray(self.train_labels)
+        rehearsal = self.old is not None and len(self.old.memory) > 0
+        if config.class_weights or rehearsal:
+            # With rehearsal the memory holds a few images per old class: weighting classes
+            # equally keeps the many new images from drowning the old classes out.
+            weights = _class_weight_vector(labels[self.train_idx], len(self.class_names))
             self.sample_weight = weights[labels].astype(np.float32)
         elif dataset.has_warning("imbalance"):
             self._note("The classes are imbalanced; consider --class-weights.")
         self.metadata = {
-            "class_names": list(dataset.class_names),
+            "class_names": list(self.class_names),
             "image_size": list(self.image_size),
             "resize_mode": config.resize_mode,
             # The file is shared: keep the base's name, not the server path (it names the session).
@@ -485,6 +657,12 @@ class _Run:
             "dataset_id": dataset.dataset_id,
             "cut_at": self.surgery.cut_at,
         }
+        if self.old is not None:
+            self.metadata.update(
+                mode="keep",
+                original_classes=list(self.old.class_names),
+                new_classes=list(self.surgery.diff["new_classes"]),
+            )
 
     def _encode(self, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels)
@@ -504,7 +682,7 @@ class _Run:
                 dataset_id=dataset.dataset_id,
                 dataset_name=dataset.name,
                 manifest_path=str(dataset.manifest_path),
-                class_names=list(dataset.class_names),
+                class_names=list(self.class_names),
                 num_train=self.n_train,
                 num_val=0 if self.val_idx is None else len(self.val_idx),
                 validation=self.val_source,
@@ -526,6 +704,17 @@ class _Run:
                 diff=surgery.diff,
             ),
         )
+        if self.old is not None:
+            rundir.write_old_task(
+                self.run_dir,
+                {
+                    **self.old.record(),
+                    "rehearsal_images": int(len(self.old.memory)),
+                    "old_val_images": int(len(self.old.val)),
+                    "distill_weight": self.distill_weight,
+                    "distill_temperature": self.config.distill_temperature,
+                },
+            )
 
     # -- 4. restore: weights and the epoch counter of last.npz; metrics up to that epoch
 
@@ -563,10 +752,11 @@ class _Run:
             x_train, x_val = self._features()
             model, workers = self.surgery.head, 1  # batches are array slices: no threads
         else:
-            x_train = self.train_cache.images
-            x_val = self.val_cache.images if self.val_cache is not None else None
+            x_train, x_val = self.train_images, self.val_images
             model, workers = self._trainable_model(), config.workers
-        self._fit(model, config.lr, x_train, x_val, self.start_epoch, config.epochs, 1, workers)
+        model = self._fit(
+            model, config.lr, x_train, x_val, self.start_epoch, config.epochs, 1, workers
+        )
         if not state.halted:
             # Early stopping may end phase 1 before config.epochs: remember where it ended,
             # so a resumed run goes on with phase 2 rather than more of phase 1.
@@ -586,6 +776,8 @@ class _Run:
             x_val = x_train
             if self.val_cache is not None and self.val_cache is not self.train_cache:
                 x_val = self._features_of("val", self.val_cache.images)
+            if self.old is not None:
+                x_train, x_val = self._with_old_features(x_train, x_val)
         self.feature_seconds = time.perf_counter() - t0
         # Features are small next to images: read them into memory when they fit easily.
         if x_train.nbytes < 1 << 30:
@@ -594,9 +786,9 @@ class _Run:
             x_val = x_train if same else np.array(x_val)
         return x_train, x_val
 
-    def _features_of(self, split: str, images: np.ndarray) -> np.ndarray:
+    def _features_of(self, split: str, images: np.ndarray, dataset: Any = None) -> np.ndarray:
         path = feature_cache_path(
-            self.dataset, self.config.base, self.surgery.cut_at, self.image_size,
+            dataset or self.dataset, self.config.base, self.surgery.cut_at, self.image_size,
             self.config.resize_mode, split, self.policy, self.preprocessing,
         )  # fmt: skip
         return cached_features(
@@ -622,8 +814,8 @@ class _Run:
         self._fit(
             self._trainable_model(),
             config.effective_fine_tune_lr,
-            self.train_cache.images,
-            self.val_cache.images if self.val_cache is not None else None,
+            self.train_images,
+            self.val_images,
             first,
             last,
             2,
@@ -657,7 +849,7 @@ class _Run:
             "final": rows[-1] if rows else None,
             "feature_cache": self.use_cache,
             "feature_seconds": round(self.feature_seconds, 2),
-            "class_names": list(self.dataset.class_names),
+            "class_names": list(self.class_names),
             "device": self.device_info.get("device"),
             "backend": self.device_info.get("backend"),
             "seconds": round(time.perf_counter() - self.t_start, 2),
@@ -701,10 +893,16 @@ class _Run:
         last: int,
         phase: int,
         workers: int,
-    ) -> None:
+    ) -> Any:
+        """Compile and fit ``model`` for epochs ``first..last``; return the model that was
+        fitted (a wrapper of ``model`` when distilling: see `_distillation`)."""
         parts = _keras_parts()
         self.state.phase = phase
         jit = self._jit()
+        y_train, y_val = self.y_train, self.y_val
+        loss, metrics = self.surgery.loss, ["accuracy"]
+        if self.distill_weight > 0:
+            y_train, y_val, loss, metrics, model = self._distillation(model, x_train, x_val)
         # The optimizer's variables must be created under the same distribution as the model
         # (MirroredStrategy refuses to mix them).
         with self.scope:
@@ -715,12 +913,10 @@ class _Run:
                     optimizer, model.trainable_variables, npz, int(meta["optimizer_variables"])
                 ):
                     self._note("Optimizer state could not be restored; it restarts on resume.")
-            model.compile(
-                optimizer=optimizer, loss=self.surgery.loss, metrics=["accuracy"], jit_compile=jit
-            )
+            model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit)
         train_data = parts.ArrayDataset(
             x_train,
-            self.y_train,
+            y_train,
             self.train_idx,
             self.global_batch,
             shuffle=True,
@@ -733,12 +929,13 @@ class _Run:
         if self.val_idx is not None:
             val_data = parts.ArrayDataset(
                 x_val,
-                self.y_val,
+                y_val,
                 self.val_idx,
                 self.global_batch,
                 workers=workers,
                 multiple_of=self.replicas,
             )
+        self._val_data = val_data
         model.fit(
             train_data,
             validation_data=val_data,
@@ -747,6 +944,7 @@ class _Run:
             callbacks=self._callbacks(phase, len(train_data), first),
             verbose=0,
         )
+        return model
 
     def _callbacks(self, phase: int, batches: int, first: int) -> list:
         import keras
@@ -757,6 +955,7 @@ class _Run:
         cbs = [
             # First: it marks a diverged epoch before the others record it.
             parts.RunMonitor(state, phase, batches, self.global_batch),
+            *self._task_accuracy(),  # before MetricsWriter, which writes what it adds
             parts.MetricsWriter(state, phase, self.n_train),
             parts.BestCheckpoint(state, self.surgery.model, self.metadata, changing=changing),
             parts.EpochCheckpoint(state, changing, scope_name),

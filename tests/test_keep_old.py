@@ -334,6 +334,15 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     assert rows[-1]["old_val_accuracy"] >= 0.8, rows[-1]
     assert rows[-1]["new_val_accuracy"] >= 0.8, rows[-1]
 
+    # the run's own report: the new held-out images and the old ones, as val_accuracy was
+    from retrain import evaluate
+
+    report = evaluate.evaluate_run(run, include_predictions=False)
+    assert report["old_images"] == len(record["val"])
+    assert report["num_images"] == len(rundir.read_split(run)["val"]) + len(record["val"])
+    best = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert report["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-6)
+
     # evaluate on a folder holding old and new class folders: every class by name
     code, report, err = _cli(
         capsys, "evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
