@@ -207,19 +207,27 @@ def epochs_of(run_dir: Path) -> list[int]:
 
 
 def test_local_default_imports_no_ray(tiny_data: Path, tmp_path: Path):
-    """The local path (jobs, worker, CLI, the seam) trains a run without importing Ray."""
+    """The local default (jobs, worker, CLI, the seam) submits and trains runs, reports
+    and stops them, and never imports Ray."""
+    submitted, trained = tmp_path / "submitted", tmp_path / "trained"
     script = f"""
-import sys
+import json, sys, time
 from retrain import jobs, runners, worker  # noqa: F401
 from retrain.__main__ import main
 assert runners.get_runner().name == "local"
-code = main(["train", "--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn",
-             "--out", {str(tmp_path / "run")!r}, "--epochs", "1"])
-assert code == 0, code
-main(["status", {str(tmp_path / "run")!r}])
+args = ["--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn", "--epochs", "1"]
+assert main(["submit", *args, "--out", {str(submitted)!r}]) == 0
+assert main(["submit", *args, "--out", {str(submitted)!r}]) == 2  # it exists: one line
+assert main(["train", *args, "--out", {str(trained)!r}]) == 0  # the worker, in-process
+deadline = time.time() + 120
+while jobs.read_status({str(submitted)!r})["state"] in jobs.ACTIVE_STATES:
+    assert time.time() < deadline
+    time.sleep(0.2)
+assert main(["status", {str(submitted)!r}]) == 0 and main(["stop", {str(trained)!r}]) == 0
 print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RETRAIN_RUNNER", "RAY_ADDRESS")}
+    env["RETRAIN_JSON_COMPACT"] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -229,10 +237,17 @@ print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY")
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "NO_RAY"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "NO_RAY"
+    reply = json.loads(lines[0])  # submit answers at once with exactly these keys
+    assert set(reply) == {"run_dir", "runner", "job_id", "state"}
+    assert reply["runner"] == "local" and reply["state"] == "queued" and int(reply["job_id"])
+    assert "already exists" in proc.stderr and "choose a new --out" in proc.stderr
+    status = json.loads(lines[-3])
+    assert status["state"] == "done" and status["runner"] == "local" and "ray" not in status
     from retrain import jobs
 
-    assert jobs.read_status(tmp_path / "run")["state"] == "done"
+    assert jobs.read_status(trained)["state"] == "done"
 
 
 def test_submit_trains_on_ray_and_status_watches_it_to_done(
@@ -272,12 +287,12 @@ def test_stop_a_running_ray_job_then_resume_it(ray_env: Cluster, tiny_data: Path
 
     run_dir = tmp_path / "run-long"
     reply = submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
-    wait_for(lambda: len(epochs_of(run_dir)) >= 2, timeout_s=240, what="two epochs")
+    wait_for(lambda: epochs_of(run_dir), timeout_s=240, what="a first epoch")
     stopped = cli("stop", str(run_dir))
     assert stopped["stop_requested"] is True and stopped["state"] in ("stopping", "done")
     wait_for(lambda: cli("status", str(run_dir))["state"] == "done", timeout_s=120, what="the stop")
     status = cli("status", str(run_dir))
-    assert status["stopped"] is True and 2 <= status["epochs_done"] < 400
+    assert status["stopped"] is True and 1 <= status["epochs_done"] < 400
     # Ray: the job is over (the worker stopped itself after its batch and exited cleanly).
     view = wait_for(
         lambda: (
@@ -415,7 +430,7 @@ def test_head_killed_mid_run_shows_interrupted_then_resume_continues(
 
     run_dir = page_session["workspace"] / "runs" / "run-kill"
     submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
-    wait_for(lambda: len(epochs_of(run_dir)) >= 2, timeout_s=240, what="two epochs")
+    wait_for(lambda: epochs_of(run_dir), timeout_s=240, what="a first epoch")
     pid = rundir.read_status_file(run_dir)["pid"]
 
     ray_env.head.kill()  # the whole head at once, as when its machine goes away
