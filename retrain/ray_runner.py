@@ -358,13 +358,18 @@ def stop_job(record: dict[str, Any]) -> bool:
         return False
 
 
-def check_storage(addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+def check_storage(
+    addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S, *, reuse: bool = True
+) -> dict[str, Any]:
     """Check that the cluster's nodes and this process share ``$RETRAIN_HOME``.
 
     A tiny probe job (no GPU, no CPU reserved) writes a random token into
     ``$RETRAIN_HOME/.ray-probe/`` on the node where Ray runs it; this process then reads it.
     A good result is remembered per cluster session (``$RETRAIN_HOME/ray-storage.json``), so
     the probe runs once per cluster start, not once per run.
+
+    Args:
+        reuse: accept a good probe of the same cluster session (False: probe again).
 
     Returns:
         The probe record ``{address, session_name, checked}``.
@@ -378,7 +383,8 @@ def check_storage(addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -
     root = home()
     known = read_json(root / PROBE_RECORD)
     if (
-        isinstance(known, dict)
+        reuse
+        and isinstance(known, dict)
         and session
         and (known.get("address"), known.get("session_name")) == (addr, session)
     ):
@@ -423,15 +429,20 @@ def check_storage(addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -
         seen = None
     finally:
         path.unlink(missing_ok=True)
+    if status != "SUCCEEDED":
+        line = ""
+        with contextlib.suppress(ClusterError, RuntimeError):
+            line = last_log_line(_call(addr, ray_client.get_job_logs, job_id))
+        raise ClusterError(
+            f"The storage probe job {status.lower()} on the Ray cluster at {addr}"
+            + (f": {line}" if line else "")
+            + f". Check that the nodes run '{node_python()}' (RETRAIN_RAY_PYTHON) and can write "
+            f"to {root}. Nothing was submitted."
+        )
     if seen != token:
-        detail = ""
-        if status == "FAILED":
-            with contextlib.suppress(ClusterError, RuntimeError):
-                detail = last_log_line(_call(addr, ray_client.get_job_logs, job_id))
-            detail = f" (the probe job failed: {detail})" if detail else " (the probe job failed)"
         raise ClusterError(
             f"The Ray cluster does not share RETRAIN_HOME with this dashboard: a probe job wrote "
-            f"{path} on a Ray node but it is not visible here{detail}. {mount_hint}"
+            f"{path} on a Ray node but it is not visible here. {mount_hint}"
         )
     record = {"address": addr, "session_name": session, "checked": time.time()}
     write_json(root / PROBE_RECORD, record)

@@ -99,6 +99,23 @@ def test_ray_address_must_be_the_dashboard(monkeypatch: pytest.MonkeyPatch):
         ray_runner.resources()
 
 
+def test_a_ray_worker_refuses_a_node_without_the_run_or_a_superseded_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What the worker checks first when Ray placed it (no cluster needed)."""
+    from retrain import ray_runner
+    from retrain.errors import RetrainError
+
+    config = tmp_path / "run" / "config.json"
+    with pytest.raises(RetrainError, match=r"does not see .*config.json.*mount the shared"):
+        ray_runner.enter_job(config, tmp_path / "log.txt", None)
+    config.parent.mkdir()
+    config.write_text("{}")
+    monkeypatch.setenv(ray_runner.JOB_ID_ENV, "retrain-run-old")
+    with pytest.raises(RetrainError, match="no longer this run's job"):
+        ray_runner.enter_job(config, tmp_path / "log.txt", {"job_id": "retrain-run-new"})
+
+
 # --- Against the real head ---
 
 
@@ -343,6 +360,30 @@ def test_a_job_waiting_for_a_gpu_shows_it_and_stops_without_training(
     # Should Ray start it later anyway (Ray 2.60 does not cancel a job waiting for
     # resources), its worker reads the stop request first and trains nothing.
     assert ray_runner.job_view(rundir.read_runner(run_dir))["job_status"] == "PENDING"
+
+
+def test_a_job_that_dies_on_the_cluster_is_failed_with_its_last_log_line(
+    ray_env: Cluster, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """E.g. the nodes have no such interpreter: Ray fails the job before any worker runs."""
+    from retrain import ray_runner, runners
+
+    ray_runner.check_storage()  # a good probe first (remembered for this home) ...
+    monkeypatch.setenv("RETRAIN_RAY_PYTHON", "/opt/no-such-python")  # ... then a bad node setup
+    with pytest.raises(ray_runner.ClusterError, match=r"probe.*Check that the nodes run '/opt/no"):
+        ray_runner.check_storage(reuse=False)
+    run_dir = tmp_path / "run-dies"
+    submit(tiny_data, run_dir, "--epochs", "1", "--runner", "ray")
+    status = wait_for(
+        lambda: (s := cli("status", str(run_dir)))["state"] == "failed" and s,
+        timeout_s=60,
+        what="the failed job",
+    )
+    assert status["error"].startswith("The Ray job retrain-run-dies-")
+    assert "failed: " in status["error"] and "/opt/no-such-python" in status["error"]
+    assert status["ray"]["job_status"] == "FAILED" and status["resumable"] is False
+    # The worker never ran, so the run's own log is empty: the runner shows Ray's copy.
+    assert "/opt/no-such-python" in runners.runner_for(run_dir).logs(run_dir)
 
 
 APP = str(ROOT / "app.py")
