@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,116 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     card = (export_dir / "MODEL_CARD.md").read_text()
     assert "add classes, keep the old ones" in card
     assert "accuracy on the old classes' held-out images" in card
+
+
+def _digits_subset(root: Path, digits: str, per_class: int) -> Path:
+    """``per_class`` sample digits per class as PNG class folders ("digit 5", ...)."""
+    from PIL import Image
+
+    from retrain.sample import digit_images
+
+    images, labels, names = digit_images(digits)
+    for label, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
+            Image.fromarray(images[index]).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
+    keras_cache, tmp_path, capsys
+):
+    from retrain import rundir
+
+    old = _digits_subset(tmp_path / "old", "0-4", 40)
+    new = _digits_subset(tmp_path / "new", "5-9", 40)
+    both = _digits_subset(_digits_subset(tmp_path / "both", "0-4", 8), "5-9", 8)
+    ws = tmp_path / "ws"
+    names = [f"digit {d}" for d in range(10)]
+    runs = {}
+    for mode, extra in (("rehearsal", ["--old-data", old]), ("distillation", [])):
+        run = ws / "runs" / mode
+        code, summary, err = _cli(
+            capsys, "train", "--data", new, "--base", "builtin:digits-cnn", "--out", run,
+            "--keep-old-classes", *extra, "--epochs", 8, "--lr", 0.01, "--workspace", ws,
+        )  # fmt: skip
+        assert code == 0, err
+        assert summary["class_names"] == names  # the model's own names first, then the new
+        runs[mode] = run
+    record = rundir.read_old_task(runs["rehearsal"])
+    assert record["class_names_rule"] == "model" and len(record["memory"]) == 5 * 20
+    rows = rundir.read_metrics(runs["rehearsal"])
+    assert rows[-1]["old_val_accuracy"] >= 0.8 and rows[-1]["new_val_accuracy"] >= 0.6, rows[-1]
+    # Without old data: distillation, no old held-out images, only the new task is scored.
+    record = rundir.read_old_task(runs["distillation"])
+    assert record["distill_weight"] == 1.0 and "memory" not in record
+    rows = rundir.read_metrics(runs["distillation"])
+    assert "old_val_accuracy" not in rows[-1] and rows[-1]["new_val_accuracy"] >= 0.6
+
+    code, report, err = _cli(
+        capsys, "evaluate", "--model", runs["rehearsal"] / "model.keras", "--data", both,
+        "--split", "all", "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert report["class_names"] == names and set(report["per_class"]) == set(names)
+    forgot = {}
+    for mode, run in runs.items():
+        code, forgot[mode], err = _cli(
+            capsys, "forgetting", "--original", "builtin:digits-cnn", "--run", run,
+            "--data", old, "--workspace", ws,
+        )  # fmt: skip
+        assert code == 0, err
+        assert forgot[mode]["method"] == "retrained-model"
+        assert forgot[mode]["class_names_rule"] == "model"
+    assert forgot["rehearsal"]["split"] == "held out by the run"
+    assert forgot["distillation"]["num_images"] == 5 * 40  # not its old data: all of it
+    # Rehearsal keeps the old task; distillation alone does not hold up as well.
+    assert forgot["rehearsal"]["drop"] <= 0.15
+    assert forgot["rehearsal"]["after"] > forgot["distillation"]["after"]
+
+    code, exported, err = _cli(
+        capsys, "export", "--run", runs["rehearsal"], "--format", "keras", "--format", "labels",
+        "--format", "card",
+    )  # fmt: skip
+    assert code == 0, err
+    assert all(test["ok"] for test in exported["self_test"].values()), exported["self_test"]
+    export_dir = Path(exported["files"][0]).parent
+    assert (export_dir / "labels.txt").read_text().splitlines() == names
+    card = (export_dir / "MODEL_CARD.md").read_text()
+    assert "rehearsal: 100 old images (20 per class" in card
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--original-classes", "a,b,c"], r"names 3 classes but 'plain.keras' has 5 outputs"),
+        (["--old-data", "{wrong}"], r"the old data has 3 class folders for its 5 outputs; pass"),
+        (
+            ["--old-data", "{wrong}", "--original-classes", ",".join(OLD_KINDS)],
+            r"Old data class folders 'fox', 'gnu' are not",
+        ),
+        (["--cut-at", "conv1"], r"--cut-at does not apply with --keep-old-classes"),
+    ],
+)
+def test_keep_old_classes_bad_input_is_one_line(plain_task, tmp_path, capsys, argv, match):
+    wrong = _folder(tmp_path / "wrong", {"ant": 0, "fox": 5, "gnu": 6}, 3)
+    argv = [a.replace("{wrong}", str(wrong)) for a in argv]
+    code, _, err = _cli(
+        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+        "--out", tmp_path / "run", "--keep-old-classes", *argv, "--workspace", tmp_path / "ws",
+    )  # fmt: skip
+    assert code == 2
+    assert re.search(match, err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_keep_old_classes_on_a_model_without_a_classifier_head_is_one_line(
+    plain_task, tmp_path, capsys
+):
+    headless = save_plain_cnn(tmp_path / "features.keras", head=False)
+    code, _, err = _cli(
+        capsys, "train", "--data", plain_task["new"], "--base", headless, "--out",
+        tmp_path / "run", "--keep-old-classes", "--workspace", tmp_path / "ws",
+    )  # fmt: skip
+    assert code == 2
+    assert "has no classifier head" in err and err.count("\n") == 1
