@@ -352,7 +352,7 @@ class _Run:
         from retrain import models
 
         config = self.config
-        old_data = getattr(config, "old_data", None) or None
+        old_data = config.old_data or None
         if config.preprocessing == "auto" and not old_data:
             return
         self.base = models.resolve_preprocessing(
@@ -360,7 +360,7 @@ class _Run:
             config.preprocessing,
             old_data,
             workspace=self.workspace,
-            original_classes=getattr(config, "original_classes", None) or None,
+            original_classes=config.original_classes or None,
             image_size=self.image_size,
             resize_mode=config.resize_mode,  # the probe's sample is seeded on its own, so the
         )  # Model page, describe and training score the same images
