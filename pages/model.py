@@ -332,6 +332,12 @@ st.caption(
     f"({info['origin'].get('preprocessing_source', '')}). The new model applies it inside, so it "
     "takes raw images."
 )
+if info.get("preprocessing_warning") and prep_choice == "auto":
+    st.warning(
+        info["preprocessing_warning"]
+        .replace("(--old-data)", "(the Preprocessing section above)")
+        .replace("with --preprocessing", "there")
+    )
 if info.get("preprocessing_probe"):
     probe_info = info["preprocessing_probe_info"]
     scores = pd.DataFrame(

@@ -299,7 +299,22 @@ def detect_preprocessing(model: Any) -> tuple[str, str]:
         return "tf", "MobileNetV2 family (Keras preprocess_input: [-1, 1])"
     if {"conv1_conv", "post_relu"} <= names:
         return "tf", "ResNetV2 family (Keras preprocess_input: [-1, 1])"
-    return "unit", "not detectable; assumed [0, 1] scaling"
+    return "unit", ASSUMED_PREPROCESSING
+
+
+#: How `detect_preprocessing` says that it found nothing and fell back to "unit".
+ASSUMED_PREPROCESSING = "not detectable; assumed [0, 1] scaling"
+
+
+def preprocessing_warning(base: BaseModel) -> str | None:
+    """A one-line warning when the preprocessing was assumed, not detected, probed or set."""
+    if base.origin.get("preprocessing_source") != ASSUMED_PREPROCESSING:
+        return None
+    return (
+        f"'{base.name}' has no preprocessing layer and does not say how its pixels were scaled; "
+        "[0, 1] (unit) is assumed. Give the original task's images (--old-data) to find it, or "
+        "set it with --preprocessing."
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -1144,6 +1159,7 @@ def describe(base: BaseModel) -> dict[str, Any]:
         "origin": base.origin,
         "channels": base.channels,
         "input": describe_input(base.input_size, base.channels),
+        "preprocessing_warning": preprocessing_warning(base),
         **(
             {
                 "preprocessing_probe": base.origin["preprocessing_probe"],

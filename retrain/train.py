@@ -354,6 +354,9 @@ class _Run:
         config = self.config
         old_data = config.old_data or None
         if config.preprocessing == "auto" and not old_data:
+            warning = models.preprocessing_warning(self.base)
+            if warning:
+                self._note(warning, say=True)
             return
         self.base = models.resolve_preprocessing(
             self.base,

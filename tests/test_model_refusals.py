@@ -232,6 +232,26 @@ def test_custom_layer_is_named_and_never_built(tmp_path: Path):
     assert built == []  # the class registered in this process was still not instantiated
 
 
+def test_lambda_layer_is_refused_and_its_code_never_runs(tmp_path: Path):
+    import keras
+
+    marker = tmp_path / "lambda-ran"
+
+    def touch_and_double(t):
+        marker.touch()
+        return t * 2
+
+    inp = keras.Input((8, 8, 3))
+    path = tmp_path / "lambda.keras"
+    keras.Model(inp, keras.layers.Lambda(touch_and_double, name="sneaky")(inp)).save(path)
+    marker.unlink()  # building the model called it once
+    with pytest.raises(ModelError) as err:
+        models.load_base(str(path))
+    text = one_line(err)
+    assert "Lambda layer ('sneaky')" in text and "Rebuild the model with standard Keras" in text
+    assert not marker.exists()
+
+
 # --- the CLI and the Model page ------------------------------------------------------------------
 
 

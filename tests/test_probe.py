@@ -56,6 +56,12 @@ def test_grayscale_mnist_model_probes_unit(tmp_path: Path):
     assert info["blend_loss"]["raw"] >= 3 * info["blend_loss"]["unit"]
     assert found.origin["preprocessing_source"].startswith("probe on 100 old images: unit")
     assert base.preprocessing == "unit" and "preprocessing_probe" not in base.origin  # a copy
+    # Assumed, not found: said out loud (describe JSON, Model page, the run's warnings) ...
+    warning = models.preprocessing_warning(base)
+    assert "[0, 1] (unit) is assumed" in warning and "--old-data" in warning
+    assert models.describe(base)["preprocessing_warning"] == warning
+    # ... and no longer once the probe has found it.
+    assert models.preprocessing_warning(found) is None
 
 
 def test_rgb_model_trained_on_minus_one_to_one_probes_tf(tmp_path: Path):
