@@ -216,3 +216,33 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     assert len(top) == 3 and abs(sum(t["probability"] for t in top) - 1) < 0.5
     overlay = evaluate.grad_cam_overlay(best, image)
     assert overlay is None or overlay.shape == (28, 28, 3)  # grayscale shown in colour
+
+
+def test_a_non_square_grayscale_base_trains_and_exports_at_its_own_size(
+    tmp_path: Path, make_image_folder
+):
+    import keras
+
+    from retrain import export, modelfile
+    from retrain.config import TrainConfig
+    from retrain.train import train
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((20, 36, 1), name="pixels")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    base = tmp_path / "wide.keras"
+    keras.Model(inp, out).save(base)
+    folder = make_image_folder(classes=("a", "b"), per_class=6, size=40)
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        data=str(folder), base=str(base), out=str(run_dir), epochs=1, preprocessing="unit"
+    )
+    train(config, run_dir, workspace=tmp_path / "ws")
+    meta = modelfile.read_metadata(run_dir / "model.keras")
+    assert meta["image_size"] == [20, 36] and meta["preprocessing"] == "unit"
+    cache = next((tmp_path / "ws" / "datasets").rglob("train_20x36x1_squash.npy"))
+    assert np.load(cache, mmap_mode="r").shape[1:] == (20, 36, 1)
+    result = export.export_run(run_dir, ["keras", "tflite"])
+    assert result["self_test"]["tflite"]["ok"], result["self_test"]
