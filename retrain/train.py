@@ -853,6 +853,12 @@ class _Run:
             "feature_cache": self.use_cache,
             "feature_seconds": round(self.feature_seconds, 2),
             "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
+            **(
+                {"preprocessing_probe": self.preprocessing_origin["preprocessing_probe"]}
+                if self.preprocessing_origin.get("preprocessing_probe")
+                else {}
+            ),
             "device": self.device_info.get("device"),
             "backend": self.device_info.get("backend"),
             "seconds": round(time.perf_counter() - self.t_start, 2),

@@ -115,10 +115,12 @@ def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Pa
     info = run_cli("describe", made["model"], "--old-data", made["old"], "--workspace", ws)
     assert info["input"] == "28x28 grayscale" and info["input_shape"] == [None, 28, 28, 1]
     assert info["preprocessing"] == "unit" and info["preprocessing_probe"]["unit"] >= 0.9
-    run_cli(
+    summary = run_cli(
         "train", "--base", made["model"], "--data", made["new"], "--old-data", made["old"],
         "--out", run, "--epochs", 4, "--workspace", ws,
     )  # fmt: skip
+    assert summary["preprocessing"] == "unit" and summary["warnings"] == []
+    assert summary["preprocessing_probe"] == info["preprocessing_probe"]
     config = json.loads((run / "config.json").read_text())
     assert config["preprocessing"] == "unit"
     assert config["preprocessing_probe"] == info["preprocessing_probe"]  # seeded: the same
