@@ -205,7 +205,7 @@ def prefill_train_settings(settings: dict[str, Any]) -> None:
 OLD_DATA_SOURCES = {
     "sample": "The built-in sample's digits 0-4 (the starter model's original task)",
     "upload": "Upload the original task's images (zip of class folders)",
-    "none": "None: distillation (the original model's own outputs keep the old classes)",
+    "none": "None: distillation only (keeps far less of the old task; old images help most)",
 }
 
 

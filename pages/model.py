@@ -392,8 +392,8 @@ old_data = original_classes = None
 if keep_old:
     st.caption(
         "Why keep: one model that knows the old classes and yours. Its original head is kept "
-        "(so the cut and head options below do not apply); old images rehearsed every epoch, "
-        "or without them the original model's own outputs (distillation), keep the old classes."
+        "(so the cut and head options below do not apply). A few old images rehearsed every "
+        "epoch keep the old classes; without them only distillation does, which keeps far less."
     )
     if not info["class_names"]:
         original_classes = (

@@ -478,9 +478,13 @@ class _Run:
             seed=config.seed,
         )
         self.distill_weight = keep.distill_weight(config.distill_weight, bool(config.old_data))
-        if self.old.dataset is None and self.distill_weight == 0:
+        if self.old.dataset is None:
             self._note(
-                "Nothing keeps the old classes alive: no --old-data and --distill-weight 0.",
+                "Without --old-data only distillation keeps the old classes, and it keeps "
+                "little of them: the new classes tend to take over old images (docs/benchmarks."
+                "md). Give a few old images per class (--old-data) if you have any."
+                if self.distill_weight > 0
+                else "Nothing keeps the old classes alive: no --old-data and --distill-weight 0.",
                 say=True,
             )
 
