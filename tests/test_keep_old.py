@@ -489,3 +489,31 @@ def test_keep_old_classes_on_a_model_without_a_classifier_head_is_one_line(
     )  # fmt: skip
     assert code == 2
     assert "has no classifier head" in err and err.count("\n") == 1
+
+
+def test_keep_old_classes_trains_on_jax_too(plain_task, tmp_path):
+    """The distillation loss and the per-task scores use keras.ops only: the JAX backend runs
+    a keep-old run (rehearsal and distillation together) end to end."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (make test-backends installs it)")
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    out = subprocess.run(
+        [sys.executable, "-m", "retrain", "train", "--data", str(plain_task["new"]),
+         "--base", str(plain_task["model"]), "--out", str(run), "--keep-old-classes",
+         "--old-data", str(plain_task["old"]), "--distill-weight", "1", "--epochs", "2",
+         "--batch-size", "8", "--workspace", str(tmp_path / "ws")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["backend"] == "jax" and summary["epochs_done"] == 2
+    assert "old_val_accuracy" in summary["final"] and "new_val_accuracy" in summary["final"]
