@@ -517,3 +517,41 @@ def test_keep_old_classes_trains_on_jax_too(plain_task, tmp_path):
     summary = json.loads(out.stdout)
     assert summary["backend"] == "jax" and summary["epochs_done"] == 2
     assert "old_val_accuracy" in summary["final"] and "new_val_accuracy" in summary["final"]
+
+
+# --------------------------------------------------------------------------------------
+# Pages (AppTest)
+
+
+def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    from retrain.data import ingest
+
+    root = Path(__file__).resolve().parents[1]
+    new = _digits_subset(tmp_path / "new", "5-9", 6)
+    ws = tmp_path / "ws"
+    manifest = str(ingest(new, ws).manifest_path)
+    at = AppTest.from_file(str(root / "pages" / "model.py"), default_timeout=120)
+    at.session_state["dataset"] = manifest
+    at.run()
+    assert not at.exception, at.exception
+    at.radio(key="head_mode").set_value("keep").run()
+    at.radio(key="model_old_source").set_value("sample").run()
+    assert not at.exception, at.exception
+    surgery = at.session_state["surgery"]
+    assert surgery["keep_old_classes"] is True and surgery["cut_at"] is None
+    assert surgery["old_data"].endswith("digits-0-1-2-3-4")
+    outputs = next(d.value for d in at.dataframe if "after" in d.value.columns)
+    assert list(outputs["class"]) == [f"digit {d}" for d in range(10)]
+    assert list(outputs["after"]) == ["kept"] * 5 + ["new"] * 5
+    assert any("10 units" in m.value for m in at.markdown)
+
+    train = AppTest.from_file(str(root / "pages" / "train.py"), default_timeout=120)
+    for key in ("workspace", "dataset", "base", "surgery"):
+        train.session_state[key] = at.session_state[key]
+    train.run()
+    assert not train.exception, train.exception
+    assert train.radio(key="train_old_source").value == "sample"
+    assert train.number_input(key="rehearsal_per_class").value == 20
+    assert any("original head kept" in c.value for c in train.caption)
