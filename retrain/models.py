@@ -1046,17 +1046,22 @@ def layer_stack(
 
     Returns:
         The new model's front layers, then every base layer (``"removed"`` when the cut drops
-        it, else its status in the new model), then the new head's layers. Without
-        ``new_rows``: the base layers, all ``"frozen"``.
+        it, else its status in the new model), then the new head's layers. A base layer that
+        is also a head layer (the original head kept and widened) is listed once, in the head.
+        Without ``new_rows``: the base layers, all ``"frozen"``.
     """
     if new_rows is None:
         return [{**row, "status": "frozen", "part": "base"} for row in base_rows]
     kept = {row["name"]: row for row in new_rows}
+    head = [row for row in new_rows if row["part"] == "head"]
+    in_head = {row["name"] for row in head}  # a kept, widened original head ("keep" mode)
     stack = [row for row in new_rows if row["part"] == "front"]
     for row in base_rows:
+        if row["name"] in in_head:
+            continue  # drawn once, as a head layer (with its new size), not twice
         status = kept[row["name"]]["status"] if row["name"] in kept else "removed"
         stack.append({**row, "status": status, "part": "base"})
-    return stack + [row for row in new_rows if row["part"] == "head"]
+    return stack + head
 
 
 def layer_block(row: dict[str, Any]) -> str:

@@ -506,3 +506,21 @@ def test_layer_stack_marks_removed_layers_and_adds_front_and_head():
         ("head_output", "new", "head"),
     ]
     assert {r["status"] for r in models.layer_stack(base)} == {"frozen"}
+
+
+def test_layer_stack_lists_a_kept_widened_head_once():
+    """Keep-old mode keeps the original head (same names): drawn once, at its new size."""
+    base = [_row("conv", 5), _row("gap"), _row("dropout"), _row("predictions", 3)]
+    new = [
+        _row("conv", 5),
+        _row("gap"),
+        _row("dropout", status="new", part="head"),
+        _row("predictions", 6, status="new", part="head"),
+    ]
+    stack = models.layer_stack(base, new)
+    assert [(r["name"], r["params"], r["part"]) for r in stack] == [
+        ("conv", 5, "base"),
+        ("gap", 0, "base"),
+        ("dropout", 0, "head"),
+        ("predictions", 6, "head"),
+    ]
