@@ -200,6 +200,7 @@ def prepare_resume(run_dir: Path) -> Path:
         raise RunError(f"Run '{run_dir.name}' is still {status['state']}; stop it first.")
     rundir.write_status(run_dir, "queued", created=time.time(), error=None, stopped=False)
     rundir.clear_pid(run_dir)
+    rundir.clear_stop(run_dir)  # the last stop request was the previous worker's
     return run_dir
 
 

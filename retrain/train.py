@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from retrain import rundir
+from retrain import procs, rundir
 from retrain.config import (  # noqa: F401  (re-exported: the config used to live here)
     CACHE_FEATURES,
     OPTIMIZERS,
@@ -746,8 +746,9 @@ class _Run:
             self.state.best_val_accuracy = meta.get("best_val_accuracy")
             self.state.best_epoch = meta.get("best_epoch")
         rundir.truncate_metrics(self.run_dir, self.start_epoch)
-        # A stop request belongs to the previous process; this one was asked to run.
-        rundir.clear_stop(self.run_dir)
+        # A stop request made before this process started belongs to the previous worker;
+        # one made while this worker loaded data and built the model is for this run.
+        rundir.clear_stop(self.run_dir, before=procs.started_at())
 
     # -- 5. phase 1: the new head, base frozen (on cached features when possible)
 
