@@ -267,6 +267,10 @@ if base_info["has_head"]:
                 ],
                 hide_index=True,
                 key="eval_forget_table",
+                column_config={  # shares, shown like the metrics above (95.6%, not 0.956)
+                    "before": st.column_config.NumberColumn(format="percent"),
+                    "after": st.column_config.NumberColumn(format="percent"),
+                },
             )
 
 # --- try an image -----------------------------------------------------------------------

@@ -108,6 +108,9 @@ def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
     assert metrics["Drop"] == "0.0%"
     assert metrics["Before retraining"] == metrics["After retraining"]
     assert any("drop 0 by construction" in i.value for i in at.info)
+    table = at.dataframe[-1]
+    assert list(table.value.columns) == ["class", "before", "after"]
+    assert '"format": "percent"' in table.proto.columns, "per-class shares read as percentages"
 
 
 def test_try_an_image_shows_the_top_classes(trained):
