@@ -14,7 +14,7 @@ from retrain.errors import RetrainError
 
 FORMAT_LABELS = {
     "keras": ".keras (Keras 3: raw images in, probabilities out)",
-    "savedmodel": "TensorFlow SavedModel (TF Serving, TF.js converter)",
+    "savedmodel": "TensorFlow SavedModel (TF Serving, TensorFlow Hub)",
     "tflite": "TFLite float (Android/iOS/edge)",
     "tflite-int8": "TFLite int8 (4x smaller, microcontrollers/Edge TPU)",
     "onnx": "ONNX (onnxruntime and other ONNX runtimes; raw images in)",
@@ -58,7 +58,12 @@ def _self_test_table(self_test: dict) -> pd.DataFrame:
                 "error": entry.get("error", ""),
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    # A column nobody's format filled (int8 drop without int8, error when all passed) is noise
+    # that squeezes the others ("checked in" was cut off).
+    blank = table.isna() | (table == "")
+    empty = [c for c in table if c not in ("format", "ok") and blank[c].all()]
+    return table.drop(columns=empty)
 
 
 workspace = ensure_session()
@@ -101,7 +106,12 @@ st.caption(
     "Each file reloaded in a fresh process (TF.js in Node) and run on validation images: largest "
     "difference of probabilities to the trained model and how often the top class agrees."
 )
-st.dataframe(_self_test_table(result["self_test"]), hide_index=True, key="export_self_test")
+st.dataframe(
+    _self_test_table(result["self_test"]),
+    hide_index=True,
+    key="export_self_test",
+    column_config={"argmax agreement": st.column_config.NumberColumn(format="percent")},
+)
 
 st.subheader("Downloads")
 files = [Path(f) for f in result["files"] if Path(f).exists()]
