@@ -325,7 +325,9 @@ cols = st.columns(5)
 cols[0].metric("Parameters", f"{info['total_params']:,}")
 cols[1].metric("Trainable", f"{info['trainable_params']:,}")
 cols[2].metric("Layers", info["num_layers"])
-cols[3].metric("Input", info["input"].replace("x", "×", 1))
+# "28x28 grayscale" does not fit a fifth of the page: the colour goes in the label.
+size, colour = info["input"].rsplit(" ", 1)
+cols[3].metric(f"Input ({colour})", size.replace("x", "×", 1), help=f"{info['input']} images")
 cols[4].metric("Original classes", len(info["class_names"] or []) or info["output_shape"][-1])
 st.caption(
     f"Preprocessing: **{info['preprocessing']}**, {PREPROCESSING[info['preprocessing']]} "
@@ -419,7 +421,8 @@ removed = names[cut_index + 1 :]
 st.caption(
     f"Keeps the original head ({', '.join(removed[:8])}) and widens its output layer."
     if keep_old
-    else f"Removes {len(removed)} layers: {', '.join(removed[:8])}"
+    else f"Removes {len(removed)} layer{'s' if len(removed) != 1 else ''}: "
+    f"{', '.join(removed[:8])}"
     f"{' …' if len(removed) > 8 else ''}. "
     + (
         "Why this default: it is the last layer before the original classifier."

@@ -67,7 +67,7 @@ def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
     ).run()
     assert not at.exception, at.exception
     shown = {m.label: m.value for m in at.metric}
-    assert shown["Input"] == "28×28 grayscale"
+    assert shown["Input (grayscale)"] == "28×28"  # the colour in the label: the value fits
     at.file_uploader(key="probe_old_data").set_value(
         ("old.zip", zipped(made["old"], tmp_path / "old.zip"), "application/zip")
     ).run()

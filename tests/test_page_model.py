@@ -39,7 +39,7 @@ def test_builtin_model_without_a_dataset_shows_the_architecture(keras_cache: Pat
     assert at.radio(key="model_source").value == "Built-in starter model"
     shown = metrics(at)
     assert shown["Parameters"] == "24,005" and shown["Layers"] == "11"
-    assert shown["Input"] == "32×32 RGB" and shown["Original classes"] == "5"
+    assert shown["Input (RGB)"] == "32×32" and shown["Original classes"] == "5"
     assert any("No dataset yet" in text for text in texts(at, "info"))
     assert at.session_state["base"] == BUILTIN
     assert len(at.get("plotly_chart")) == 1
@@ -99,7 +99,7 @@ def test_zoo_without_weights_needs_no_download(monkeypatch: pytest.MonkeyPatch):
     assert not at.exception, at.exception
     assert not at.error, texts(at, "error")
     shown = metrics(at)
-    assert shown["Input"] == "224×224 RGB" and shown["Original classes"] == "1000"
+    assert shown["Input (RGB)"] == "224×224" and shown["Original classes"] == "1000"
     assert at.session_state["base"] == "applications:MobileNetV3Small:none"
     cut = at.selectbox(key="cut_at::applications:MobileNetV3Small:none")
     assert cut.value is not None and "activation_18" in cut.format_func(cut.value)
