@@ -43,6 +43,9 @@ def _summary(config: dict) -> str:
         f"freeze {config.get('freeze', '?')}",
         f"{config.get('epochs', '?')} ep @ lr {config.get('lr', '?')}",
     ]
+    if config.get("keep_old_classes"):  # else a replace run and a keep run read the same
+        how = "with old images" if config.get("old_data") else "distillation only"
+        parts.insert(1, f"keep old classes ({how})")
     if config.get("fine_tune_epochs"):
         parts.append(f"+{config['fine_tune_epochs']} fine-tune")
     if config.get("augment"):

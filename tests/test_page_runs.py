@@ -15,7 +15,9 @@ from retrain.workspace import new_session_token, session_workspace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake_run(workspace: Path, run_id: str, best: float, state: str = "done", age: float = 0):
+def _fake_run(
+    workspace: Path, run_id: str, best: float, state: str = "done", age: float = 0, **settings
+):
     """A run directory as the worker writes it (no model needed on this page)."""
     run_dir = workspace / "runs" / run_id
     config = {
@@ -26,6 +28,7 @@ def _fake_run(workspace: Path, run_id: str, best: float, state: str = "done", ag
         "lr": 0.001,
         "freeze": "all",
         "fine_tune_epochs": 2,
+        **settings,
     }
     now = time.time() - age
     status = {"state": state, "created": now - 100, "started": now - 100, "finished": now - 58}
@@ -66,6 +69,20 @@ def test_table_lists_state_config_best_accuracy_and_duration():
     assert table.loc["run-a", "duration (s)"] == 42.0
     assert "MobileNetV2" in table.loc["run-a", "config"]
     assert "+2 fine-tune" in table.loc["run-a", "config"]
+    assert "keep old classes" not in table.loc["run-a", "config"]
+
+
+def test_a_keep_old_run_says_so_in_the_table():
+    token = new_session_token()
+    workspace = session_workspace(token)
+    _fake_run(workspace, "run-k", 0.8, keep_old_classes=True, old_data="/data/old.zip")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["s"] = token
+    at.run()
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception, at.exception
+    summary = at.dataframe[0].value.set_index("run").loc["run-k", "config"]
+    assert "keep old classes (with old images)" in summary
 
 
 def test_two_selected_runs_are_overlaid_one_is_not():
