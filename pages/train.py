@@ -460,9 +460,11 @@ if run_id and run_dir is not None:
     else:
         _run_view(run_id, run_dir)
 
-runs = jobs.list_runs(workspace)
-if runs:
-    st.subheader("This session's runs")
+
+def _runs_table(workspace: Path, runs: list[dict] | None = None) -> None:
+    """This session's runs. While a run trains it is redrawn with the live view (it said
+    0/6 epochs beside a progress bar at epoch 4/6); the run picker below stays outside, so
+    picking a run still reruns the whole page."""
     st.dataframe(
         [
             {
@@ -472,11 +474,20 @@ if runs:
                 "epochs": f"{r['epochs_done']}/{r['epochs']}",
                 "best val accuracy": r["best_val_accuracy"],
             }
-            for r in runs
+            for r in (runs if runs is not None else jobs.list_runs(workspace))
         ],
         hide_index=True,
         key="train_runs_table",
     )
+
+
+runs = jobs.list_runs(workspace)
+if runs:
+    st.subheader("This session's runs")
+    if active:
+        st.fragment(run_every=2.0)(_runs_table)(workspace)  # lists the runs anew each time
+    else:
+        _runs_table(workspace, runs)
     ids = [r["run_id"] for r in runs]
     if run_id in ids:
         st.session_state["train_run_pick"] = run_id

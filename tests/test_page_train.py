@@ -220,6 +220,9 @@ def test_running_run_draws_the_epochs_that_exist_and_progress(session):
     at.button(key="stop_training").click().run()
     assert rundir.stop_requested(run_dir)
     assert all(len(t["x"]) == 3 for c in _charts(at) for t in c["data"])
+    # The runs table below is redrawn with the live view (a fragment): it counts the epochs too.
+    runs = at.dataframe[-1].value.set_index("run")
+    assert runs.loc["run-live", "epochs"].startswith("3/")
 
 
 def test_failed_and_queued_runs_say_what_happened(session):
