@@ -529,10 +529,20 @@ if preview is not None:
         if preview["loss"].startswith("sparse")
         else "binary cross-entropy"
     )
+    if diff.get("mode") == "keep":  # nothing removed; the original head's output grows
+        changes = (
+            f"- **Kept**: the original head ({', '.join(diff['kept_head'])}); its output layer "
+            f"'{diff['widened']}' widened from {len(diff['old_classes'])} to "
+            f"{preview['output_shape'][-1]} units\n"
+        )
+    else:
+        changes = (
+            f"- **Removed** ({len(diff['removed'])}): "
+            f"{', '.join(diff['removed'][:12]) or 'nothing'}\n"
+            f"- **Added**: {', '.join(diff['added'])}\n"
+        )
     st.markdown(
-        f"- **Removed** ({len(diff['removed'])}): {', '.join(diff['removed'][:12]) or 'nothing'}\n"
-        f"- **Added**: {', '.join(diff['added'])}\n"
-        f"- **Output**: {preview['output_shape'][-1]} units, loss {loss} "
+        changes + f"- **Output**: {preview['output_shape'][-1]} units, loss {loss} "
         f"(labels as {preview['label_encoding']}: `{preview['loss']}`)\n"
         f"- **Input**: raw {diff['image_size'][0]}×{diff['image_size'][1]} "
         f"{'grayscale' if info['channels'] == 1 else 'RGB'} images"

@@ -546,6 +546,8 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     assert list(outputs["class"]) == [f"digit {d}" for d in range(10)]
     assert list(outputs["after"]) == ["kept"] * 5 + ["new"] * 5
     assert any("10 units" in m.value for m in at.markdown)
+    assert any("'predictions' widened from 5 to 10 units" in m.value for m in at.markdown)
+    assert not any("**Removed**" in m.value for m in at.markdown)  # nothing is removed
 
     train = AppTest.from_file(str(root / "pages" / "train.py"), default_timeout=120)
     for key in ("workspace", "dataset", "base", "surgery"):
