@@ -77,10 +77,13 @@ has_tf = export.tensorflow_available()
 options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFLOW]
 if not has_tf:
     st.caption("SavedModel, TFLite and ONNX need TensorFlow, which this installation lacks.")
+# After a reload, the formats of the export shown below, not the quick defaults.
+built = _read_result(run_dir / "export")
+built_formats = [f for f in (built or {}).get("self_test", {}) if f in options]
 formats = st.multiselect(
     "Formats",
     options,
-    default=[f for f in QUICK_FORMATS if f in options],
+    default=built_formats or [f for f in QUICK_FORMATS if f in options],
     format_func=FORMAT_LABELS.get,
     key="export_formats",
     help="SavedModel, TFLite and ONNX take longer to build. int8 is calibrated on a sample of "

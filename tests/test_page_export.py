@@ -87,3 +87,11 @@ def test_onnx_and_tfjs_are_offered_built_and_checked_in_their_runtimes(trained):
     labels = [b.proto.label for b in at.get("download_button")]
     assert any(label.startswith("model.onnx") for label in labels)
     assert any(label.startswith("tfjs.zip") for label in labels)  # model.json + shards
+
+    # A reload (a fresh page) offers the formats of the export it shows, not the defaults.
+    again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+    again.query_params["s"] = workspace.name  # the same session, as the link carries it
+    again.run()
+    again.switch_page("pages/export.py").run()
+    assert not again.exception, again.exception
+    assert again.multiselect(key="export_formats").value == ["onnx", "tfjs"]
