@@ -140,6 +140,22 @@ def extension_preview(base: Any, classes: list[str], choice: dict, workspace: Pa
     }
 
 
+# The library speaks the CLI's flags; on this page they are the Preprocessing section's widgets.
+CLI_WORDS = (
+    ("(--old-data)", "(the Preprocessing section above)"),
+    ("with --preprocessing", "there"),
+    ("Set --preprocessing", "Choose it in the Preprocessing section above"),
+    (" (--preprocessing)", ""),
+)
+
+
+def page_words(text: str) -> str:
+    """``text`` with the CLI flags it names replaced by what a person does on this page."""
+    for flag, words in CLI_WORDS:
+        text = text.replace(flag, words)
+    return text
+
+
 def dataset_classes() -> list[str] | None:
     """Class names of the session's dataset, or None when there is none yet."""
     manifest = st.session_state.get("dataset")
@@ -331,15 +347,11 @@ cols[3].metric(f"Input ({colour})", size.replace("x", "×", 1), help=f"{info['in
 cols[4].metric("Original classes", len(info["class_names"] or []) or info["output_shape"][-1])
 st.caption(
     f"Preprocessing: **{info['preprocessing']}**, {PREPROCESSING[info['preprocessing']]} "
-    f"({info['origin'].get('preprocessing_source', '')}). The new model applies it inside, so it "
-    "takes raw images."
+    f"({page_words(info['origin'].get('preprocessing_source', ''))}). The new model applies it "
+    "inside, so it takes raw images."
 )
 if info.get("preprocessing_warning") and prep_choice == "auto":
-    st.warning(
-        info["preprocessing_warning"]
-        .replace("(--old-data)", "(the Preprocessing section above)")
-        .replace("with --preprocessing", "there")
-    )
+    st.warning(page_words(info["preprocessing_warning"]))
 if info.get("preprocessing_probe"):
     probe_info = info["preprocessing_probe_info"]
     scores = pd.DataFrame(
@@ -350,14 +362,19 @@ if info.get("preprocessing_probe"):
         }
     ).sort_values("log loss")
     scores["chosen"] = scores["preprocessing"] == info["preprocessing"]
-    st.dataframe(scores, hide_index=True, key="probe_scores")
+    st.dataframe(
+        scores,
+        hide_index=True,
+        key="probe_scores",
+        column_config={"accuracy": st.column_config.NumberColumn(format="percent")},
+    )
     st.caption(
         f"Probe: {probe_info['images']} images of the original task "
         f"({probe_info['per_class']} per class, seed {probe_info['seed']}) through the original "
         f"head; best: **{probe_info['best']}**. {probe_info['margin'].capitalize()}."
     )
     if probe_info.get("warning"):
-        st.warning(probe_info["warning"])
+        st.warning(page_words(probe_info["warning"]))
 if info["origin"].get("converted"):
     st.caption(
         f"{info['origin']['converted']}; outputs match the original within "

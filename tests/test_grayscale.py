@@ -81,6 +81,12 @@ def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
     assert not at.warning  # unit is clearly ahead
     assert at.session_state["surgery"]["preprocessing"] == "unit"
     assert any("28×28 grayscale images" in m.value for m in at.markdown)
+    # Set by hand: the page names its own control, never the CLI's --preprocessing flag.
+    at.selectbox(key="preprocessing_choice").set_value("tf").run()
+    assert not at.exception, at.exception
+    assert any("(set by hand)" in c.value for c in at.caption)
+    shown = [c.value for c in at.caption] + [w.value for w in at.warning]
+    assert not [text for text in shown if "--preprocessing" in text], shown
 
 
 def run_cli(*args: object, timeout: int = 600) -> dict:
