@@ -146,6 +146,9 @@ CLI_WORDS = (
     ("with --preprocessing", "there"),
     ("Set --preprocessing", "Choose it in the Preprocessing section above"),
     (" (--preprocessing)", ""),
+    ("pass --original-classes", "type the names of its outputs in the box above"),
+    ("--original-classes names", "The box above names"),
+    ("--original-classes '", "The output names '"),
 )
 
 
@@ -516,7 +519,7 @@ if classes is not None:
                 spec, tuple(classes), json.dumps(choice, sort_keys=True), str(workspace)
             )
     except RetrainError as err:
-        st.error(str(err))
+        st.error(page_words(str(err)))
     else:
         if (
             st.session_state.get("base") != spec

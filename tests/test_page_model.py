@@ -137,6 +137,34 @@ def test_uploaded_keras_model_with_labels(tmp_path: Path, dataset_manifest):
     assert metrics(at)["Layers"] == "3"
 
 
+def test_keep_mode_on_a_model_without_class_names_asks_for_them_in_page_words(
+    tmp_path: Path, dataset_manifest
+):
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(keras.layers.Conv2D(4, 3)(inp))
+    path = tmp_path / "nameless.keras"
+    keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x)).save(path)
+
+    at = page()
+    at.session_state["dataset"] = dataset_manifest
+    at.run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    at.file_uploader(key="model_upload").set_value(
+        ("nameless.keras", path.read_bytes(), "application/zip")
+    ).run()
+    at.radio(key="head_mode").set_value("keep").run()
+    assert not at.exception, at.exception
+    errors = texts(at, "error")
+    assert len(errors) == 1 and "carries no class names for its 3 outputs" in errors[0]
+    assert "type the names of its outputs in the box above" in errors[0]
+    assert "--original-classes" not in errors[0]
+    # Names typed in that box: the outputs table shows them, no error.
+    at.text_input(key="original_classes").set_value("a, b, c").run()
+    assert not texts(at, "error"), texts(at, "error")
+
+
 def test_upload_of_a_broken_file_says_what_is_wrong():
     at = page().run()
     at.radio(key="model_source").set_value("Upload .keras/.h5").run()
