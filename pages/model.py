@@ -146,6 +146,11 @@ CLI_WORDS = (
     ("with --preprocessing", "there"),
     ("Set --preprocessing", "Choose it in the Preprocessing section above"),
     (" (--preprocessing)", ""),
+    ('pass --original-classes "a,b,..." (', "type the names of its outputs in the box above ("),
+    (
+        ") or the old data (its class folders, sorted).",
+        "), or choose the original task's images above (their class folders, sorted, name them).",
+    ),
     ("pass --original-classes", "type the names of its outputs in the box above"),
     ("--original-classes names", "The box above names"),
     ("--original-classes '", "The output names '"),

@@ -158,7 +158,7 @@ def test_keep_mode_on_a_model_without_class_names_asks_for_them_in_page_words(
     assert not at.exception, at.exception
     errors = texts(at, "error")
     assert len(errors) == 1 and "carries no class names for its 3 outputs" in errors[0]
-    assert "type the names of its outputs in the box above" in errors[0]
+    assert "type the names of its outputs in the box above (3 names in output order)" in errors[0]
     assert "--original-classes" not in errors[0]
     # Names typed in that box: the outputs table shows them, no error.
     at.text_input(key="original_classes").set_value("a, b, c").run()
