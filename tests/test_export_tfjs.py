@@ -7,6 +7,7 @@ The TF.js checks install ``@tensorflow/tfjs`` (pinned) once into a cache folder
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -241,11 +242,16 @@ def test_teachable_machine_model_agrees_in_onnxruntime_and_tfjs(tm_run, tfjs_dir
         ]
     )
     spec = json.loads((out / "tfjs" / "model.json").read_text())["userDefinedMetadata"]["input"]
-    tfjs_out = export_tfjs.run_in_tfjs(out / "tfjs", export_tfjs.resize_for_tfjs(images, spec))
+    # TF.js's pure-JS backend takes ~1 s per 224x224 image on 2 cores: the default suite checks
+    # every 5th held-out image (48); RETRAIN_FULL_CHECKS=1 checks all 240 (docs/benchmarks.md).
+    every = 1 if os.environ.get("RETRAIN_FULL_CHECKS") else 5
+    tfjs_images = images[::every]
+    tfjs_out = export_tfjs.run_in_tfjs(out / "tfjs", export_tfjs.resize_for_tfjs(tfjs_images, spec))
     measured = {
         "images": len(images),
+        "tfjs_images": len(tfjs_images),
         "onnx": _agreement(onnx_out, want),
-        "tfjs": _agreement(tfjs_out["outputs"], want),
+        "tfjs": _agreement(tfjs_out["outputs"], want[::every]),
     }
     print("held-out agreement (top-1, max |diff|):", json.dumps(measured))
     for fmt in ("onnx", "tfjs"):

@@ -209,7 +209,7 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
         assert time.time() < deadline, "the run did not finish in 5 minutes"
         time.sleep(1)
     status = jobs.read_status(run_dir)
-    assert status["state"] == "done", status
+    assert status["state"] == "done", (status.get("error"), jobs.read_log_tail(run_dir))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preprocessing"] == "unit" and config["image_size_used"] == [28, 28]
     assert config["preprocessing_source"] == "set by hand (--preprocessing)"
