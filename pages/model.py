@@ -152,6 +152,7 @@ CLI_WORDS = (
         "), or choose the original task's images above (their class folders, sorted, name them).",
     ),
     ("pass --original-classes", "type the names of its outputs in the box above"),
+    ("given with --original-classes", "typed in the box above"),
     ("--original-classes names", "The box above names"),
     ("--original-classes '", "The output names '"),
 )
@@ -573,7 +574,9 @@ if preview is not None:
         f"{'grayscale' if info['channels'] == 1 else 'RGB'} images"
     )
     if preview.get("outputs"):
-        st.markdown(f"**Outputs before → after** (original names: {preview['names_rule']})")
+        st.markdown(
+            f"**Outputs before → after** (original names: {page_words(preview['names_rule'])})"
+        )
         st.dataframe(preview["outputs"], hide_index=True, key="model_outputs_table")
     stack = layer_stack(info["layers"], preview["rows"])
 else:

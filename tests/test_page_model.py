@@ -163,6 +163,7 @@ def test_keep_mode_on_a_model_without_class_names_asks_for_them_in_page_words(
     # Names typed in that box: the outputs table shows them, no error.
     at.text_input(key="original_classes").set_value("a, b, c").run()
     assert not texts(at, "error"), texts(at, "error")
+    assert any("(original names: typed in the box above" in m.value for m in at.markdown)
 
 
 def test_upload_of_a_broken_file_says_what_is_wrong():
