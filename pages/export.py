@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._ui import ensure_session, require_finished_run
-from retrain import export
+from retrain import export, rundir
 from retrain.errors import RetrainError
 
 FORMAT_LABELS = {
@@ -78,7 +78,7 @@ options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFL
 if not has_tf:
     st.caption("SavedModel, TFLite and ONNX need TensorFlow, which this installation lacks.")
 # After a reload, the formats of the export shown below, not the quick defaults.
-built = _read_result(run_dir / "export")
+built = _read_result(rundir.export_dir(run_dir))
 built_formats = [f for f in (built or {}).get("self_test", {}) if f in options]
 formats = st.multiselect(
     "Formats",
@@ -99,7 +99,7 @@ if st.button("Build exports", type="primary", key="export_build", disabled=not f
     else:
         bar.progress(1.0, text="Done: every file was reloaded and checked.")
 
-out = run_dir / "export"
+out = rundir.export_dir(run_dir)
 result = _read_result(out)
 if result is None:
     st.stop()

@@ -644,7 +644,7 @@ def export_run(
     model_path = evaluate.run_model_path(run_dir)
     model, meta = evaluate.load_model(model_path)
     class_names = evaluate.model_class_names(model, meta, model_path)
-    out = run_dir / "export"
+    out = rundir.export_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = _check_images(run_dir, config, meta, model, class_names)
     if images is None or len(images) == 0:
@@ -743,7 +743,7 @@ def zip_exports(run_dir: str | Path, files: Sequence[str | Path], name: str | No
     import zipfile
 
     run_dir = Path(run_dir)
-    out = run_dir / "export"
+    out = rundir.export_dir(run_dir)
     target = out / f"{name or run_dir.name + '-export'}.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
         for file in map(Path, files):

@@ -5,7 +5,8 @@ files and owns their formats; every other module (training, jobs, evaluation, ex
 goes through the functions below and never spells a file name::
 
     config.json     RunConfig: the TrainConfig fields + what training resolved (classes, ...)
-    status.json     {"state": queued|running|stopping|done|failed, "updated", ...}
+    status.json     {"state": queued|running|stopping|done|failed, "updated", ...}; readers
+                    (retrain.jobs) report "interrupted" when the worker is gone
     metrics.jsonl   one JSON object per finished epoch (epoch, phase, loss, val_accuracy, ...)
     progress.json   the current epoch/batch, images per second, ETA (or a preparing phase)
     split.json      {"train": [...], "val": [...]}: image paths relative to the dataset root
@@ -52,6 +53,7 @@ HISTORY_FILE = "history.csv"
 LOG_FILE = "log.txt"
 PID_FILE = "pid"
 TENSORBOARD_DIR = "tensorboard"
+EXPORT_DIR = "export"  # exported files (retrain.export) and their zip
 RUNNER_FILE = "runner.json"  # the runner that started the run (retrain.runners)
 
 
@@ -77,6 +79,11 @@ def history_path(run_dir: Path) -> Path:
 def tensorboard_dir(run_dir: Path) -> Path:
     """``tensorboard/``, written by Keras's TensorBoard callback."""
     return Path(run_dir) / TENSORBOARD_DIR
+
+
+def export_dir(run_dir: Path) -> Path:
+    """``export/``: the files `retrain.export` writes for the run (and their zip)."""
+    return Path(run_dir) / EXPORT_DIR
 
 
 def log_path(run_dir: Path) -> Path:
@@ -444,7 +451,9 @@ def read_log_tail(run_dir: Path, lines: int = 40) -> str:
 def write_old_task(run_dir: Path, record: dict[str, Any]) -> None:
     """Record the original task of a keep-old-classes run (`keep.OldTask.record`): keys
     ``original_classes``, ``class_names_rule`` and, with old data, ``dataset_id``,
-    ``manifest_path``, ``memory`` and ``val`` (paths relative to its root), ``val_split``."""
+    ``dataset_name``, ``manifest_path``, ``memory`` and ``val`` (paths relative to its root),
+    ``val_split``, ``val_source``; training adds ``rehearsal_images``, ``old_val_images``,
+    ``distill_weight`` and ``distill_temperature``."""
     write_json(Path(run_dir) / OLD_TASK_FILE, dict(record))
 
 

@@ -36,16 +36,7 @@ from typing import Any
 import numpy as np
 
 from retrain import procs, rundir
-from retrain.config import (  # noqa: F401  (re-exported: the config used to live here)
-    CACHE_FEATURES,
-    OPTIMIZERS,
-    PRECISIONS,
-    FreezeSpec,
-    TrainConfig,
-    add_config_arguments,
-    config_from_args,
-    config_to_args,
-)
+from retrain.config import FreezeSpec, TrainConfig
 from retrain.errors import ConfigError, RetrainError, RunError
 from retrain.procs import own_start_time
 from retrain.workspace import shareable

@@ -329,7 +329,8 @@ TRAIN_TWO_DEVICES = """
     {setup}
     import keras
     from retrain.modelfile import save_model
-    from retrain.train import TrainConfig, train
+    from retrain.config import TrainConfig
+    from retrain.train import train
     inp = keras.Input((32, 32, 3), dtype="uint8")
     x = keras.layers.Rescaling(1 / 255)(inp)
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)

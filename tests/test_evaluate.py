@@ -220,7 +220,8 @@ def original(workspace: Path) -> dict:
 
 
 def _train(original: dict, workspace: Path, run_id: str, **overrides) -> Path:
-    from retrain.train import TrainConfig, train
+    from retrain.config import TrainConfig
+    from retrain.train import train
 
     run_dir = workspace / "runs" / run_id
     settings = {"epochs": 2, "batch_size": 8, "val_split": 0.25, "seed": 0, **overrides}

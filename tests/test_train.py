@@ -19,7 +19,7 @@ import pytest
 
 from retrain import callbacks, rundir
 from retrain import train as train_module
-from retrain.config import TrainConfig
+from retrain.config import TrainConfig, config_from_args, config_to_args
 from retrain.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,8 @@ def test_config_round_trips_through_json_and_cli_flags():
     assert TrainConfig.from_json(config.to_json()) == config
     # config.json holds extra keys beside the fields; they are ignored.
     assert TrainConfig.from_json({**config.to_dict(), "dataset_id": "abc"}) == config
-    args = build_parser().parse_args(["train", *train_module.config_to_args(config)])
-    assert train_module.config_from_args(args) == config
+    args = build_parser().parse_args(["train", *config_to_args(config)])
+    assert config_from_args(args) == config
     assert config.effective_fine_tune_lr == 1e-5
     assert TrainConfig(data="d", base="b", lr=1e-3).effective_fine_tune_lr == pytest.approx(1e-4)
 
@@ -121,11 +121,11 @@ def test_config_from_args_requires_data_base_out():
 
     args = build_parser().parse_args(["train", "--base", "b", "--out", "o"])
     with pytest.raises(ConfigError, match="--data is required"):
-        train_module.config_from_args(args)
+        config_from_args(args)
     args = build_parser().parse_args(["train", "--data", "d", "--base", "b", "--out", "o"])
     args.epochs = "ten"
     with pytest.raises(ConfigError, match="--epochs must be a whole number, got 'ten'"):
-        train_module.config_from_args(args)
+        config_from_args(args)
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
