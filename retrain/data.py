@@ -64,7 +64,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 
 from retrain.errors import ConfigError, DatasetError
 from retrain.uploads import save_upload
-from retrain.workspace import is_within, write_json
+from retrain.workspace import env_number, is_within, write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -219,37 +219,24 @@ class ImageCache:
 # Limits
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number. Set it to a positive number.") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive. Set it to a positive number.")
-    return value
-
-
 def _max_extract_bytes() -> int:
-    return int(_env_number("RETRAIN_MAX_EXTRACT_MB", 2048) * _MB)
+    return int(env_number("RETRAIN_MAX_EXTRACT_MB", 2048) * _MB)
 
 
 def _max_entries() -> int:
-    return int(_env_number("RETRAIN_MAX_ZIP_ENTRIES", 100_000))
+    return int(env_number("RETRAIN_MAX_ZIP_ENTRIES", 100_000))
 
 
 def _max_file_bytes() -> int:
-    return int(_env_number("RETRAIN_MAX_FILE_MB", 100) * _MB)
+    return int(env_number("RETRAIN_MAX_FILE_MB", 100) * _MB)
 
 
 def _max_ratio() -> float:
-    return _env_number("RETRAIN_MAX_ZIP_RATIO", 200)
+    return env_number("RETRAIN_MAX_ZIP_RATIO", 200)
 
 
 def _max_pixels() -> int:
-    return int(_env_number("RETRAIN_MAX_IMAGE_PIXELS", 64_000_000))
+    return int(env_number("RETRAIN_MAX_IMAGE_PIXELS", 64_000_000))
 
 
 def _num_workers() -> int:
@@ -257,7 +244,7 @@ def _num_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(8, int(_env_number("RETRAIN_DECODE_WORKERS", cores))))
+    return max(1, min(8, int(env_number("RETRAIN_DECODE_WORKERS", cores))))
 
 
 def _human_bytes(n: float) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ConfigError, RunError
-from retrain.workspace import home, keras_home, read_json, write_json
+from retrain.workspace import env_number, home, keras_home, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -83,19 +83,6 @@ def address() -> str:
     return value
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} is '{raw}'; expected a number such as 1 or 0.5.") from None
-    if value < 0:
-        raise ConfigError(f"{name} is {raw}; expected 0 or more.")
-    return value
-
-
 def resources(gpus: float | None = None, cpus: float | None = None) -> tuple[float, float]:
     """The (GPUs, CPUs) one run asks Ray for: the arguments, else ``$RETRAIN_RAY_GPUS`` /
     ``$RETRAIN_RAY_CPUS``, else 1 GPU and 1 CPU.
@@ -103,8 +90,8 @@ def resources(gpus: float | None = None, cpus: float | None = None) -> tuple[flo
     Raises:
         ConfigError: a negative or non-numeric value.
     """
-    gpus = _env_number("RETRAIN_RAY_GPUS", 1.0) if gpus is None else float(gpus)
-    cpus = _env_number("RETRAIN_RAY_CPUS", 1.0) if cpus is None else float(cpus)
+    gpus = env_number("RETRAIN_RAY_GPUS", 1.0, allow_zero=True) if gpus is None else float(gpus)
+    cpus = env_number("RETRAIN_RAY_CPUS", 1.0, allow_zero=True) if cpus is None else float(cpus)
     if gpus < 0 or cpus < 0:
         raise ConfigError(f"--gpus {gpus:g} --cpus {cpus:g}: expected 0 or more of each.")
     return gpus, cpus

@@ -38,6 +38,29 @@ def home() -> Path:
     return path
 
 
+def env_number(name: str, default: float, *, allow_zero: bool = False) -> float:
+    """The number in ``$name``, or ``default`` when it is unset or blank.
+
+    Args:
+        allow_zero: accept 0 (e.g. a run that asks for no GPU); otherwise it must be positive.
+
+    Raises:
+        ConfigError: not a number, negative, or 0 without ``allow_zero``.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    wanted = "0 or more" if allow_zero else "a positive number"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number. Set it to {wanted}.") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        must = "must be 0 or more" if allow_zero else "must be positive"
+        raise ConfigError(f"{name}={raw!r} {must}. Set it to {wanted}.")
+    return value
+
+
 def new_session_token() -> str:
     """Return a fresh unguessable session token (128 bits, URL-safe)."""
     return secrets.token_urlsafe(16)

@@ -524,6 +524,9 @@ def test_bad_limit_setting(ws, tmp_path, monkeypatch):
     monkeypatch.setenv("RETRAIN_MAX_ZIP_RATIO", "lots")
     with pytest.raises(ConfigError, match="RETRAIN_MAX_ZIP_RATIO='lots' is not a number"):
         ingest(_zip(tmp_path / "d.zip", _classes()), ws)
+    monkeypatch.setenv("RETRAIN_MAX_ZIP_RATIO", "0")
+    with pytest.raises(ConfigError, match="RETRAIN_MAX_ZIP_RATIO='0' must be positive"):
+        ingest(_zip(tmp_path / "d.zip", _classes()), ws)
 
 
 @pytest.mark.parametrize("side", [9000, 30000])  # 81 MP: Pillow's warning range; 900 MP: error

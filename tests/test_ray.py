@@ -97,6 +97,11 @@ def test_ray_address_must_be_the_dashboard(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RETRAIN_RAY_GPUS", "lots")
     with pytest.raises(ConfigError, match="RETRAIN_RAY_GPUS"):
         ray_runner.resources()
+    monkeypatch.setenv("RETRAIN_RAY_GPUS", "-1")
+    with pytest.raises(ConfigError, match=r"RETRAIN_RAY_GPUS='-1' must be 0 or more"):
+        ray_runner.resources()
+    monkeypatch.setenv("RETRAIN_RAY_GPUS", "0")  # 0 is allowed here; the data limits refuse it
+    assert ray_runner.resources()[0] == 0.0
 
 
 def test_a_ray_worker_refuses_a_node_without_the_run_or_a_superseded_job(
