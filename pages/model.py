@@ -165,6 +165,39 @@ def page_words(text: str) -> str:
     return text
 
 
+def seed_widgets(spec: str, names: list[str]) -> None:
+    """Start this page's widgets from the remembered choice (``surgery``) for this model.
+
+    Streamlit drops a page's widget values when another page is shown, and on a reload; without
+    this, coming back here reset every choice (keep mode, freezing, head) to its default and
+    wrote that over the remembered one, so Train trained something else.
+    """
+    surgery = st.session_state.get("surgery") or {}
+    if not surgery or st.session_state.get("base") != spec:
+        return
+    mode, _, k = str(surgery.get("freeze") or "all").partition(":")
+    values: dict[str, Any] = {
+        "head_mode": "keep" if surgery.get("keep_old_classes") else "replace",
+        "hidden_units": int(surgery.get("hidden_units") or 0),
+        "dropout": float(surgery.get("dropout", 0.2)),
+        "add_conv": int(surgery.get("add_conv") or 0),
+        "binary_sigmoid": bool(surgery.get("binary_sigmoid")),
+    }
+    if mode in FREEZE:
+        values["freeze_mode"] = mode
+    if mode == "top" and k.isdigit() and 1 <= int(k) <= len(names):
+        values["freeze_k"] = int(k)
+    if surgery.get("cut_at") in names:
+        values[f"cut_at::{spec}"] = names.index(surgery["cut_at"])
+    if surgery.get("original_classes"):
+        values["original_classes"] = surgery["original_classes"]
+    if surgery.get("preprocessing") in PREPROCESSING_CHOICES:  # found or set: keep that key
+        values["preprocessing_choice"] = surgery["preprocessing"]
+    for key, value in values.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+
+
 def dataset_classes() -> list[str] | None:
     """Class names of the session's dataset, or None when there is none yet."""
     manifest = st.session_state.get("dataset")
@@ -306,6 +339,7 @@ try:
 except RetrainError as err:
     st.error(str(err))
     st.stop()
+seed_widgets(spec, [row["name"] for row in info["layers"]])
 
 # --- preprocessing: set by hand, or found by scoring the original task's images ----------
 with st.expander("Preprocessing (how pixels are scaled for this model)"):

@@ -83,6 +83,32 @@ def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, d
     assert any("needs a 4-D cut output" in text for text in texts(at, "error"))
 
 
+def test_coming_back_or_reloading_keeps_the_remembered_choices(keras_cache: Path, dataset_manifest):
+    """Streamlit drops a page's widget values when another page is shown and on a reload:
+    the page starts from the remembered choice, and does not write its defaults over it."""
+    remembered = {
+        "cut_at": None,
+        "freeze": "top:2",
+        "hidden_units": 0,
+        "dropout": 0.3,
+        "add_conv": 0,
+        "binary_sigmoid": False,
+        "keep_old_classes": True,
+        "old_data": None,
+        "original_classes": None,
+    }
+    at = page()  # a fresh page: no widget values, only the remembered keys
+    at.session_state["dataset"] = dataset_manifest
+    at.session_state["base"] = BUILTIN
+    at.session_state["surgery"] = dict(remembered)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="head_mode").value == "keep"
+    assert at.radio(key="freeze_mode").value == "top" and at.slider(key="freeze_k").value == 2
+    assert at.slider(key="dropout").value == 0.3
+    assert at.session_state["surgery"] == remembered
+
+
 def test_zoo_without_weights_needs_no_download(monkeypatch: pytest.MonkeyPatch):
     from keras.src.utils import file_utils
 
