@@ -64,7 +64,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 
 from retrain.errors import ConfigError, DatasetError
 from retrain.uploads import save_upload
-from retrain.workspace import env_number, is_within, write_json
+from retrain.workspace import env_number, home, is_within, write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -1241,6 +1241,33 @@ def ingest(source: str | Path, workspace: Path, *, progress: Progress | None = N
     if source.name == "manifest.json":
         return load_dataset(source)
     return _ingest_zip(source, Path(workspace), progress)
+
+
+def resolve_dataset(
+    source: Dataset | str | Path,
+    workspace: str | Path | None = None,
+    *,
+    what: str = "data",
+    hint: str = "Pass a zip or a folder of class folders.",
+) -> Dataset:
+    """A `Dataset` for a Dataset, a manifest.json, a zip or a folder (ingested into
+    ``workspace``, default the home folder).
+
+    Args:
+        what, hint: the words of the error when nothing is there:
+            ``No {what} at '{path}'. {hint}``.
+
+    Raises:
+        DatasetError: nothing at ``source``, or not usable images.
+    """
+    if isinstance(source, Dataset):
+        return source
+    path = Path(source)
+    if path.name == "manifest.json" and path.is_file():
+        return load_dataset(path)
+    if not path.exists():
+        raise DatasetError(f"No {what} at '{path}'. {hint}")
+    return ingest(path, Path(home() if workspace is None else workspace))
 
 
 def _ingest_folder(folder: Path, workspace: Path, progress: Progress | None) -> Dataset:

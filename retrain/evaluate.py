@@ -133,18 +133,7 @@ def resolve_dataset(source: Any, workspace: str | Path | None = None) -> Any:
     """
     from retrain import data
 
-    if isinstance(source, data.Dataset):
-        return source
-    path = Path(source)
-    if path.name == "manifest.json" and path.is_file():
-        return data.load_dataset(path)
-    if not path.exists():
-        raise DatasetError(f"No data at '{path}'. Pass a zip or a folder of class folders.")
-    if workspace is None:
-        from retrain.workspace import home
-
-        workspace = home()
-    return data.ingest(path, Path(workspace))
+    return data.resolve_dataset(source, workspace)
 
 
 def available_splits(dataset: Any) -> list[str]:

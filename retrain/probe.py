@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from retrain import preprocessing
-from retrain.errors import ConfigError, DatasetError
+from retrain.errors import ConfigError
 
 #: Images per class of the old data that are scored (seeded sample), and the cap on all.
 DEFAULT_PER_CLASS = 20
@@ -355,18 +355,9 @@ def old_dataset(source: Any, workspace: Path | None = None) -> Any:
     """
     from retrain import data
 
-    if isinstance(source, data.Dataset):
-        return source
-    path = Path(source)
-    if path.name == "manifest.json" and path.is_file():
-        return data.load_dataset(path)
-    if not path.exists():
-        raise DatasetError(
-            f"No old data at '{path}'. Pass the original task's images as a zip or a folder "
-            "of class folders."
-        )
-    if workspace is None:
-        from retrain.workspace import home
-
-        workspace = home()
-    return data.ingest(path, Path(workspace))
+    return data.resolve_dataset(
+        source,
+        workspace,
+        what="old data",
+        hint="Pass the original task's images as a zip or a folder of class folders.",
+    )

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from retrain import models, probe
-from retrain.errors import ConfigError, ModelError
+from retrain.errors import ConfigError, DatasetError, ModelError
 from tests.done_when_models import trained
+
+
+def test_old_dataset_says_what_to_pass_when_nothing_is_there(tmp_path: Path):
+    with pytest.raises(DatasetError, match=r"^No old data at .*Pass the original task's images"):
+        probe.old_dataset(tmp_path / "nothing", tmp_path)
 
 
 def test_choose_breaks_accuracy_ties_by_loss_and_says_when_unsure():
