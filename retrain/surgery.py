@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from retrain import preprocessing
 from retrain.config import FreezeSpec  # the one parser of the freeze text (re-exported here)
@@ -253,6 +253,42 @@ def _front(
     return inp, x, added
 
 
+def _image_size(base: BaseModel, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(H, W) the new model takes: ``image_size``, else the base's input size, else 224x224."""
+    if image_size is None:
+        image_size = tuple(base.input_size) if base.input_size else (224, 224)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+class _Cut(NamedTuple):
+    features: Any  # keras.Model: the uint8 image -> the front layers -> the base up to the cut
+    tensor: Any  # the cut layer's output in the new graph
+    front: list[Any]  # the layers added in front of the base (see `_front`)
+    replay: _Replay  # its ``renamed`` says which copied layers got new names
+    taken: set[str]  # layer names already used (the base's and the front's)
+
+
+def _cut(base: BaseModel, image_size: tuple[int, int], cut_name: str) -> _Cut:
+    """Copy ``base`` up to the layer ``cut_name`` behind a uint8 input of ``image_size``.
+
+    Raises:
+        ModelError: the cut layer is not reachable from the input, or has several outputs.
+    """
+    taken = {layer.name for _, layer in iter_layers(base.model)}
+    inp, x, front = _front(base, image_size, taken)
+    replay = _Replay(cut_name, {layer.name for layer in front} | {inp.name})
+    try:
+        replay.run(base.model, x)
+    except _CutReached as reached:
+        cut_tensor = reached.tensor
+    else:  # pragma: no cover - the cut is always one of the model's leaves
+        raise ModelError(f"Cut layer '{cut_name}' is not reachable from the model's input.")
+    if isinstance(cut_tensor, list | tuple):
+        raise ModelError(f"Layer '{cut_name}' has several outputs; cut at a layer with one.")
+    features = _keras().Model(inp, cut_tensor, name="features")
+    return _Cut(features, cut_tensor, front, replay, taken)
+
+
 def _head(
     cut_shape: tuple, n_classes: int, spec: HeadSpec, taken: set[str]
 ) -> tuple[Any, list[str]]:
@@ -375,27 +411,14 @@ def replace_head(
             f"A single sigmoid output works for exactly 2 classes; the data has "
             f"{len(class_names)}. Turn off binary_sigmoid (softmax handles any number)."
         )
-    if image_size is None:
-        image_size = tuple(base.input_size) if base.input_size else (224, 224)
-    image_size = (int(image_size[0]), int(image_size[1]))
+    image_size = _image_size(base, image_size)
     if min(image_size) < 8:
         raise ConfigError(f"Image size {image_size} is too small; use at least 8x8 pixels.")
     check_image_model(base.model, base.name)
     cut_index, cut_name = resolve_cut(base, cut_at)
-
-    taken = {layer.name for _, layer in iter_layers(base.model)}
-    inp, x, front = _front(base, image_size, taken)
-    replay = _Replay(cut_name, {layer.name for layer in front} | {inp.name})
-    try:
-        replay.run(base.model, x)
-    except _CutReached as reached:
-        cut_tensor = reached.tensor
-    else:  # pragma: no cover - the cut is always one of the model's leaves
-        raise ModelError(f"Cut layer '{cut_name}' is not reachable from the model's input.")
-    if isinstance(cut_tensor, list | tuple):
-        raise ModelError(f"Layer '{cut_name}' has several outputs; cut at a layer with one.")
-    features = keras.Model(inp, cut_tensor, name="features")
-    head_model, head_names = _head(tuple(cut_tensor.shape[1:]), len(class_names), head, taken)
+    cut = _cut(base, image_size, cut_name)
+    features, cut_tensor, front, replay = cut.features, cut.tensor, cut.front, cut.replay
+    head_model, head_names = _head(tuple(cut_tensor.shape[1:]), len(class_names), head, cut.taken)
     image = keras.Input(shape=(*image_size, base.channels), dtype="uint8", name="image")
     outputs = head_model(features(image, training=False))
     model = keras.Model(image, outputs, name=_model_name(f"retrained_{base.model.name}"))
@@ -614,21 +637,10 @@ def extend_head(
             f"'{base.name}' has a sigmoid output (independent yes/no outputs), not a softmax "
             "over classes; classes can be added only to a softmax classifier."
         )
-    if image_size is None:
-        image_size = tuple(base.input_size) if base.input_size else (224, 224)
-    image_size = (int(image_size[0]), int(image_size[1]))
+    image_size = _image_size(base, image_size)
     cut_index, _ = resolve_cut(base, cut_name)
-
-    taken = {layer.name for _, layer in iter_layers(base.model)}
-    inp, x, front = _front(base, image_size, taken)
-    replay = _Replay(cut_name, {layer.name for layer in front} | {inp.name})
-    try:
-        replay.run(base.model, x)
-    except _CutReached as reached:
-        cut_tensor = reached.tensor
-    else:  # pragma: no cover - the suggested cut is always one of the model's leaves
-        raise ModelError(f"Cut layer '{cut_name}' is not reachable from the model's input.")
-    features = keras.Model(inp, cut_tensor, name="features")
+    cut = _cut(base, image_size, cut_name)
+    features, cut_tensor, front, replay = cut.features, cut.tensor, cut.front, cut.replay
 
     # The head: copies of the original tail, the output layer widened.
     head_in = keras.Input(shape=tuple(cut_tensor.shape[1:]), name="head_input")
