@@ -19,9 +19,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from test_browser import launch_chromium, start_app, stop_app  # noqa: E402
+from tests.browser_helpers import launch_chromium, start_app, stop_app  # noqa: E402
 
 
 def tensorflow_loaded(pid: int) -> bool:

@@ -36,15 +36,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from test_browser import (  # noqa: E402  (shared with the browser test, one implementation)
+from tests.browser_helpers import (  # noqa: E402  (shared with the browser tests)
     CHROMIUM,
     CHROMIUM_ARGS,
-    shapes_zip,
     start_app,
     stop_app,
 )
+from tests.test_browser import shapes_zip  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PAGES = [  # (sidebar link, the page's title)

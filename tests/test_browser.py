@@ -12,18 +12,10 @@ skips only when that binary is missing.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,249 +23,34 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.browser_helpers import (
+    BROWSER_MARKS,
+    ROOT,
+    assert_no_exception,
+    browser_page,
+    go_to,
+    keyed,
+    main_text,
+    max_epochs_drawn,
+    plotly_traces,
+    serve_app,
+    wait_for_text,
+    wait_idle,
+    widget,
+)
+from tests.browser_helpers import screenshot as save_screenshot
+
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",  # CI containers often have a tiny /dev/shm
-]
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 20  # >= 10, so the dataset carries no "too few images" warning
 EPOCHS = 2
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="Debian chromium (/usr/bin/chromium) is not installed; .ci/run installs it",
-    ),
-]
-
-
-# --------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(home: Path, log_path: Path, extra_env: dict[str, str] | None = None):
-    """Start ``streamlit run app.py`` on a free loopback port; return ``(process, url)``.
-
-    Waits for ``/_stcore/health``; raises ``RuntimeError`` with the log's tail if the server
-    does not come up within 60 s.
-    """
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
-    env.update(
-        RETRAIN_HOME=str(home),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONUNBUFFERED="1",
-        **(extra_env or {}),
-    )
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "streamlit", "run", "app.py",
-            "--server.headless", "true",
-            "--server.port", str(port),
-            "--server.address", "127.0.0.1",
-            "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none",
-        ],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2) as resp,
-        ):
-            if resp.status == 200:
-                return proc, url
-        time.sleep(0.2)
-    stop_app(proc)
-    raise RuntimeError(f"streamlit did not come up on {url}:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    """Stop the server and every process it started (training workers included)."""
-    try:
-        import psutil
-
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except (ImportError, OSError):
-        children = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-    for child in children:
-        with contextlib.suppress(OSError):
-            child.kill()
-
-
-def launch_chromium(playwright):
-    """Debian's Chromium, headless, with nothing that reaches beyond loopback."""
-    return playwright.chromium.launch(
-        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-    )
-
-
-# --------------------------------------------------------------------------- page helpers
-
-
-def wait_idle(page, timeout: float = 60.0) -> None:
-    """Wait until the app is connected and no script run is in progress.
-
-    Streamlit marks its root with ``data-test-script-state`` / ``data-test-connection-state``;
-    a script run in progress also shows ``stStatusWidget`` (the "Running..." man). Waits for
-    three consecutive quiet polls so a rerun that starts right after a widget event is seen.
-    """
-    deadline = time.monotonic() + timeout
-    quiet = 0
-    while time.monotonic() < deadline:
-        state = page.evaluate(
-            """() => {
-                const app = document.querySelector('[data-testid="stApp"]');
-                if (!app) return 'absent';
-                const running = app.getAttribute('data-test-script-state') === 'running'
-                    || !!document.querySelector('[data-testid="stStatusWidget"] svg, '
-                        + '[data-testid="stStatusWidgetRunningIcon"], '
-                        + '[data-testid="stStatusWidgetRunningManIcon"]');
-                const spinning = !!document.querySelector('[data-testid="stSpinner"]');
-                const connected = app.getAttribute('data-test-connection-state');
-                if (connected && connected !== 'CONNECTED') return 'disconnected';
-                return running || spinning ? 'running' : 'idle';
-            }"""
-        )
-        quiet = quiet + 1 if state == "idle" else 0
-        if quiet >= 3:
-            return
-        page.wait_for_timeout(150)
-    raise TimeoutError(f"the app did not become idle within {timeout:.0f} s")
-
-
-def assert_no_exception(page) -> None:
-    """Fail with the traceback text when a page shows a Streamlit exception box."""
-    boxes = page.locator('[data-testid="stException"]')
-    if boxes.count():
-        raise AssertionError("the page shows an exception:\n" + boxes.first.inner_text()[:2000])
-
-
-def main_text(page) -> str:
-    return page.locator('[data-testid="stMain"]').inner_text()
-
-
-def wait_for_text(page, pattern: str, timeout: float = 60.0, where: str = "main") -> str:
-    """Wait until the main area's text matches ``pattern`` (regex); return that text."""
-    rx = re.compile(pattern, re.I | re.S)
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        assert_no_exception(page)
-        text = main_text(page) if where == "main" else page.inner_text("body")
-        if rx.search(text):
-            return text
-        page.wait_for_timeout(250)
-    raise AssertionError(
-        f"no text matching {pattern!r} within {timeout:.0f} s; saw:\n{text[-1500:]}"
-    )
-
-
-def go_to(page, title: str) -> int:
-    """Click a step in the sidebar navigation; wait until that page shows and settles.
-
-    Returns how many clicks it took: a page switch that lands while the current page reruns
-    itself (e.g. the Train page's live view when a run ends) can be swallowed by that rerun;
-    the caller notes it, the test clicks once more.
-    """
-    link = page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title)
-    heading = page.locator('[data-testid="stMain"] h1').filter(
-        has_text=re.compile(re.escape(title.split("· ")[-1]), re.I)
-    )
-    for clicks in (1, 2):
-        link.click()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not heading.count():
-            page.wait_for_timeout(200)
-        if heading.count():
-            wait_idle(page)
-            assert_no_exception(page)
-            return clicks
-    raise AssertionError(f"clicking '{title}' twice did not open that page:\n{main_text(page)}")
-
-
-def widget(page, key: str):
-    """The container of the widget created with ``key=`` (Streamlit adds ``st-key-<key>``)."""
-    return page.locator(f".st-key-{key}")
-
-
-def keyed(page, key: str, testid: str):
-    """The element ``testid`` of the widget/element created with ``key=`` (on it or inside)."""
-    return page.locator(
-        f'.st-key-{key}[data-testid="{testid}"], .st-key-{key} [data-testid="{testid}"]'
-    ).first
-
-
-def plotly_traces(page) -> list[dict]:
-    """Type, name and sizes of every trace of every Plotly chart on the page.
-
-    Reads Plotly's ``_fullData`` (typed arrays decoded) where it exists.
-    """
-    return page.evaluate(
-        """() => Array.from(document.querySelectorAll(
-                '[data-testid="stPlotlyChart"] .js-plotly-plot'))
-            .flatMap((plot, i) => (plot._fullData || plot.data || []).map(t => ({
-                chart: i,
-                type: t.type || 'scatter',
-                name: t.name || '',
-                n: t.x && t.x.length !== undefined ? t.x.length
-                    : (t.y && t.y.length !== undefined ? t.y.length : 0),
-                x: t.x && t.x.length !== undefined ? Array.from(t.x).slice(0, 50) : [],
-                z: t.z && t.z.length !== undefined ? t.z.length : 0,
-            })))"""
-    )
-
-
-def max_epochs_drawn(page) -> int:
-    """The largest number of epochs any line chart on the page shows."""
-    lines = [t for t in plotly_traces(page) if t["type"] in ("scatter", "scattergl")]
-    return max((t["n"] for t in lines), default=0)
+pytestmark = BROWSER_MARKS
 
 
 def screenshot(page, name: str) -> Path:
-    """Save the whole main area (Streamlit scrolls inside it, so grow the viewport first)."""
-    path = ARTIFACTS / f"{name}.png"
-    height = page.evaluate(
-        """() => {
-            const main = document.querySelector('[data-testid="stMain"]');
-            return main ? main.scrollHeight : document.body.scrollHeight;
-        }"""
-    )
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": max(800, min(int(height), 5000))})
-    page.wait_for_timeout(300)  # let charts re-layout to the new size
-    page.screenshot(path=str(path))
-    page.set_viewport_size(size)
-    return path
+    """Save the main area as ``test-artifacts/browser/<name>.png``."""
+    return save_screenshot(page, ARTIFACTS, name)
 
 
 # --------------------------------------------------------------------------- the data
@@ -311,39 +88,15 @@ def shapes_zip(
 
 @pytest.fixture
 def app_url(tmp_path: Path) -> Iterator[str]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    proc, url = start_app(tmp_path / "home", ARTIFACTS / "server.log")
-    try:
+    with serve_app(tmp_path / "home", ARTIFACTS) as url:
         yield url
-    finally:
-        stop_app(proc)
 
 
 def test_full_flow_in_a_real_browser(app_url: str, tmp_path: Path):
-    from playwright.sync_api import sync_playwright
-
     data_zip = shapes_zip(tmp_path / "shapes.zip")
     notes: list[str] = []
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        context = browser.new_context(
-            viewport={"width": 1400, "height": 900}, accept_downloads=True
-        )
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        try:
-            run_flow(page, app_url, data_zip, tmp_path, notes)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                screenshot(page, "99-failure")
-            print(f"\nBrowser test failed; screenshots and server.log are in {ARTIFACTS}")
-            print("\n".join(notes))
-            raise
-        finally:
-            (ARTIFACTS / "notes.txt").write_text("\n".join(notes) + "\n")
-            context.close()
-            browser.close()
+    with browser_page(ARTIFACTS, notes, accept_downloads=True) as page:
+        run_flow(page, app_url, data_zip, tmp_path, notes)
 
 
 def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -> None:

@@ -7,61 +7,42 @@ the old task's and the new task's held-out accuracy per epoch while it runs (the
 curve); the Evaluate page scores the old task before and after, per class.
 
 Screenshots and the server log land in ``test-artifacts/browser-keep/``. The helpers are
-test_browser.py's (same server start, idle detection and Plotly reading).
+tests/browser_helpers.py's, shared with test_browser.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_browser import (
-    CHROMIUM,
+
+from tests.browser_helpers import (
+    BROWSER_MARKS,
+    ROOT,
     assert_no_exception,
+    browser_page,
     go_to,
-    launch_chromium,
     main_text,
     plotly_traces,
-    start_app,
-    stop_app,
+    screenshot,
+    serve_app,
     wait_for_text,
     wait_idle,
     widget,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "browser-keep"
 EPOCHS = 6
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="Debian chromium (/usr/bin/chromium) is not installed; .ci/run installs it",
-    ),
-]
+pytestmark = BROWSER_MARKS
 
 
 def shot(page, name: str) -> Path:
-    """Screenshot of the whole main area (the viewport grows to its height first)."""
-    path = ARTIFACTS / f"{name}.png"
-    height = page.evaluate(
-        """() => {
-            const main = document.querySelector('[data-testid="stMain"]');
-            return main ? main.scrollHeight : document.body.scrollHeight;
-        }"""
-    )
-    size = page.viewport_size
-    page.set_viewport_size({"width": size["width"], "height": max(800, min(int(height), 5000))})
-    page.wait_for_timeout(300)
-    page.screenshot(path=str(path))
-    page.set_viewport_size(size)
-    return path
+    """Save the main area as ``test-artifacts/browser-keep/<name>.png``."""
+    return screenshot(page, ARTIFACTS, name)
 
 
 def task_curves(page) -> dict[str, int]:
@@ -72,36 +53,14 @@ def task_curves(page) -> dict[str, int]:
 
 @pytest.fixture
 def app_url(tmp_path: Path) -> Iterator[str]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
-    proc, url = start_app(tmp_path / "home", ARTIFACTS / "server.log")
-    try:
+    with serve_app(tmp_path / "home", ARTIFACTS) as url:
         yield url
-    finally:
-        stop_app(proc)
 
 
 def test_add_classes_to_the_starter_model_and_watch_both_tasks(app_url: str):
-    from playwright.sync_api import sync_playwright
-
     notes: list[str] = []
-    with sync_playwright() as pw:
-        browser = launch_chromium(pw)
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        try:
-            run_flow(page, app_url, notes)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                shot(page, "99-failure")
-            print(f"\nBrowser test failed; screenshots and server.log are in {ARTIFACTS}")
-            print("\n".join(notes))
-            raise
-        finally:
-            (ARTIFACTS / "notes.txt").write_text("\n".join(notes) + "\n")
-            context.close()
-            browser.close()
+    with browser_page(ARTIFACTS, notes) as page:
+        run_flow(page, app_url, notes)
 
 
 def run_flow(page, url: str, notes: list[str]) -> None:
