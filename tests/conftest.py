@@ -139,6 +139,24 @@ def build_tiny_classifier(num_classes: int, size: int = 16, seed: int = 0, binar
     return keras.Model(outer, out, name="tiny")
 
 
+def wait_for_run(run_dir: Path, timeout_s: float = 300.0, poll_s: float = 1.0) -> dict:
+    """Poll ``run_dir``'s status until the run is no longer active; return that status.
+
+    Fails the test, with the run log's tail, when it is still active after ``timeout_s``.
+    """
+    import time
+
+    from retrain import jobs
+
+    deadline = time.time() + timeout_s
+    while (status := jobs.read_status(run_dir))["state"] in jobs.ACTIVE_STATES:
+        assert time.time() < deadline, (
+            f"the run did not finish in {timeout_s:.0f} s:\n{jobs.read_log_tail(run_dir)}"
+        )
+        time.sleep(poll_s)
+    return status
+
+
 def write_run_dir(
     run_dir: Path,
     config: dict | None = None,

@@ -179,8 +179,8 @@ def test_surgery_keeps_one_channel_and_a_non_square_size(tmp_path: Path, make_im
 def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path: Path):
     import json
     import shutil
-    import time
 
+    from conftest import wait_for_run
     from streamlit.testing.v1 import AppTest
 
     from retrain import jobs
@@ -204,11 +204,7 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     at.button(key="start_training").click().run()
     assert not at.exception, at.exception
     run_dir = ws / "runs" / at.session_state["run_id"]
-    deadline = time.time() + 300
-    while jobs.read_status(run_dir)["state"] not in ("done", "failed", "interrupted"):
-        assert time.time() < deadline, "the run did not finish in 5 minutes"
-        time.sleep(1)
-    status = jobs.read_status(run_dir)
+    status = wait_for_run(run_dir)
     assert status["state"] == "done", (status.get("error"), jobs.read_log_tail(run_dir))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preprocessing"] == "unit" and config["image_size_used"] == [28, 28]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_run_dir
+from conftest import wait_for_run, write_run_dir
 
 from retrain import jobs, rundir
 from retrain.config import TrainConfig
@@ -149,11 +149,7 @@ def test_start_run_writes_config_first_and_a_bad_run_fails_with_one_line(tmp_pat
     saved = rundir.read_config(run_dir)
     assert saved["out"] == str(run_dir) and saved["epochs"] == 2
     assert jobs.read_status(run_dir)["state"] in ("queued", "running", "failed")
-    deadline = time.time() + 90
-    while jobs.read_status(run_dir)["state"] in jobs.ACTIVE_STATES:
-        assert time.time() < deadline, jobs.read_log_tail(run_dir)
-        time.sleep(0.1)
-    status = jobs.read_status(run_dir)
+    status = wait_for_run(run_dir, timeout_s=90, poll_s=0.1)
     assert status["state"] == "failed"
     assert "missing" in status["error"] and "\n" not in status["error"]
     assert "error:" in jobs.read_log_tail(run_dir)

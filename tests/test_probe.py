@@ -210,12 +210,12 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
     """Done when (b) through the pages: the Model page probes, the Train page starts the run."""
     import io
     import json
-    import time
     import zipfile
 
+    from conftest import wait_for_run
     from streamlit.testing.v1 import AppTest
 
-    from retrain import data, jobs
+    from retrain import data
 
     made = trained("rgb_cnn")
     ws = tmp_path / "ws"
@@ -254,9 +254,5 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
     train.button(key="start_training").click().run()
     assert not train.exception, train.exception
     run_dir = ws / "runs" / train.session_state["run_id"]
-    deadline = time.time() + 300
-    while jobs.read_status(run_dir)["state"] not in ("done", "failed", "interrupted"):
-        assert time.time() < deadline, "the run did not finish in 5 minutes"
-        time.sleep(1)
-    assert jobs.read_status(run_dir)["state"] == "done"
+    assert wait_for_run(run_dir)["state"] == "done"
     assert json.loads((run_dir / "config.json").read_text())["preprocessing"] == "tf"
