@@ -240,7 +240,7 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
     assert not at.exception and not at.error, [e.value for e in at.error]
     scores = next(d.value for d in at.dataframe if "log loss" in d.value.columns)
     assert list(scores[scores["chosen"]]["preprocessing"]) == ["tf"]
-    assert {m.label: m.value for m in at.metric}["Input"] == "32×32 RGB"
+    assert {m.label: m.value for m in at.metric}["Input (RGB)"] == "32×32"
     surgery, base = at.session_state["surgery"], at.session_state["base"]
     assert surgery["preprocessing"] == "tf"
 
