@@ -472,7 +472,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
         if f.name == "freeze":
-            metavar = "{all,none,top:K}"
+            metavar = "{all,none,top:K,names:A,B}"
         parser.add_argument(
             _flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text
         )
