@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from retrain import procs  # noqa: F401  (first: records when this process started)
 from retrain.errors import RetrainError
 
 

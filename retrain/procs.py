@@ -6,13 +6,6 @@ The lowest layer of the run machinery: the worker records its pid and start time
 
 from __future__ import annotations
 
-import time
-
-# When this process began running Retrain Studio code (the CLI imports this module first).
-# Wall-clock time, comparable with the timestamps other processes write into a run directory;
-# psutil's create_time is not (it derives from the boot time, rounded to whole seconds).
-_STARTED_AT = time.time()
-
 
 def process_alive(pid: int | None, started: float | None = None) -> bool:
     """Whether process ``pid`` runs (not a zombie); with ``started``, also that it is the same
@@ -38,8 +31,3 @@ def own_start_time() -> float | None:
         return psutil.Process().create_time()
     except psutil.Error:
         return None
-
-
-def started_at() -> float:
-    """Wall-clock time (``time.time()``) at which this process began running Retrain Studio."""
-    return _STARTED_AT

@@ -364,22 +364,9 @@ def stop_requested(run_dir: Path) -> bool:
     return (Path(run_dir) / STOP_FILE).exists()
 
 
-def clear_stop(run_dir: Path, *, before: float | None = None) -> None:
-    """Forget a stop request: it belonged to a previous worker of the run.
-
-    With ``before`` (a worker's start time), only a request made before that moment is
-    forgotten: one made while the worker was starting up (loading data, building the model)
-    is meant for it and stays.
-    """
-    path = Path(run_dir) / STOP_FILE
-    if before is not None:
-        try:
-            requested = float(path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            requested = 0.0
-        if requested >= before:
-            return
-    path.unlink(missing_ok=True)
+def clear_stop(run_dir: Path) -> None:
+    """Forget a stop request: it belonged to a previous worker of the run."""
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from retrain import procs, rundir
+from retrain import rundir
 from retrain.config import FreezeSpec, TrainConfig
 from retrain.errors import ConfigError, RetrainError, RunError
 from retrain.procs import own_start_time
@@ -237,6 +237,9 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     workspace = Path(workspace) if workspace is not None else _default_workspace(run_dir)
+    # A stop request left from a previous worker is forgotten now, before the slow part
+    # (data, caches, model): one made while this worker prepares is for this run and stays.
+    rundir.clear_stop(run_dir)
     rundir.write_status(
         run_dir,
         "running",
@@ -737,9 +740,6 @@ class _Run:
             self.state.best_val_accuracy = meta.get("best_val_accuracy")
             self.state.best_epoch = meta.get("best_epoch")
         rundir.truncate_metrics(self.run_dir, self.start_epoch)
-        # A stop request made before this process started belongs to the previous worker;
-        # one made while this worker loaded data and built the model is for this run.
-        rundir.clear_stop(self.run_dir, before=procs.started_at())
 
     # -- 5. phase 1: the new head, base frozen (on cached features when possible)
 

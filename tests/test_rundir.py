@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -71,16 +69,6 @@ def test_checkpoint_round_trip(tmp_path):
     meta, npz = rundir.load_checkpoint(tmp_path)
     assert meta == {"epoch": 2} and npz["w0"].tolist() == [0.0, 1.0, 2.0]
     assert rundir.has_checkpoint(tmp_path)
-
-
-def test_a_worker_forgets_only_stop_requests_made_before_it_started(tmp_path):
-    rundir.write_status(tmp_path, "running")
-    rundir.request_stop(tmp_path)
-    now = time.time()
-    rundir.clear_stop(tmp_path, before=now - 60)  # the worker started before the click
-    assert rundir.stop_requested(tmp_path)
-    rundir.clear_stop(tmp_path, before=now + 60)  # the click was for an earlier worker
-    assert not rundir.stop_requested(tmp_path)
 
 
 def test_stop_pid_progress_and_log(tmp_path):

@@ -669,14 +669,26 @@ def test_the_run_monitor_keeps_keras_async_dispatch(tmp_path, monkeypatch):
 
 
 def test_a_stop_requested_while_the_worker_starts_up_is_honoured(
-    make_image_folder, tmp_path, tiny_base
+    make_image_folder, tmp_path, tiny_base, monkeypatch
 ):
-    """A click on Stop while the worker loads data and builds the model is not lost: only a
-    request older than the worker process belongs to a previous worker."""
+    """A click on Stop while the worker loads data and builds the model is not lost; a request
+    left from an earlier worker is forgotten as the worker starts."""
+    from retrain import data
+
     folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
     run_dir = tmp_path / "run"
-    rundir.write_status(run_dir.mkdir() or run_dir, "queued")
-    rundir.request_stop(run_dir)  # after this (pytest) process started
+    run_dir.mkdir()
+    rundir.write_status(run_dir, "queued")
+    rundir.request_stop(run_dir)  # an earlier worker's: forgotten
+    ingest = data.ingest
+
+    def ingest_then_click_stop(*args, **kwargs):
+        assert not rundir.stop_requested(run_dir)
+        dataset = ingest(*args, **kwargs)
+        rundir.request_stop(run_dir)  # the person clicks Stop while the worker prepares
+        return dataset
+
+    monkeypatch.setattr(data, "ingest", ingest_then_click_stop)
     config = TrainConfig(data=str(folder), base=str(tiny_base), epochs=30, batch_size=4, workers=1)
     summary = train_module.train(config, run_dir, workspace=tmp_path / "ws")
     assert summary["stopped"] is True and summary["epochs_done"] <= 1, summary
