@@ -128,7 +128,10 @@ class RunMonitor(keras.callbacks.TerminateOnNaN):
     eta_seconds, time.
     """
 
-    async_safe = True
+    # Async dispatch lets Keras run ahead without waiting for each step's loss. Not on JAX:
+    # there, a stop mid-epoch (stop_training set from the async callback thread) ends fit with
+    # "Buffer has been deleted or donated" in Keras 3.15, so JAX keeps the synchronous loop.
+    async_safe = keras.backend.backend() != "jax"
 
     def __init__(
         self,

@@ -664,7 +664,9 @@ def test_the_run_monitor_keeps_keras_async_dispatch(tmp_path, monkeypatch):
         callbacks.EpochCheckpoint(state, model),
         keras.callbacks.CSVLogger(str(tmp_path / "h.csv")),
     ]
-    assert CallbackList(ours, model=model)._async_train is True
+    # On JAX the run monitor stays synchronous: a stop mid-epoch under async dispatch ends
+    # fit with a donated-buffer error in Keras 3.15 (see RunMonitor.async_safe).
+    assert CallbackList(ours, model=model)._async_train is (keras.backend.backend() != "jax")
     assert CallbackList([*ours, _BatchCounter()], model=model)._async_train is False
 
 
