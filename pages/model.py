@@ -94,13 +94,7 @@ def surgery_preview(
         ),
         freeze=surgery.FreezeSpec.parse(choice["freeze"]),
     )
-    return {
-        "diff": result.diff,
-        "rows": surgery.summary(result),
-        "loss": result.loss,
-        "label_encoding": result.label_encoding,
-        "output_shape": list(result.model.outputs[0].shape),
-    }
+    return surgery.preview(result)
 
 
 def extension_preview(base: Any, classes: list[str], choice: dict, workspace: Path) -> dict:
@@ -116,25 +110,23 @@ def extension_preview(base: Any, classes: list[str], choice: dict, workspace: Pa
     result = surgery.extend_head(
         base, old, classes, freeze=surgery.FreezeSpec.parse(choice["freeze"])
     )
+
+    def after(i: int, name: str) -> str:
+        if i >= len(old):
+            return "new"
+        return "kept, your images of it join it" if name in classes else "kept"
+
     outputs = [
         {
             "output": i,
             "class": name,
             "before": name if i < len(old) else "",
-            "after": "kept"
-            if i >= len(old) or name not in classes
-            else "kept, your images of it join it",
+            "after": after(i, name),
         }
         for i, name in enumerate(result.class_names)
     ]
-    for row in outputs[len(old) :]:
-        row["after"] = "new"
     return {
-        "diff": result.diff,
-        "rows": surgery.summary(result),
-        "loss": result.loss,
-        "label_encoding": result.label_encoding,
-        "output_shape": list(result.model.outputs[0].shape),
+        **surgery.preview(result),
         "outputs": outputs,
         "names_rule": models.CLASS_NAME_RULES[rule],
     }

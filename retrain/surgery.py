@@ -503,6 +503,18 @@ def apply_freeze(surgery: Surgery, freeze: FreezeSpec) -> None:
     )
 
 
+def preview(surgery: Surgery) -> dict[str, Any]:
+    """What the Model page shows of a surgery: the diff, the layer rows (`summary`), the loss,
+    the label encoding and the output shape."""
+    return {
+        "diff": surgery.diff,
+        "rows": summary(surgery),
+        "loss": surgery.loss,
+        "label_encoding": surgery.label_encoding,
+        "output_shape": list(surgery.model.outputs[0].shape),
+    }
+
+
 def summary(surgery: Surgery) -> list[dict[str, Any]]:
     """The new model's layer table: front, kept base layers and head, each with a status.
 
