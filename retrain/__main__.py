@@ -153,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="retrain.export:cli_export")
 
+    p = sub.add_parser(
+        "share", help="make a read-only share link for a finished run: {url_path, share_id}"
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument(
+        "--downloads", action="store_true", help="the link offers the model files for download"
+    )
+    p.add_argument(
+        "--examples",
+        action="store_true",
+        help="include a few held-out images per class (without it no image is shared)",
+    )
+    p.add_argument(
+        "--expires",
+        type=float,
+        default=None,
+        metavar="HOURS",
+        help="hours until the link stops working (default 168 = 7 days, at most 2160)",
+    )
+    p.set_defaults(handler="retrain.share:cli_share")
+
+    p = sub.add_parser("unshare", help="revoke a share link")
+    p.add_argument("share_id", metavar="ID")
+    p.set_defaults(handler="retrain.share:cli_unshare")
+
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("--model", required=True, type=Path, help="MODEL.keras")
     p.add_argument("images", nargs="+", type=Path)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from retrain import rundir
+from retrain import quotas, rundir
 from retrain.config import TrainConfig, config_to_args
 from retrain.errors import RunError
 from retrain.procs import own_start_time, process_alive
@@ -179,13 +179,38 @@ def _spawn(run_dir: Path, command: list[str]) -> int:
 
 def create_run(config: TrainConfig, workspace: Path, *, run_dir: Path | None = None) -> Path:
     """Create a run directory (default: a new id in ``workspace``) with its config and a
-    "queued" status, so the run shows up at once; start nothing. Return the run directory."""
+    "queued" status, so the run shows up at once; start nothing. Return the run directory.
+
+    Raises:
+        QuotaError: ``workspace`` is a browser session that already has a run queued, running
+            or stopping, or is over its disk quota (`retrain.quotas`).
+    """
+    check_session_limits(workspace)
     run_dir = Path(run_dir) if run_dir is not None else run_path(workspace, new_run_id())
     run_dir.mkdir(parents=True, exist_ok=False)
     config = dataclasses.replace(config, out=str(run_dir))
     rundir.write_config(run_dir, rundir.RunConfig(settings=config.to_dict(), run_id=run_dir.name))
     rundir.write_status(run_dir, "queued", created=time.time())
     return run_dir
+
+
+def check_session_limits(workspace: Path) -> None:
+    """One active run per browser session, and the session's disk quota (no limit for the
+    CLI's own workspace). ``workspace`` may be any path inside the session.
+
+    Raises:
+        QuotaError: a run of the session is still active, or the session is over its quota.
+    """
+    session = quotas.session_of(workspace)
+    if session is None:
+        return
+    for other in sorted(Path(session).glob("runs/*")):
+        if other.is_dir() and is_live(other):
+            raise quotas.QuotaError(
+                f"Run '{other.name}' is still training in this session (one run at a time): "
+                "wait for it or stop it on the Train page, then start again."
+            )
+    quotas.check_disk(session)
 
 
 def prepare_resume(run_dir: Path) -> Path:
@@ -198,6 +223,7 @@ def prepare_resume(run_dir: Path) -> Path:
     status = read_status(run_dir)
     if status["state"] in ACTIVE_STATES:
         raise RunError(f"Run '{run_dir.name}' is still {status['state']}; stop it first.")
+    check_session_limits(run_dir)
     rundir.write_status(run_dir, "queued", created=time.time(), error=None, stopped=False)
     rundir.clear_pid(run_dir)
     rundir.clear_stop(run_dir)  # the last stop request was the previous worker's

@@ -4,7 +4,8 @@ A browser sends any file name it likes (``../../other-session/x.zip``, control c
 300 characters). `save_upload` keeps only a cleaned last component of it (`clean_file_name`)
 and stores the bytes under a folder named by their SHA-256, so the same upload is stored once
 and two different files never overwrite each other. Used by the Dataset, Model and Evaluate
-pages and by `retrain.data.ingest_upload`. Imports nothing else of ``retrain``.
+pages and by `retrain.data.ingest_upload`. A new file in a browser session's workspace counts
+against that session's upload rate and disk quota (`retrain.quotas.check_upload`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 import unicodedata
 from pathlib import Path
 from typing import BinaryIO
+
+from retrain.quotas import check_upload
 
 #: Longest file name kept (the extension survives a cut).
 MAX_NAME_LENGTH = 120
@@ -59,7 +62,10 @@ def save_upload(
 
     Returns:
         The saved file. The same content under the same name is written once: a second save
-        returns the existing file.
+        returns the existing file (and counts against no quota).
+
+    Raises:
+        QuotaError: a new file would go over its session's uploads per minute or disk quota.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +85,8 @@ def save_upload(
         target = folder / digest.hexdigest()[:16] / safe
         if target.is_file():
             return target
+        # The temporary file is already inside the folder, so the disk check counts it.
+        check_upload(folder, 0)
         target.parent.mkdir(exist_ok=True)
         os.replace(tmp, target)
         return target

@@ -2,19 +2,24 @@
 
 Layout under the home folder (``$RETRAIN_HOME``, default ``./workspace``)::
 
-    sessions/<token>/          one per browser session; the token is unguessable
+    sessions/<token>/          one per browser session; the token is unguessable and lives
+                               in a cookie (or comes from the signed-in user), never the URL
         datasets/<dataset_id>/ extracted images, manifest.json, cache/
         models/                uploaded base models
         runs/<run_id>/         run directories (see DESIGN.md)
         session.json           what the session has chosen so far
     keras/                     shared Keras cache (ImageNet weights, starter model)
     queue/                     host-wide training slots (at most N workers at once)
+    shares/<share_id>/         read-only snapshots of shared runs (`retrain.share`)
 
 The CLI uses the home folder itself as its workspace unless ``--workspace`` says otherwise.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -66,6 +71,22 @@ def new_session_token() -> str:
     return secrets.token_urlsafe(16)
 
 
+def user_session_token(secret: str, issuer: str, subject: str) -> str:
+    """The session token of a signed-in user: the same for that user on every browser.
+
+    A keyed hash (HMAC-SHA256 with the deployment's secret) of the identity provider and the
+    user's stable id, so nobody can derive it without the secret, and two providers'
+    users never share a workspace.
+
+    Raises:
+        ConfigError: no secret, or no user id.
+    """
+    if not secret or not subject:
+        raise ConfigError("Sign-in needs a cookie_secret in [auth] and a user id (sub) to work.")
+    mac = hmac.new(secret.encode(), f"{issuer}\n{subject}".encode(), hashlib.sha256)
+    return "u" + base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")[:31]
+
+
 def is_valid_token(token: str) -> bool:
     """Whether ``token`` has the shape of a session token (so it is safe as a folder name)."""
     return bool(_TOKEN_RE.match(token or ""))
@@ -78,7 +99,7 @@ def session_workspace(token: str) -> Path:
         ConfigError: the token is not a valid session token.
     """
     if not is_valid_token(token):
-        raise ConfigError("Invalid session id in the link. Open the dashboard without '?s=...'.")
+        raise ConfigError("Invalid session id. Open the dashboard again for a fresh session.")
     path = home() / "sessions" / token
     path.mkdir(parents=True, exist_ok=True)
     # Touch so the TTL cleaner sees activity.
