@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._service import model_answer
 from pages._ui import ensure_session, require_finished_run
 from retrain import evaluate, rundir
 from retrain.errors import RetrainError
@@ -16,29 +15,10 @@ from retrain.uploads import save_upload
 GALLERY_MAX = 24
 
 
-@st.cache_data(show_spinner="Scoring the model on held-out images...", max_entries=8)
-def _report(run_dir: str, split: str, model_mtime: float) -> dict:
-    return evaluate.evaluate_run(run_dir, split, include_predictions=True)
-
-
 @st.cache_data(show_spinner=False, max_entries=8)
 def _splits(run_dir: str, config_mtime: float) -> list[str]:
     dataset = evaluate.run_dataset(run_dir)
     return ["val"] + (["test"] if dataset.splits.get("test") else [])
-
-
-@st.cache_data(show_spinner="Reading the base model...", max_entries=4)
-def _base_head(spec: str, workspace: str) -> dict:
-    from retrain import models
-
-    base = models.load_base(spec, workspace=Path(workspace))
-    # A head without class names is fine: the old data's folders (sorted) name its outputs.
-    return {"name": base.name, "has_head": bool(base.has_original_head)}
-
-
-@st.cache_data(show_spinner="Scoring the original task before and after...", max_entries=4)
-def _forgetting(spec: str, run_dir: str, data: str, workspace: str, model_mtime: float) -> dict:
-    return evaluate.forgetting(spec, run_dir, data, workspace)
 
 
 def _forgetting_figure(result: dict) -> go.Figure:
@@ -59,20 +39,9 @@ def _forgetting_figure(result: dict) -> go.Figure:
     return fig
 
 
-def _mtime(path: Path) -> int:
-    return Path(path).stat().st_mtime_ns
-
-
-# Uploads are saved under content-hash names, so (model file version, paths) is a safe key:
-# clicks elsewhere on the page no longer re-decode and re-predict every uploaded image.
-@st.cache_data(show_spinner="Classifying...", max_entries=16)
-def _predict(model_path: str, mtime_ns: int, paths: tuple[str, ...], top_k: int) -> list:
-    return evaluate.predict(model_path, list(paths), top_k)
-
-
-@st.cache_data(show_spinner="Computing Grad-CAM...", max_entries=32)
-def _grad_cam(model_path: str, mtime_ns: int, path: str):
-    return evaluate.grad_cam_overlay(model_path, path)
+def names_in_page_words(text: str) -> str:
+    """A forgetting error that names the CLI flag, in this page's words (the names box)."""
+    return text.replace("--original-classes", "the box 'Names of the original outputs'")
 
 
 def _confusion_figure(report: dict) -> go.Figure:
@@ -157,10 +126,10 @@ split = st.radio(
     horizontal=True,
     key="eval_split",
 )
-try:
-    report = _report(str(run_dir), split, model_path.stat().st_mtime)
-except RetrainError as err:
-    st.error(str(err))
+report = model_answer(
+    "evaluate_run", "Scoring the model on held-out images", run_dir=str(run_dir), split=split
+)
+if report is None:
     st.stop()
 
 cols = st.columns(5)
@@ -207,12 +176,20 @@ with st.expander("Full report (JSON)"):
 
 # --- forgetting check -----------------------------------------------------------------
 base_spec = config.get("base", "")
-try:
-    base_info = _base_head(base_spec, str(workspace)) if base_spec else {"has_head": False}
-except RetrainError as err:
-    base_info = {"has_head": False}
-    st.caption(f"Forgetting check unavailable: {err}")
-if base_info["has_head"]:
+base_info = (
+    model_answer(
+        "base_head",
+        "Reading the base model",
+        show_errors=False,
+        spec=base_spec,
+        workspace=str(workspace),
+    )
+    if base_spec
+    else None
+)
+if base_spec and base_info is None:
+    st.caption("Forgetting check unavailable: the base model of this run cannot be read.")
+if base_info and base_info["has_head"]:
     st.subheader("Did it forget the original task?")
     keep_run = bool(config.get("keep_old_classes"))
     st.caption(
@@ -241,15 +218,31 @@ if base_info["has_head"]:
         )
         if upload is not None:
             old_data = str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+    original_classes = None
+    if not base_info["class_names"] and not config.get("original_classes"):
+        original_classes = (
+            st.text_input(
+                "Names of the original outputs, comma-separated, in output order",
+                key="eval_original_classes",
+                placeholder="empty = the old images' class folders, sorted",
+                help="The original model carries no class names. Type them in output order, "
+                "or leave this empty: the old images' class folders, sorted, name the outputs.",
+            ).strip()
+            or None
+        )
     # A toggle, not a button: the (cached) result stays on screen while other widgets change.
     if old_data and st.toggle("Check forgetting", key="eval_forget_run"):
-        try:
-            result = _forgetting(
-                base_spec, str(run_dir), old_data, str(workspace), model_path.stat().st_mtime
-            )
-        except RetrainError as err:
-            st.error(str(err))
-        else:
+        result = model_answer(
+            "forgetting",
+            "Scoring the original task before and after",
+            words=names_in_page_words,
+            spec=base_spec,
+            run_dir=str(run_dir),
+            data=old_data,
+            workspace=str(workspace),
+            original_classes=original_classes,
+        )
+        if result is not None:
             cols = st.columns(3)
             cols[0].metric("Before retraining", f"{result['before']:.1%}")
             cols[1].metric("After retraining", f"{result['after']:.1%}")
@@ -291,20 +284,22 @@ show_cam = st.toggle(
 )
 if uploads:
     paths = [save_upload(workspace / "uploads", u.name, u.getvalue()) for u in uploads]
-    try:
-        predictions = _predict(str(model_path), _mtime(model_path), tuple(map(str, paths)), top_k)
-    except RetrainError as err:
-        st.error(str(err))
-    else:
-        for upload, path, result in zip(uploads, paths, predictions, strict=True):
+    answer = model_answer(
+        "predict", "Classifying", model=str(model_path), images=list(map(str, paths)), top_k=top_k
+    )
+    if answer is not None:
+        for upload, path, result in zip(uploads, paths, answer["predictions"], strict=True):
             cols = st.columns([1, 3])
             cols[0].image(str(path), caption=upload.name, width="stretch")
             if show_cam:
-                overlay = _grad_cam(str(model_path), _mtime(model_path), str(path))
-                if overlay is None:
+                with cols[0]:
+                    cam = model_answer(
+                        "grad_cam", "Computing Grad-CAM", model=str(model_path), image=str(path)
+                    )
+                if cam is not None and cam["png"] is None:
                     cols[0].caption("Grad-CAM needs a conv base and the TensorFlow backend.")
-                else:
-                    cols[0].image(overlay, caption="Grad-CAM", width="stretch")
+                elif cam is not None:
+                    cols[0].image(cam["png"], caption="Grad-CAM", width="stretch")
             best = result["top_k"][0]
             cols[1].markdown(f"**{best['class']}** ({best['probability']:.0%})")
             fig = go.Figure(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages._service import model_answer
 from pages._ui import ensure_session, require_finished_run
 from retrain import export, rundir
-from retrain.errors import RetrainError
 
 FORMAT_LABELS = {
     "keras": ".keras (Keras 3: raw images in, probabilities out)",
@@ -91,13 +91,15 @@ formats = st.multiselect(
     "(Node.js; the first check installs @tensorflow/tfjs with npm).",
 )
 if st.button("Build exports", type="primary", key="export_build", disabled=not formats):
-    bar = st.progress(0.0, text="Starting...")
-    try:
-        export.export_run(run_dir, formats, progress=lambda text, done: bar.progress(done, text))
-    except RetrainError as err:
-        st.error(str(err))
-    else:
-        bar.progress(1.0, text="Done: every file was reloaded and checked.")
+    built_now = model_answer(
+        "export",
+        "Building and checking the exports",
+        progress_bar=True,
+        run_dir=str(run_dir),
+        formats=list(formats),
+    )
+    if built_now is not None:
+        st.progress(1.0, text="Done: every file was reloaded and checked.")
 
 out = rundir.export_dir(run_dir)
 result = _read_result(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._service import model_answer
 from pages._ui import (
     demo_mode,
     ensure_session,
@@ -43,93 +43,6 @@ STATUS_COLOURS = {
     "removed": "#d3d3d3",
 }
 MAX_BARS = 48
-
-
-@st.cache_resource(show_spinner=False, max_entries=6)
-def load_base_cached(spec: str) -> Any:
-    """One loaded base model per spec, shared by sessions (surgery never modifies it)."""
-    from retrain.models import load_base
-
-    return load_base(spec)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def describe_cached(
-    spec: str, preprocessing: str = "auto", old_data: str | None = None, workspace: str = ""
-) -> dict:
-    """`models.describe` of the base with its preprocessing set or probed on ``old_data``."""
-    from retrain.models import describe, resolve_preprocessing
-
-    base = load_base_cached(spec)
-    if preprocessing != "auto" or old_data:
-        base = resolve_preprocessing(
-            base, preprocessing, old_data, workspace=Path(workspace) if workspace else None
-        )
-    return describe(base)
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def surgery_preview(
-    spec: str, classes: tuple[str, ...], choice_json: str, workspace: str = ""
-) -> dict:
-    """Build the new model for the current choices; return its diff and layer table."""
-    from retrain import surgery
-    from retrain.models import resolve_preprocessing
-
-    choice = json.loads(choice_json)
-    base = load_base_cached(spec)
-    if choice.get("preprocessing"):  # found or set on this page (copy; the model is shared)
-        base = resolve_preprocessing(base, choice["preprocessing"])
-    if choice.get("keep_old_classes"):
-        return extension_preview(base, list(classes), choice, Path(workspace))
-    result = surgery.replace_head(
-        base,
-        list(classes),
-        cut_at=choice["cut_at"],
-        head=surgery.HeadSpec(
-            hidden_units=choice["hidden_units"],
-            dropout=choice["dropout"],
-            binary_sigmoid=choice["binary_sigmoid"],
-            add_conv=choice["add_conv"],
-        ),
-        freeze=surgery.FreezeSpec.parse(choice["freeze"]),
-    )
-    return surgery.preview(result)
-
-
-def extension_preview(base: Any, classes: list[str], choice: dict, workspace: Path) -> dict:
-    """The widened model of "Add classes, keep the old ones" and its outputs before/after."""
-    from retrain import models, surgery
-
-    folders = None
-    if choice.get("old_data"):
-        from retrain.data import ingest
-
-        folders = list(ingest(choice["old_data"], workspace).class_names)
-    old, rule = models.original_class_names(base, folders, choice.get("original_classes"))
-    result = surgery.extend_head(
-        base, old, classes, freeze=surgery.FreezeSpec.parse(choice["freeze"])
-    )
-
-    def after(i: int, name: str) -> str:
-        if i >= len(old):
-            return "new"
-        return "kept, your images of it join it" if name in classes else "kept"
-
-    outputs = [
-        {
-            "output": i,
-            "class": name,
-            "before": name if i < len(old) else "",
-            "after": after(i, name),
-        }
-        for i, name in enumerate(result.class_names)
-    ]
-    return {
-        **surgery.preview(result),
-        "outputs": outputs,
-        "names_rule": models.CLASS_NAME_RULES[rule],
-    }
 
 
 # The library speaks the CLI's flags; on this page they are the Preprocessing section's widgets.
@@ -325,11 +238,13 @@ if not loaded:
     st.info("Press **Load model** (ImageNet weights are downloaded once, then cached).")
     st.stop()
 
-try:
-    with st.spinner("Loading the model (the built-in one trains for a few seconds, once)…"):
-        info = describe_cached(spec)
-except RetrainError as err:
-    st.error(str(err))
+info = model_answer(
+    "describe",
+    "Loading the model (the built-in one trains for a few seconds, once)",
+    spec=spec,
+    workspace=str(workspace),
+)
+if info is None:
     st.stop()
 seed_widgets(spec, [row["name"] for row in info["layers"]])
 
@@ -364,11 +279,15 @@ with st.expander("Preprocessing (how pixels are scaled for this model)"):
                 save_upload(workspace / "uploads", old_upload.name, old_upload.getvalue())
             )
 if prep_choice != "auto" or probe_data:
-    try:
-        with st.spinner("Scoring each preprocessing on the original task's images…"):
-            info = describe_cached(spec, prep_choice, probe_data, str(workspace))
-    except RetrainError as err:
-        st.error(str(err))
+    probed = model_answer(
+        "describe",
+        "Scoring each preprocessing on the original task's images",
+        spec=spec,
+        preprocessing=prep_choice,
+        old_data=probe_data,
+        workspace=str(workspace),
+    )
+    info = probed or info
 
 # --- the base model ------------------------------------------------------------------------
 st.subheader(info["name"])
@@ -545,20 +464,21 @@ if keep_old:  # the original head is kept: no cut or head options go to Train
 base_label = info["name"]
 preview = None
 if classes is not None:
-    try:
-        with st.spinner("Building the new model…"):
-            preview = surgery_preview(
-                spec, tuple(classes), json.dumps(choice, sort_keys=True), str(workspace)
-            )
-    except RetrainError as err:
-        st.error(page_words(str(err)))
-    else:
-        if (
-            st.session_state.get("base") != spec
-            or st.session_state.get("surgery") != choice
-            or st.session_state.get("base_label") != base_label
-        ):
-            remember(base=spec, base_label=base_label, surgery=choice)
+    preview = model_answer(
+        "head_preview",
+        "Building the new model",
+        words=page_words,
+        spec=spec,
+        classes=list(classes),
+        choice=choice,
+        workspace=str(workspace),
+    )
+    if preview is not None and (
+        st.session_state.get("base") != spec
+        or st.session_state.get("surgery") != choice
+        or st.session_state.get("base_label") != base_label
+    ):
+        remember(base=spec, base_label=base_label, surgery=choice)
 elif st.session_state.get("base") != spec:
     remember(base=spec, base_label=base_label, surgery=choice)
 

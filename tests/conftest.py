@@ -30,6 +30,9 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Every test gets its own RETRAIN_HOME so nothing touches ./workspace."""
     home = tmp_path_factory.mktemp("retrain_home")
     monkeypatch.setenv("RETRAIN_HOME", str(home))
+    # Page tests (AppTest) answer model requests in the test process (the embedded mode);
+    # tests of the worker pool, and every real server (browser_helpers.start_app), use workers.
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "0")
     return home
 
 

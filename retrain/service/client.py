@@ -1,0 +1,207 @@
+"""`ask`: one model request from the web tier, answered from the cache or by a worker.
+
+Where the answer comes from, in order: the answer cache (by content); else, by
+``RETRAIN_MODEL_WORKERS`` and ``RETRAIN_RUNNER``: this process (0 workers: the embedded mode),
+the host's warm worker pool through the queue (the default), or Ray actors on the cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from retrain import errors
+from retrain.errors import RetrainError
+from retrain.procs import process_alive
+from retrain.service import cache, kinds, pool
+from retrain.service import queue as requests
+
+Waiting = Callable[[dict[str, Any]], None]
+
+
+class ServiceError(RetrainError):
+    """A model request could not be answered (no worker, a timeout, a bug in the worker)."""
+
+
+class WorkerLost(ServiceError):
+    """The model worker stopped while answering (out of memory, killed)."""
+
+
+WORKER_LOST = (
+    "The model worker stopped while answering (out of memory, or killed). "
+    "Retry: a fresh worker takes the next request."
+)
+
+
+def key_of(kind: str, args: dict[str, Any]) -> str:
+    """The content address of ``kind(**args)``'s answer."""
+    spec = kinds.get(kind)
+    return cache.request_key(kind, args, spec.context, spec.files)
+
+
+def backend() -> str:
+    """``"inline"`` (0 model workers), ``"ray"`` (``RETRAIN_RUNNER=ray``) or ``"local"``."""
+    if pool.pool_size() == 0:
+        return "inline"
+    from retrain.runners import runner_name
+
+    return "ray" if runner_name() == "ray" else "local"
+
+
+def warm_up() -> str:
+    """Start the model workers now (the first page view does), without waiting for them."""
+    mode = backend()
+    if mode == "local":
+        pool.ensure_workers()
+    elif mode == "ray":
+        from retrain.service import on_ray
+
+        on_ray.warm_up()
+    return mode
+
+
+def _raise(outcome: dict[str, Any]) -> None:
+    name = outcome.get("error", "")
+    message = outcome.get("message") or "The model request failed."
+    if name == "WorkerLost":
+        raise WorkerLost(message)
+    error_type = getattr(errors, name, None)
+    if isinstance(error_type, type) and issubclass(error_type, RetrainError):
+        raise error_type(message)
+    raise ServiceError(message)
+
+
+def ask(
+    kind: str,
+    *,
+    session: str = "",
+    on_wait: Waiting | None = None,
+    timeout: float | None = None,
+    **args: Any,
+) -> dict[str, Any]:
+    """Send the request ``kind(**args)`` and return its JSON answer.
+
+    Args:
+        kind: a name in `retrain.service.kinds.KINDS`.
+        session: who asks (queues are fair across sessions); never part of the answer.
+        on_wait: called about ten times a second while waiting, with ``{"state": "queued",
+            "position": n, "running": k}`` or ``{"state": "running", "progress": {...}}``.
+        timeout: seconds to wait; default the kind's own.
+        **args: the request's JSON arguments.
+
+    Raises:
+        RetrainError: the request's own one-line error (a refused model, a missing file...),
+            `WorkerLost` when the worker died, `ServiceError` on a timeout or a worker bug.
+    """
+    spec = kinds.get(kind)
+    key = key_of(kind, args)
+    if spec.cache:
+        found = cache.read_answer(key)
+        if found is not None:
+            return found
+    mode = backend()
+    if mode == "inline":
+        answer = kinds.run(kind, args, progress=_inline_progress(on_wait))
+        if spec.cache:
+            cache.write_answer(key, kind, answer)
+        return answer
+    limit = spec.timeout_s if timeout is None else timeout
+    if mode == "ray":
+        from retrain.service import on_ray
+
+        outcome = on_ray.ask(kind, args, key, limit, on_wait)
+        if not outcome.get("ok"):
+            _raise(outcome)
+        return outcome["answer"]
+    return _ask_local(kind, args, key, session, limit, on_wait)
+
+
+def _inline_progress(on_wait: Waiting | None) -> Callable[[str, float], None]:
+    def report(text: str, fraction: float) -> None:
+        if on_wait is not None:
+            on_wait({"state": "running", "progress": {"text": text, "fraction": fraction}})
+
+    return report
+
+
+def request_id(kind: str, session: str = "", **args: Any) -> str:
+    """The id `ask` gives this request (for `cancel`)."""
+    return requests.request_id(key_of(kind, args), session)
+
+
+def cancel(kind: str, session: str = "", **args: Any) -> bool:
+    """Take this session's waiting request ``kind(**args)`` out of the queue; False when it is
+    already being answered (its answer is then still cached for next time) or not queued."""
+    return requests.cancel(request_id(kind, session, **args))
+
+
+def _ask_local(
+    kind: str,
+    args: dict[str, Any],
+    key: str,
+    session: str,
+    limit: float,
+    on_wait: Waiting | None,
+) -> dict[str, Any]:
+    rid = requests.request_id(key, session)
+    requests.enqueue(rid, key, kind, args, session)
+    pool.ensure_workers()
+    deadline = time.time() + limit
+    next_pool_check = time.time() + 2.0
+    pause = 0.02
+    while True:
+        outcome = requests.result(rid)
+        if outcome is not None:
+            return _delivered(outcome, key)
+        state = requests.state(rid)
+        if state == "running":
+            _check_worker(rid)
+            if on_wait is not None:
+                on_wait({"state": "running", "progress": requests.read_progress(rid)})
+        elif state == "queued":
+            if time.time() > next_pool_check:  # a worker that died idle is replaced
+                pool.ensure_workers()
+                next_pool_check = time.time() + 2.0
+            if on_wait is not None:
+                on_wait(
+                    {
+                        "state": "queued",
+                        "position": requests.position(rid),
+                        "running": requests.running_count(),
+                    }
+                )
+        elif requests.result(rid) is None:
+            raise ServiceError("The model request was cancelled. Ask again to retry.")
+        if time.time() > deadline:
+            requests.cancel(rid)
+            raise ServiceError(
+                f"No answer from the model worker after {limit:.0f} s. "
+                "The host is busy: retry in a minute."
+            )
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.2)
+
+
+def _delivered(outcome: dict[str, Any], key: str) -> dict[str, Any]:
+    if not outcome.get("ok"):
+        _raise(outcome)
+    if "answer" in outcome:
+        return outcome["answer"]
+    found = cache.read_answer(key)
+    if found is None:
+        raise ServiceError("The model worker's answer was lost (the cache was cleared). Retry.")
+    return found
+
+
+def _check_worker(rid: str) -> None:
+    """A request whose worker died is answered with `WORKER_LOST` (for every waiter)."""
+    request = requests.running_request(rid)
+    worker = (request or {}).get("worker")
+    if not worker or worker.get("host") != requests.this_host():
+        return  # just claimed (no worker written yet), or a worker on another host
+    if process_alive(worker.get("pid"), worker.get("started")):
+        return
+    if requests.state(rid) == "running":  # not answered in the meantime
+        requests.finish(rid, {"ok": False, "error": "WorkerLost", "message": WORKER_LOST})
+    # The caller's loop reads the outcome; the next request tops the pool up again.

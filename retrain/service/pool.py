@@ -1,0 +1,149 @@
+"""The bounded pool of warm model workers on this host.
+
+``RETRAIN_MODEL_WORKERS`` processes at most (default 1 on up to 4 cores, else 2), started with
+the first page view or on first need, each keeping TensorFlow imported and its recent models
+loaded. Each is recorded in ``$RETRAIN_HOME/service/workers/<host>-<pid>.json``; a worker
+whose record is removed exits (that is how `stop_workers` asks). Workers run in their own
+process group, so they outlive a web replica that is killed: another replica on the same home
+finds them and keeps using them. ``RETRAIN_MODEL_WORKERS=0`` answers requests inside the
+calling process instead (the CLI-like embedded mode the page tests use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from retrain.procs import process_alive
+from retrain.service.cache import service_dir
+from retrain.service.queue import this_host
+from retrain.workspace import env_number, home, keras_home, read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pool_size() -> int:
+    """``RETRAIN_MODEL_WORKERS``, or 1 on hosts of up to 4 cores (the rest train), else 2."""
+    default = 1 if (os.cpu_count() or 1) <= 4 else 2
+    return int(env_number("RETRAIN_MODEL_WORKERS", default, allow_zero=True))
+
+
+def workers_dir() -> Path:
+    path = service_dir() / "workers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def record_path(pid: int, host: str | None = None) -> Path:
+    return workers_dir() / f"{host or this_host()}-{pid}.json"
+
+
+def live_workers() -> list[dict[str, Any]]:
+    """This host's workers that still run; records of dead ones are removed."""
+    alive = []
+    host = this_host()
+    for path in workers_dir().glob(f"{host}-*.json"):
+        record = read_json(path)
+        if not isinstance(record, dict):
+            continue
+        if process_alive(record.get("pid"), record.get("started")):
+            alive.append(record)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return alive
+
+
+@contextlib.contextmanager
+def _pool_lock() -> Iterator[None]:
+    """One replica at a time decides how many workers to start."""
+    with open(service_dir() / "pool.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def worker_env() -> dict[str, str]:
+    """A model worker's environment: the same home, capped threads, unbuffered output."""
+    from retrain.devices import worker_threads
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "RETRAIN_HOME": str(home()),
+            "KERAS_HOME": str(keras_home()),
+            "RETRAIN_WORKER_THREADS": env.get("RETRAIN_MODEL_THREADS", str(worker_threads())),
+            "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+        }
+    )
+    return env
+
+
+def start_worker() -> dict[str, Any]:
+    """Start one worker process (in its own process group) and record it."""
+    import psutil
+
+    log = open(workers_dir() / "workers.log", "ab")  # noqa: SIM115 (the child keeps it)
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "retrain.service.worker"],
+            cwd=ROOT,
+            env=worker_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        started = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        started = time.time()
+    record = {"pid": proc.pid, "started": started, "host": this_host(), "since": time.time()}
+    write_json(record_path(proc.pid), record)
+    return record
+
+
+def ensure_workers() -> list[dict[str, Any]]:
+    """Top the pool up to `pool_size` live workers; return them. Cheap when it is full."""
+    size = pool_size()
+    if size <= 0:
+        return []
+    alive = live_workers()
+    if len(alive) >= size:
+        return alive
+    with _pool_lock():
+        alive = live_workers()
+        while len(alive) < size:
+            alive.append(start_worker())
+    return alive
+
+
+def stop_workers(timeout: float = 10.0) -> int:
+    """Ask this host's workers (of this home) to exit, then end those that do not; return how
+    many there were."""
+    records = live_workers()
+    for record in records:
+        with contextlib.suppress(FileNotFoundError):
+            record_path(record["pid"]).unlink()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(record["pid"], signal.SIGTERM)
+    deadline = time.time() + timeout
+    for record in records:
+        while process_alive(record["pid"], record["started"]) and time.time() < deadline:
+            time.sleep(0.05)
+        if process_alive(record["pid"], record["started"]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(record["pid"], signal.SIGKILL)
+    return len(records)

@@ -1,0 +1,101 @@
+"""A warm model worker: ``python -m retrain.service.worker``.
+
+Imports TensorFlow/Keras once, then takes requests from the host's queue (`queue.claim`), one
+at a time, answers each (`kinds.run`), caches the answer by content and records the outcome.
+A request that fails with a `RetrainError` (a hostile model refused, a missing file) is
+answered with that one line; anything else is answered with a one-line "the model worker
+failed" and the details in the worker log. It exits when its record in ``workers/`` is removed
+(`pool.stop_workers`), when the home folder is gone, or after ``RETRAIN_MODEL_WORKER_IDLE_S``
+seconds without work (default an hour; the next request starts a fresh one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+from retrain.errors import RetrainError
+from retrain.procs import own_start_time
+from retrain.service import cache, kinds, pool
+from retrain.service import queue as requests
+from retrain.workspace import env_number, write_json
+
+POLL_S = 0.05
+
+
+def answer(request: dict[str, Any]) -> dict[str, Any]:
+    """Answer one request; return its outcome record (never raises for a request's fault)."""
+    rid, key, kind = request["id"], request["key"], request["kind"]
+    spec = kinds.get(kind)
+    if spec.cache:
+        found = cache.read_answer(key)
+        if found is not None:  # another session asked the same while this one waited
+            return {"ok": True, "key": key}
+    try:
+        result = kinds.run(
+            kind,
+            request["args"],
+            progress=lambda text, fraction: requests.write_progress(rid, text, fraction),
+        )
+    except RetrainError as err:
+        return {"ok": False, "error": type(err).__name__, "message": str(err)}
+    except MemoryError:
+        return {
+            "ok": False,
+            "error": "ModelError",
+            "message": "The model worker ran out of memory on this request. "
+            "Try a smaller model or fewer images.",
+        }
+    except Exception as err:  # a bug: one line for the page, the traceback in the worker log
+        traceback.print_exc()
+        return {
+            "ok": False,
+            "error": "WorkerError",
+            "message": f"The model worker failed: {type(err).__name__}: {str(err)[:300]}",
+        }
+    if spec.cache:
+        cache.write_answer(key, kind, result)
+        return {"ok": True, "key": key}
+    return {"ok": True, "key": key, "answer": result}
+
+
+def warm() -> None:
+    """Import what every request needs, so the first one does not pay for it."""
+    threads = os.environ.get("RETRAIN_WORKER_THREADS")
+    if threads:
+        from retrain import devices
+
+        devices.limit_threads(int(threads))
+    import keras  # noqa: F401  (imports the backend: the slow part)
+
+    from retrain import evaluate, models, surgery  # noqa: F401
+
+
+def main() -> None:
+    pid = os.getpid()
+    record = pool.record_path(pid)
+    me = {"pid": pid, "started": own_start_time(), "host": requests.this_host()}
+    if not record.exists():  # started by hand, not by the pool
+        write_json(record, {**me, "since": time.time()})
+    warm()
+    idle_limit = env_number("RETRAIN_MODEL_WORKER_IDLE_S", 3600.0)
+    last_work = time.time()
+    while True:
+        if not record.exists():
+            return  # stop_workers removed the record (or the home is gone)
+        request = requests.claim(me)
+        if request is None:
+            if time.time() - last_work > idle_limit:
+                record.unlink(missing_ok=True)
+                return
+            time.sleep(POLL_S)
+            continue
+        outcome = answer(request)
+        requests.finish(request["id"], outcome)
+        last_work = time.time()
+
+
+if __name__ == "__main__":
+    main()
