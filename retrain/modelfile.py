@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ModelError
+from retrain.modelsize import check_declared_size
 
 METADATA_ENTRY = "retrain.json"
 
@@ -94,26 +95,29 @@ def holds_pickles(archive: zipfile.ZipFile) -> bool:
 
 
 def check_model_file(path: str | Path) -> None:
-    """Refuse what must never reach Keras's loader: LFS pointers and pickled weights.
+    """Refuse what must never reach Keras's loader: LFS pointers, pickled weights, and model
+    bombs (more declared weights than ``RETRAIN_MAX_MODEL_MB``, see `retrain.modelsize`).
 
-    Only the file's first bytes and the archive's listing and array headers are read.
+    Only the file's first bytes, the archive's listing, config.json and array and HDF5
+    headers are read. Works for .keras archives, legacy .h5 models and .weights.h5 files.
 
     Raises:
-        ModelError: the file is a Git LFS pointer, or its weights are pickled objects.
+        ModelError: the file is a Git LFS pointer, its weights are pickled objects, or it
+            declares more weights than the limit.
     """
     path = Path(path)
     lfs = lfs_pointer_error(path)
     if lfs is not None:
         raise lfs
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pickled = holds_pickles(zf)
-    except (zipfile.BadZipFile, OSError):
-        return  # the loader reports an unreadable archive in its own words
-    if pickled:
-        raise pickled_weights_error(path.name)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                pickled = holds_pickles(zf)
+        except (zipfile.BadZipFile, OSError):
+            return  # the loader reports an unreadable archive in its own words
+        if pickled:
+            raise pickled_weights_error(path.name)
+    check_declared_size(path)
 
 
 def save_model(model: Any, path: str | Path, metadata: dict[str, Any]) -> Path:

@@ -392,6 +392,9 @@ def _load_zoo(spec: str) -> BaseModel:
                 f"Weights file '{weights}' not found. Give a path to a .weights.h5/.h5 file "
                 f"for {entry.name}, or use :imagenet or :none."
             )
+        from retrain import modelfile
+
+        modelfile.check_model_file(wpath)  # LFS pointers and weight bombs, before building
         model = ctor(weights=None, include_top=True, input_shape=shape)
         try:
             model.load_weights(str(wpath))
