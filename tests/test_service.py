@@ -1,0 +1,187 @@
+"""The model-worker seam: fair queue, answers by content, warm workers, a worker killed mid-request."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from retrain.errors import ConfigError, ModelError
+from retrain.service import WorkerLost, ask, client, kinds, pool
+from retrain.service import queue as requests
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """A real pool of one warm worker on this test's home; stopped afterwards."""
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "1")
+    monkeypatch.setenv("RETRAIN_MODEL_THREADS", "1")
+    yield pool
+    pool.stop_workers()
+
+
+# ------------------------------------------------------------------------- the queue
+
+
+def _request(rid: str, session: str, at: float) -> dict:
+    return {"id": rid, "session": session, "enqueued": at}
+
+
+def test_fair_order_takes_sessions_in_turn_not_first_come_first_served():
+    waiting = [
+        _request("a1", "A", 1.0),
+        _request("a2", "A", 2.0),
+        _request("a3", "A", 3.0),
+        _request("b1", "B", 4.0),
+    ]
+    assert requests.fair_order(waiting, {}) == ["a1", "b1", "a2", "a3"]
+    # A was just served, B never: B's first request goes first.
+    assert requests.fair_order(waiting, {"A": 100.0}) == ["b1", "a1", "a2", "a3"]
+
+
+def test_position_claim_and_cancel_follow_the_fair_order():
+    for i, session in enumerate(("alice", "alice", "alice", "bob")):
+        rid = requests.request_id(str(i) * 64, session)
+        requests.enqueue(rid, str(i) * 64, "describe", {"spec": "builtin:x"}, session)
+        time.sleep(0.01)
+    bob = requests.request_id("3" * 64, "bob")
+    alice_last = requests.request_id("2" * 64, "alice")
+    assert requests.position(bob) == 2  # behind alice's first only
+    assert requests.position(alice_last) == 4
+    assert requests.cancel(alice_last) is True
+    assert requests.position(alice_last) is None and requests.state(alice_last) is None
+    me = {"pid": os.getpid(), "started": None, "host": requests.this_host()}
+    first = requests.claim(me)
+    assert first["session"] == requests.session_tag("alice")
+    assert requests.state(first["id"]) == "running"
+    assert requests.claim(me)["id"] == bob  # alice was just served: bob's turn
+    assert requests.cancel(bob) is False  # running, not waiting
+    # The same request asked again (a rerun of the page) is not queued twice.
+    rid = requests.request_id("1" * 64, "alice")
+    requests.enqueue(rid, "1" * 64, "describe", {"spec": "builtin:x"}, "alice")
+    assert len(list((pool.service_dir() / "queue").glob("*.json"))) == 1
+
+
+def test_request_files_never_carry_the_session_token():
+    token = "Secret_session_token_123456"
+    rid = requests.request_id("f" * 64, token)
+    requests.enqueue(rid, "f" * 64, "describe", {"spec": "builtin:x"}, token)
+    assert token not in rid
+    for path in pool.service_dir().rglob("*"):
+        if path.is_file():
+            assert token not in path.read_text(errors="replace"), path
+
+
+# ------------------------------------------------------------------------- the cache
+
+
+def test_answers_are_addressed_by_content_not_by_path_or_session(tmp_path: Path):
+    one, two, other = tmp_path / "a" / "m.keras", tmp_path / "b" / "m.keras", tmp_path / "o.keras"
+    for path, data in ((one, b"same"), (two, b"same"), (other, b"different")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    key = client.key_of("describe", {"spec": str(one), "workspace": "/sessions/a"})
+    assert key == client.key_of("describe", {"spec": str(two), "workspace": "/sessions/b"})
+    assert key != client.key_of("describe", {"spec": str(other), "workspace": "/sessions/a"})
+    assert key != client.key_of(
+        "describe", {"spec": str(one), "preprocessing": "unit", "workspace": "/x"}
+    )
+    one.write_bytes(b"changed")  # a new version of the file is a new answer
+    assert key != client.key_of("describe", {"spec": str(one), "workspace": "/sessions/a"})
+
+
+def test_unknown_kind_is_one_line():
+    with pytest.raises(ConfigError, match="Unknown model request 'nope'"):
+        ask("nope")
+
+
+def test_inline_mode_answers_in_process_and_caches(monkeypatch):
+    calls = []
+
+    def fake(spec: str, workspace: str | None = None) -> dict:
+        calls.append(spec)
+        return {"name": spec, "has_head": True, "class_names": []}
+
+    monkeypatch.setitem(kinds.KINDS, "base_head", kinds.Kind(fake, context=("workspace",)))
+    first = ask("base_head", spec="zoo:x", workspace="/one")
+    again = ask("base_head", spec="zoo:x", workspace="/two")  # another session: same answer
+    assert first == again == {"name": "zoo:x", "has_head": True, "class_names": []}
+    assert calls == ["zoo:x"]
+
+
+# ------------------------------------------------------------------------- real workers
+
+
+def test_a_warm_worker_answers_and_the_web_side_never_imports_keras(workers, tmp_path):
+    import subprocess
+    import sys
+
+    # The asking process is a fresh interpreter, as the web server is.
+    code = (
+        "import sys, time\n"
+        "from retrain.service import ask\n"
+        "t = time.time(); a = ask('base_head', spec='builtin:digits-cnn')\n"
+        "t2 = time.time(); b = ask('base_head', spec='builtin:digits-cnn')\n"
+        "print(a['has_head'], len(a['class_names']), round(time.time() - t2, 3))\n"
+        "print(','.join(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, heavy = out.stdout.split("\n")[:2]
+    has_head, classes, cached_s = first.split()
+    assert has_head == "True" and classes == "5"
+    assert float(cached_s) < 1.0  # the second answer comes from the cache
+    assert heavy == ""
+    assert len(pool.live_workers()) == 1
+
+
+def test_a_worker_killed_mid_request_gives_one_line_and_the_next_request_a_fresh_worker(
+    workers,
+):
+    pool.ensure_workers()
+    victim = pool.live_workers()[0]
+    outcome: dict = {}
+
+    def slow_request() -> None:
+        try:
+            # Builds EfficientNetB0 from its config: seconds, long enough to be killed in.
+            outcome["answer"] = ask("describe", spec="applications:EfficientNetB0:none")
+        except Exception as err:  # noqa: BLE001 (the assertion below names it)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and requests.running_count() == 0:
+        time.sleep(0.05)
+    assert requests.running_count() == 1, "the request never started"
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed_at = time.time()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the page would hang: ask() did not return"
+    assert time.time() - killed_at < 10
+    assert isinstance(outcome.get("error"), WorkerLost), outcome
+    assert str(outcome["error"]).count("\n") == 0 and "Retry" in str(outcome["error"])
+    answer = ask("base_head", spec="builtin:digits-cnn")  # a fresh worker takes it
+    assert answer["has_head"] is True
+    assert [w["pid"] for w in pool.live_workers()] != [victim["pid"]]
+
+
+def test_a_refused_model_is_refused_in_the_worker_with_its_own_line(workers, tmp_path):
+    fake = tmp_path / "model.h5"
+    fake.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
+    with pytest.raises(ModelError) as err:
+        ask("describe", spec=str(fake))
+    assert "\n" not in str(err.value)
+    assert len(pool.live_workers()) == 1  # the worker survives a refusal
