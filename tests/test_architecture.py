@@ -22,20 +22,55 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_library_never_imports_streamlit():
-    offenders = [p.name for p in (ROOT / "retrain").rglob("*.py") if "streamlit" in _imports(p)]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "retrain").rglob("*.py")
+        if "streamlit" in _imports(p)
+    ]
     assert offenders == []
 
 
-def test_pages_never_import_keras_or_tensorflow():
-    files = [ROOT / "app.py", *(ROOT / "pages").glob("*.py")]
-    offenders = [p.name for p in files if _imports(p) & {"keras", "tensorflow", "tf_keras"}]
+ML_FRAMEWORKS = {"keras", "tensorflow", "tf_keras", "jax", "jaxlib", "torch", "onnxruntime"}
+
+
+def test_pages_never_import_an_ml_framework():
+    files = [ROOT / "app.py", *(ROOT / "pages").rglob("*.py")]
+    offenders = [p.name for p in files if _imports(p) & ML_FRAMEWORKS]
     assert offenders == []
+
+
+def test_pages_reach_models_only_through_the_model_workers():
+    """Pages import no retrain module whose functions load a model; they send requests."""
+    loaders = {"models", "surgery", "probe", "keep", "train", "callbacks", "devices"}
+    files = [ROOT / "app.py", *(ROOT / "pages").rglob("*.py")]
+    offenders = {}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module == "retrain":
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrain."):
+                names = [node.module.split(".")[1]]
+            bad = sorted(set(names) & loaders - {"models"})
+            # retrain.models is allowed for its constants and pure helpers (ZOO, layer_stack)
+            # only: never load_base/describe, which build a Keras model.
+            if isinstance(node, ast.ImportFrom) and node.module == "retrain.models":
+                bad += sorted(
+                    a.name
+                    for a in node.names
+                    if a.name in {"load_base", "describe", "ensure_builtin"}
+                )
+            if bad:
+                offenders[path.name] = bad
+    assert offenders == {}
 
 
 def test_app_and_library_import_without_tensorflow():
     """`import retrain` and the app's own modules must not pull in TensorFlow or Keras."""
     code = (
-        "import sys, retrain, retrain.workspace, retrain.data, pages._ui\n"
+        "import sys, retrain, retrain.workspace, retrain.data, pages._ui, pages._service\n"
+        "import retrain.service, retrain.service.client, retrain.service.kinds\n"
         "heavy = sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules)\n"
         "print(','.join(heavy))"
     )
@@ -45,37 +80,56 @@ def test_app_and_library_import_without_tensorflow():
     assert out.stdout.strip() == ""
 
 
+def _module_name(path: Path) -> str:
+    """``retrain/service/kinds.py`` -> ``service.kinds``; a package's ``__init__`` -> its name."""
+    parts = list(path.relative_to(ROOT / "retrain").with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) or "__init__"
+
+
+def _resolve(dotted: list[str], modules: set[str]) -> str:
+    """The longest prefix of ``dotted`` (after ``retrain``) that is a module, else the package."""
+    for end in range(len(dotted), 0, -1):
+        name = ".".join(dotted[:end])
+        if name in modules:
+            return name
+    return "__init__"
+
+
 def _retrain_imports(path: Path, modules: set[str]) -> set[str]:
     """The ``retrain`` modules ``path`` imports, at any depth of the file (inside functions too).
 
-    ``from retrain import x`` counts as importing module ``x`` when there is one; names that
-    are not modules (``from retrain import RetrainError``) count as the package itself.
+    Modules of subpackages are named with dots (``service.kinds``). ``from retrain.x import y``
+    counts as importing module ``x.y`` when there is one, else ``x``; names that are not
+    modules (``from retrain import RetrainError``) count as the package itself.
     """
     tree = ast.parse(path.read_text())
+    me = _module_name(path)
+    package = me.split(".")[:-1] if path.name != "__init__.py" else me.split(".")
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "retrain":
-                    found.add(parts[1] if len(parts) > 1 and parts[1] in modules else "__init__")
+                    found.add(_resolve(parts[1:], modules))
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: from . import x / from .x import y
-                parts = ["retrain", *(node.module.split(".") if node.module else [])]
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                parts = [*base, *(node.module.split(".") if node.module else [])]
             elif node.module and node.module.split(".")[0] == "retrain":
-                parts = node.module.split(".")
+                parts = node.module.split(".")[1:]
             else:
                 continue
-            if len(parts) > 1:
-                found.add(parts[1] if parts[1] in modules else "__init__")
-            else:
-                found.update(a.name if a.name in modules else "__init__" for a in node.names)
-    found.discard(path.stem)
+            for alias in node.names:
+                found.add(_resolve([*parts, alias.name], modules))
+    found.discard(me)
     return found
 
 
 def _import_graph() -> dict[str, set[str]]:
-    files = {p.stem: p for p in (ROOT / "retrain").glob("*.py")}
+    files = {_module_name(p): p for p in (ROOT / "retrain").rglob("*.py")}
     return {name: _retrain_imports(path, set(files)) for name, path in files.items()}
 
 

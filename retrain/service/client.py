@@ -28,10 +28,7 @@ class WorkerLost(ServiceError):
     """The model worker stopped while answering (out of memory, killed)."""
 
 
-WORKER_LOST = (
-    "The model worker stopped while answering (out of memory, or killed). "
-    "Retry: a fresh worker takes the next request."
-)
+WORKER_LOST = requests.WORKER_LOST
 
 
 def key_of(kind: str, args: dict[str, Any]) -> str:

@@ -27,6 +27,12 @@ from typing import Any
 from retrain.service.cache import service_dir
 from retrain.workspace import read_json, write_json
 
+#: What a page shows when the worker answering its request died.
+WORKER_LOST = (
+    "The model worker stopped while answering (out of memory, or killed). "
+    "Retry: a fresh worker takes the next request."
+)
+
 
 def _dir(name: str) -> Path:
     path = service_dir() / name

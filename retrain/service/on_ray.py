@@ -1,0 +1,144 @@
+"""Model requests on a Ray cluster: the same request kinds, answered by Ray actors.
+
+With ``RETRAIN_RUNNER=ray`` the web tier holds no model workers of its own: each request goes
+to one of ``RETRAIN_MODEL_WORKERS`` named, detached Ray actors (`ModelActor`), which keep
+TensorFlow imported and their recent models loaded, on whatever node Ray placed them. A fleet
+of web replicas then needs no TensorFlow at all. Answers still land in the shared answer
+cache (``$RETRAIN_HOME`` is on storage every node shares, as for training runs).
+
+Settings (environment):
+    RETRAIN_RAY_CLUSTER: how the web tier joins the cluster as a Ray driver: the GCS address
+        (``ray-head:6379``) or Ray Client's (``ray://ray-head:10001``). Default: Ray Client on
+        the host of ``RAY_ADDRESS`` (the Jobs API address training uses), port 10001.
+    RETRAIN_RAY_MODEL_CPUS: CPUs each model actor reserves (default 1).
+
+An actor that dies mid-request (out of memory, killed) is restarted by Ray; the request that
+it was answering gets the same one line as a local worker's (`queue.WORKER_LOST`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from retrain.service import cache, pool
+from retrain.service import queue as requests
+from retrain.workspace import env_number, home, keras_home
+
+NAMESPACE = "retrain"
+ACTOR_PREFIX = "retrain-model-worker"
+
+
+def cluster_address() -> str:
+    """Where the web tier joins the cluster (``RETRAIN_RAY_CLUSTER``, else Ray Client on the
+    host of ``RAY_ADDRESS``)."""
+    explicit = os.environ.get("RETRAIN_RAY_CLUSTER", "").strip()
+    if explicit:
+        return explicit
+    jobs = os.environ.get("RAY_ADDRESS", "").strip() or "http://127.0.0.1:8265"
+    host = urllib.parse.urlparse(jobs).hostname or "127.0.0.1"
+    return f"ray://{host}:10001"
+
+
+def _connect() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cluster_address(),
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+    return ray
+
+
+class ModelActor:
+    """A warm model worker as a Ray actor: imports Keras once, answers requests one by one."""
+
+    def __init__(self) -> None:
+        from retrain.service import worker
+
+        worker.warm()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        from retrain.service import worker
+
+        outcome = worker.answer(request)
+        if outcome.get("ok") and "answer" not in outcome:
+            outcome["answer"] = cache.read_answer(request["key"])
+        return outcome
+
+
+def _actor(index: int) -> Any:
+    ray = _connect()
+    remote = ray.remote(ModelActor)
+    return remote.options(
+        name=f"{ACTOR_PREFIX}-{index}",
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        num_cpus=env_number("RETRAIN_RAY_MODEL_CPUS", 1.0, allow_zero=True),
+        runtime_env={
+            "env_vars": {
+                "RETRAIN_HOME": str(home()),
+                "KERAS_HOME": str(keras_home()),
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+        },
+    ).remote()
+
+
+def actor_for(args: dict[str, Any]) -> Any:
+    """The actor for a request: requests on the same model go to the same actor (it has the
+    model loaded)."""
+    model = str(args.get("spec") or args.get("model") or args.get("run_dir") or "")
+    return _actor(zlib.crc32(model.encode()) % max(pool.pool_size(), 1))
+
+
+def warm_up() -> None:
+    """Create the actors now (each imports Keras as it starts)."""
+    for index in range(max(pool.pool_size(), 1)):
+        _actor(index)
+
+
+def ask(
+    kind: str,
+    args: dict[str, Any],
+    key: str,
+    timeout: float,
+    on_wait: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Answer ``kind(**args)`` on the cluster; return the outcome record (see `worker.answer`)."""
+    ray = _connect()
+    rid = f"ray-{key[:24]}-{os.getpid()}"
+    request = {"id": rid, "key": key, "kind": kind, "args": args, "session": ""}
+    ref = actor_for(args).answer.remote(request)
+    deadline = time.time() + timeout
+    while True:
+        done, _ = ray.wait([ref], timeout=0.2)
+        if done:
+            break
+        if on_wait is not None:
+            on_wait({"state": "running", "progress": requests.read_progress(rid)})
+        if time.time() > deadline:
+            ray.cancel(ref)
+            return {
+                "ok": False,
+                "error": "ServiceError",
+                "message": f"No answer from the cluster's model workers after {timeout:.0f} s. "
+                "Retry in a minute.",
+            }
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return {"ok": False, "error": "WorkerLost", "message": requests.WORKER_LOST}

@@ -1,0 +1,79 @@
+"""Model requests answered by Ray actors on a REAL local Ray head (tests/ray_fixtures.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ray_fixtures import RayHead, ray_installed
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(not ray_installed(), reason="ray is not installed (requirements-ray.txt)"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+ASK = """
+import sys, time
+from retrain.service import ask, WorkerLost
+kind, spec = sys.argv[1], sys.argv[2]
+t = time.time()
+try:
+    answer = ask(kind, spec=spec)
+    print("ok", answer.get("has_head"), len(answer.get("class_names") or []), round(time.time() - t, 2))
+except WorkerLost as err:
+    print("lost", str(err))
+print(",".join(m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules) or "-")
+"""
+
+PID = """
+import ray
+from retrain.service import on_ray
+on_ray._connect()
+print(ray.get(on_ray._actor(0).pid.remote()))
+"""
+
+
+def _run(code: str, env: dict[str, str], *args: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split("\n")
+
+
+def test_requests_run_on_ray_actors_and_a_killed_actor_is_replaced(tmp_path: Path):
+    head = RayHead(num_cpus=2).start()
+    try:
+        gcs = next(a.split("=", 1)[1] for a in head.proc.args if str(a).startswith("--port="))
+        env = {
+            **os.environ,
+            "RETRAIN_RUNNER": "ray",
+            "RAY_ADDRESS": head.address,
+            "RETRAIN_RAY_CLUSTER": f"127.0.0.1:{gcs}",
+            "RETRAIN_MODEL_WORKERS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+        first = _run(ASK, env, "base_head", "builtin:digits-cnn")
+        assert first[0].startswith("ok True 5"), first
+        assert first[1] == "-", f"the asking process imported {first[1]}"
+        # The actor is detached and warm: its pid, then kill -9 it.
+        pid = int(_run(PID, env)[0])
+        os.kill(pid, 9)
+        # The next request is answered by the restarted actor (one retry at most).
+        again = _run(ASK, env, "describe", "builtin:digits-cnn")
+        if again[0].startswith("lost"):
+            again = _run(ASK, env, "describe", "builtin:digits-cnn")
+        assert again[0].startswith("ok"), again
+        assert int(_run(PID, env)[0]) != pid
+    finally:
+        head.stop()
