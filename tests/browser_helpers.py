@@ -264,14 +264,51 @@ def screenshot(page, folder: Path, name: str) -> Path:
     return path
 
 
+ML_LIBRARIES = (
+    "libtensorflow",
+    "_pywrap_tensorflow",
+    "libjax",
+    "jaxlib",
+    "libtorch",
+    "xla_extension",
+)
+
+
+def ml_libraries_loaded(pid: int) -> list[str]:
+    """Shared libraries of an ML framework mapped into process ``pid`` (from /proc/PID/maps)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if any(marker in path for marker in ML_LIBRARIES):
+            found.add(Path(path).name)
+    return sorted(found)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @contextlib.contextmanager
 def serve_app(home: Path, artifacts: Path) -> Iterator[str]:
-    """Empty ``artifacts``, start the app there (``server.log``) on ``home``; yield its URL."""
+    """Empty ``artifacts``, start the app there (``server.log``) on ``home``; yield its URL.
+
+    After the test's body, the web server must not have loaded an ML framework: every model
+    answer came from a model worker (`retrain.service`). Its RSS lands in ``server.txt``.
+    """
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
     proc, url = start_app(home, artifacts / "server.log")
     try:
         yield url
+        loaded = ml_libraries_loaded(proc.pid)
+        (artifacts / "server.txt").write_text(
+            f"server pid {proc.pid}, RSS {rss_mb(proc.pid):.0f} MB, ML libraries: {loaded}\n"
+        )
+        assert loaded == [], f"the web server loaded an ML framework: {loaded}"
     finally:
         stop_app(proc)
 
