@@ -185,3 +185,25 @@ def test_a_refused_model_is_refused_in_the_worker_with_its_own_line(workers, tmp
         ask("describe", spec=str(fake))
     assert "\n" not in str(err.value)
     assert len(pool.live_workers()) == 1  # the worker survives a refusal
+
+
+def test_a_model_bomb_is_refused_by_the_worker_in_seconds_and_its_memory_stays_flat(
+    workers, tmp_path
+):
+    import psutil
+
+    from tests.test_model_bomb import keras_bomb
+
+    bomb = keras_bomb(tmp_path / "bomb")
+    ask("base_head", spec="builtin:digits-cnn")  # the worker is warm (TF imported)
+    worker = psutil.Process(pool.live_workers()[0]["pid"])
+    before = worker.memory_info().rss
+    started = time.time()
+    with pytest.raises(ModelError) as err:
+        ask("describe", spec=str(bomb))
+    seconds = time.time() - started
+    grown_mb = (worker.memory_info().rss - before) / 2**20
+    assert "\n" not in str(err.value) and "GB" in str(err.value), str(err.value)
+    assert seconds < 5, f"refused after {seconds:.1f} s"
+    assert grown_mb < 100, f"the worker grew by {grown_mb:.0f} MB"
+    assert worker.is_running()
