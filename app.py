@@ -1,22 +1,29 @@
 """Retrain Studio: the entry point (``streamlit run app.py``).
 
 Builds the navigation over pages/ and the shared sidebar. Imports no TensorFlow, so the
-first page renders in about a second.
+first page renders in about a second. ``/?share=<id>`` opens only the read-only Shared model
+page (pages/shared.py); the visitor still gets a workspace of their own (for "Copy to my
+workspace"), and nothing of the owner's.
 """
 
 import threading
 
 import streamlit as st
 
+from pages._service import start_model_workers
 from pages._ui import (
     PAGE_FILES,
     demo_mode,
     ensure_session,
+    keep_session_cookie,
     preselect_demo,
+    render_account,
     render_sidebar,
+    session_notice,
     sidebar_choices,
 )
 from retrain.jobs import session_has_live_run
+from retrain.share import prune_shares
 from retrain.workspace import cleanup_sessions
 
 st.set_page_config(
@@ -32,39 +39,59 @@ def _clean_idle_sessions() -> threading.Thread:
     Runs in a background thread so a large deletion never delays a page. The cached value
     expires after an hour; the next page view after that starts the next sweep.
     """
-    sweep = threading.Thread(
-        target=cleanup_sessions, args=(session_has_live_run,), name="retrain-cleanup", daemon=True
-    )
+
+    def sweep_all() -> None:
+        cleanup_sessions(session_has_live_run)
+        prune_shares()  # shares outlive sessions; an expired one keeps only its "expired" note
+
+    sweep = threading.Thread(target=sweep_all, name="retrain-cleanup", daemon=True)
     sweep.start()
     return sweep
 
 
 _clean_idle_sessions()
+start_model_workers()  # warm model workers with the first page view: TF loads there
 
-steps = [
-    st.Page(PAGE_FILES["dataset"], title="1 · Dataset", icon=":material/folder_zip:", default=True),
-    st.Page(PAGE_FILES["model"], title="2 · Model", icon=":material/account_tree:"),
-    st.Page(PAGE_FILES["train"], title="3 · Train", icon=":material/monitoring:"),
-    st.Page(PAGE_FILES["evaluate"], title="4 · Evaluate", icon=":material/fact_check:"),
-    st.Page(PAGE_FILES["export"], title="5 · Export", icon=":material/download:"),
-]
-history = [st.Page(PAGE_FILES["runs"], title="Runs", icon=":material/history:")]
-page = st.navigation({"Retrain a model": steps, "History": history})
-preselect_demo(workspace)
+shared_view = st.query_params.get("share") is not None
+if shared_view:
+    page = st.navigation(
+        [st.Page(PAGE_FILES["shared"], title="Shared model", icon=":material/share:")],
+        position="hidden",
+    )
+else:
+    steps = [
+        st.Page(
+            PAGE_FILES["dataset"], title="1 · Dataset", icon=":material/folder_zip:", default=True
+        ),
+        st.Page(PAGE_FILES["model"], title="2 · Model", icon=":material/account_tree:"),
+        st.Page(PAGE_FILES["train"], title="3 · Train", icon=":material/monitoring:"),
+        st.Page(PAGE_FILES["evaluate"], title="4 · Evaluate", icon=":material/fact_check:"),
+        st.Page(PAGE_FILES["export"], title="5 · Export", icon=":material/download:"),
+    ]
+    history = [st.Page(PAGE_FILES["runs"], title="Runs", icon=":material/history:")]
+    page = st.navigation({"Retrain a model": steps, "History": history})
+    preselect_demo(workspace)
 
 with st.sidebar:
     st.markdown("### Retrain Studio")
     st.caption("Retrain a Keras image classifier on your own images.")
-if demo_mode():
+    keep_session_cookie()
+render_account()
+if session_notice():
+    st.info(session_notice(), icon=":material/lock:")
+if demo_mode() and not shared_view:
     st.info(
         "**Demo:** retrains a small digit classifier (trained on digits 0-4) to recognise "
         "digits 5-9. The sample data and starter model are preselected and epochs are capped; "
         "run it locally for your own data and bigger models.",
         icon=":material/info:",
     )
-shown = render_sidebar()
-page.run()
-if sidebar_choices() != shown:
-    # The page just chose something (a dataset, a model, a run): draw the sidebar again so it
-    # never lags a page behind. Pages cache their heavy work, so the rerun is cheap.
-    st.rerun()
+if shared_view:
+    page.run()
+else:
+    shown = render_sidebar()
+    page.run()
+    if sidebar_choices() != shown:
+        # The page just chose something (a dataset, a model, a run): draw the sidebar again so
+        # it never lags a page behind. Pages cache their heavy work, so the rerun is cheap.
+        st.rerun()

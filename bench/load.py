@@ -156,9 +156,15 @@ async def first_visit(page, url: str, timeout: float = 60.0) -> float:
     return time.monotonic() - t0
 
 
-def token_of(url: str) -> str:
-    match = re.search(r"[?&]s=([A-Za-z0-9_-]+)", url)
-    return match.group(1) if match else ""
+async def token_of(page, timeout: float = 10.0) -> str:
+    """The session token the page's browser keeps in its cookie (the address bar has none)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for cookie in await page.context.cookies():
+            if cookie["name"] == "retrain_session":
+                return cookie["value"]
+        await asyncio.sleep(0.2)
+    return ""
 
 
 # --------------------------------------------------------------------------- the sessions
@@ -170,7 +176,7 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
     texts = stats.texts.setdefault(0, [])
     try:
         stats.load(0, "open", await first_visit(page, url))
-        stats.tokens[0] = token_of(page.url)
+        stats.tokens[0] = await token_of(page)
         t0 = time.monotonic()
         await page.locator(".st-key-use_sample button").first.click()
         await wait_text(page, r"digit 5", 90)
@@ -245,7 +251,7 @@ async def visitor(
     try:
         await asyncio.sleep(0.3 * i)  # staggered arrivals, like people opening a shared link
         stats.load(i, "open", await first_visit(page, url))
-        stats.tokens[i] = token_of(page.url)
+        stats.tokens[i] = await token_of(page)
         t0 = time.monotonic()
         await page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(
             str(data_zip)

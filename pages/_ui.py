@@ -3,8 +3,9 @@
 Session-state keys (the only ones pages use; everything else lives in widgets' own keys):
 
 ==================  =====================================================================
-``token``           the browser session's unguessable id; also ``?s=`` in the URL so a
-                    reload finds the same workspace
+``token``           the browser session's unguessable id: from the ``retrain_session``
+                    cookie (SameSite=Strict), or derived from the signed-in user; never
+                    from the address bar, which grants nothing
 ``workspace``       ``Path`` of that session's workspace folder
 ``dataset``         path (str) of the current dataset's manifest.json, or absent
 ``dataset_label``   one line for the sidebar, e.g. "flowers12: 12 classes, 960 images"
@@ -16,20 +17,23 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 
 Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
 rerun from ingesting the same upload twice; ``_touched``, when the workspace was last marked
-as in use; ``_demo_preselected``; ``_model_upload_saved``, the upload already saved);
+as in use; ``_demo_preselected``; ``_model_upload_saved``, the upload already saved;
+``_session_notice``, the one line shown when an old ``?s=`` link opened a fresh workspace);
 widget keys are named in each page. The Train page's settings widgets are keyed by
 `TrainConfig` field names (``epochs``, ``lr``, ...); outside that page only
 `prefill_train_settings` writes them (Runs' "start a new run from this config").
 
 The remembered choices (all but ``token`` and ``workspace``) are written through to
-``<workspace>/session.json``, so a browser reload or a new tab with the same link loses
-nothing.
+``<workspace>/session.json``, so a browser reload or a new tab in the same browser (same
+cookie) loses nothing. A test (or a trusted caller) may set ``token`` in session state before
+the first run to attach the session to that workspace; a browser cannot set session state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,16 @@ from retrain.workspace import (
     new_session_token,
     read_json,
     session_workspace,
+    user_session_token,
     write_json,
+)
+
+#: The cookie that carries the session token (set by the page, read with st.context.cookies).
+SESSION_COOKIE = "retrain_session"
+COOKIE_MAX_AGE_S = 30 * 24 * 3600
+OLD_LINK_NOTICE = (
+    "Links no longer open a workspace (the address bar carries nothing private): "
+    "this is a fresh workspace of your own."
 )
 
 REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
@@ -69,6 +82,7 @@ PAGE_FILES = {
     "evaluate": "pages/evaluate.py",
     "export": "pages/export.py",
     "runs": "pages/runs.py",
+    "shared": "pages/shared.py",
 }
 
 
@@ -78,9 +92,14 @@ def demo_mode() -> bool:
 
 
 def ensure_session() -> Path:
-    """Attach this browser session to its workspace (from ``?s=`` or a new one); return it."""
+    """Attach this browser session to its workspace; return it.
+
+    The workspace is the signed-in user's (when sign-in is configured and the user signed
+    in), else the one named by this browser's session cookie, else a new one. An old ``?s=``
+    link is dropped from the address bar and, when it named another workspace, gets a
+    one-line notice (``_session_notice``): the link opens nothing.
+    """
     if "workspace" in st.session_state:
-        _keep_token_in_url()
         workspace = st.session_state["workspace"]
         if time.time() - st.session_state.get("_touched", 0) > 600:
             # A session in use is not idle: keep the TTL sweep away from it.
@@ -88,8 +107,15 @@ def ensure_session() -> Path:
             with contextlib.suppress(OSError):
                 os.utime(workspace)
         return workspace
-    token = st.query_params.get("s", "")
-    if not is_valid_token(token):
+    token = st.session_state.get("token")
+    if not is_valid_token(token or ""):
+        token = signed_in_token() or browser_cookie_token()
+    old_link = st.query_params.get("s")
+    if old_link is not None:
+        del st.query_params["s"]
+        if old_link != token:
+            st.session_state["_session_notice"] = OLD_LINK_NOTICE
+    if not is_valid_token(token or ""):
         token = new_session_token()
     try:
         workspace = session_workspace(token)
@@ -102,14 +128,127 @@ def ensure_session() -> Path:
     for key in REMEMBERED:
         if key in saved and key not in st.session_state:
             st.session_state[key] = saved[key]
-    _keep_token_in_url()
     return workspace
 
 
-def _keep_token_in_url() -> None:
+def browser_cookie_token() -> str | None:
+    """The session token in this browser's ``retrain_session`` cookie (as the page was
+    loaded), or None."""
+    try:
+        value = st.context.cookies.get(SESSION_COOKIE)
+    except (AttributeError, RuntimeError):  # no browser behind this run (bare mode)
+        return None
+    return value if isinstance(value, str) and is_valid_token(value) else None
+
+
+def keep_session_cookie() -> None:
+    """Make this browser remember the session: a tiny script sets the ``retrain_session``
+    cookie (SameSite=Strict, 30 days, Secure on https) when it does not hold the token yet.
+
+    Signed-in users are not written into the cookie (their workspace follows the sign-in);
+    the anonymous workspace stays this browser's for when they sign out. Draws nothing
+    visible (a zero-height frame); call it once per run, from app.py.
+    """
     token = st.session_state.get("token")
-    if token and st.query_params.get("s") != token:
-        st.query_params["s"] = token
+    if not is_valid_token(token or "") or st.session_state.get("_signed_in"):
+        return
+    if browser_cookie_token() == token:
+        return
+    # st.iframe (components.html's successor) runs the script in a same-origin frame, which
+    # may set the app's cookie. The token matches [A-Za-z0-9_-]{16,64} (is_valid_token), so
+    # it is safe inside the script; nothing else of the visitor's goes into it.
+    st.iframe(
+        "<script>(function(){var d=window.parent.document;"
+        "var secure=window.parent.location.protocol==='https:'?'; Secure':'';"
+        f"d.cookie='{SESSION_COOKIE}={token}; Path=/; Max-Age={COOKIE_MAX_AGE_S}; "
+        "SameSite=Strict'+secure;})();</script>",
+        height=1,
+    )
+
+
+def session_notice() -> str | None:
+    """The one-line notice for this session (an old ``?s=`` link opened a fresh workspace)."""
+    return st.session_state.get("_session_notice")
+
+
+# --------------------------------------------------------------------------- sign-in
+
+
+def auth_settings() -> dict[str, Any] | None:
+    """The ``[auth]`` section of the deployment's secrets, or None (anonymous use only)."""
+    try:
+        auth = st.secrets.get("auth")
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    return dict(auth) if auth else None
+
+
+def _providers(auth: dict[str, Any]) -> list[str | None]:
+    """Named providers (``[auth.<name>]``), or ``[None]`` for a single unnamed one."""
+    named = [k for k, v in auth.items() if isinstance(v, dict) and "client_id" in v]
+    return named or ([None] if "client_id" in auth else [])
+
+
+def signed_in_token() -> str | None:
+    """The workspace token of the signed-in user (same on every browser), or None."""
+    auth = auth_settings()
+    if not auth:
+        return None
+    try:
+        if not st.user.is_logged_in:
+            return None
+        user = st.user.to_dict()
+    except (AttributeError, KeyError):
+        return None
+    subject = str(user.get("sub") or user.get("email") or "")
+    token = user_session_token(
+        str(auth.get("cookie_secret", "")), str(user.get("iss", "")), subject
+    )
+    st.session_state["_signed_in"] = True
+    return token
+
+
+def render_account() -> None:
+    """Sign in / sign out in the sidebar, only when the deployment configured sign-in."""
+    auth = auth_settings()
+    if not auth:
+        return
+    providers = _providers(auth)
+    with st.sidebar:
+        if st.session_state.get("_signed_in"):
+            who = st.user.get("name") or st.user.get("email") or "you"
+            st.caption(f"Signed in as {as_text(str(who))}: this workspace is yours on any browser.")
+            if st.button("Sign out", key="account_sign_out"):
+                for key in ("token", "workspace", "_signed_in", *REMEMBERED):
+                    st.session_state.pop(key, None)
+                st.logout()
+        elif providers:
+            st.caption("Sign in to keep your workspace across browsers.")
+            for provider in providers:
+                label = f"Sign in with {provider}" if provider else "Sign in"
+                if st.button(label, key=f"account_sign_in_{provider or 'default'}"):
+                    for key in ("token", "workspace", *REMEMBERED):
+                        st.session_state.pop(key, None)
+                    if provider:
+                        st.login(provider)
+                    else:
+                        st.login()
+
+
+# --------------------------------------------------------------------------- text
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~$])")
+_LEADING_MARKER = re.compile(r"^([-+=]|\d+[.)])")
+
+
+def as_text(value: Any) -> str:
+    """``value`` escaped for Streamlit Markdown (captions, info boxes, the sidebar), so a
+    name like ``<img src=x onerror=alert(1)>`` or ``[x](http://...)`` shows as those
+    characters, never as markup, a link, a list or LaTeX."""
+    text = " ".join(str(value).split())  # no new lines: a name stays on its line
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+    return _LEADING_MARKER.sub(lambda m: m[0][:-1] + "\\" + m[0][-1], text)
 
 
 def _read_saved(workspace: Path) -> dict[str, Any]:
@@ -310,5 +449,5 @@ def render_sidebar() -> tuple[tuple[str, str | None], ...]:
         st.caption("YOUR CHOICES")
         for title, value in rows:
             icon = ":material/check_circle:" if value else ":material/radio_button_unchecked:"
-            st.markdown(f"{icon} **{title}:** {value or '_not yet_'}")
+            st.markdown(f"{icon} **{title}:** {as_text(value) if value else '_not yet_'}")
     return rows

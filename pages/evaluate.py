@@ -315,3 +315,7 @@ if uploads:
             cols[1].plotly_chart(
                 fig, key=f"eval_try_{path.parent.name}_{path.name}", width="stretch"
             )
+
+from pages._share import share_panel  # noqa: E402  (the Share button of this finished run)
+
+share_panel(run_dir, key="eval_share")

@@ -1,4 +1,5 @@
-"""Runs: this session's training runs side by side; compare curves, reuse a config, clean up."""
+"""Runs: this session's training runs side by side; compare curves, reuse a config, share a
+finished run as a read-only link (and revoke it), clean up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._share import owner_shares, share_panel
 from pages._ui import (
     PAGE_FILES,
     SURGERY_KEYS,
@@ -155,7 +157,7 @@ chosen = st.selectbox(
     key="runs_pick",
 )
 state = details[chosen]["state"]
-cols = st.columns(3)
+cols = st.columns(4)
 if cols[0].button("Open in Evaluate", key="runs_open", disabled=state != "done"):
     remember(run_id=chosen)
     st.switch_page(PAGE_FILES["evaluate"])
@@ -177,5 +179,9 @@ with cols[2].popover("Delete run", disabled=state in jobs.ACTIVE_STATES):
         if st.session_state.get("run_id") == chosen:
             remember(run_id=None)
         st.rerun()
+with cols[3]:
+    share_panel(details[chosen]["run_dir"], key="runs_share")
 if state in jobs.ACTIVE_STATES:
     st.caption("A run in progress cannot be deleted; stop it on the Train page first.")
+
+owner_shares(workspace)

@@ -459,6 +459,9 @@ if run_id and run_dir is not None:
         st.fragment(run_every=1.0)(_run_view)(run_id, run_dir)
     else:
         _run_view(run_id, run_dir)
+        from pages._share import share_panel  # the Share button of a finished run
+
+        share_panel(run_dir, key="train_share")
 
 
 def _runs_table(workspace: Path, runs: list[dict] | None = None) -> None:

@@ -188,6 +188,7 @@ def create_share(
     downloads: bool = False,
     examples: bool = False,
     expires_hours: float | None = None,
+    card: str | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """Snapshot a finished run into a new share; return ``{url_path, share_id, expires}``.
@@ -201,6 +202,8 @@ def create_share(
         examples: copy a few held-out images per class (shown, and copied by "Copy to my
             workspace"); without it no image of the owner leaves the workspace.
         expires_hours: how long the link works (default 7 days, at most 90).
+        card: the model card (`card_answer`, from a model worker); None writes it here
+            (it records library versions, which imports Keras: the CLI's case).
 
     Raises:
         ShareError: the run is not finished, has no model, or the expiry is out of range.
@@ -227,7 +230,7 @@ def create_share(
         visible = {k: report[k] for k in _REPORT_KEYS if k in report}
         write_json(tmp / REPORT_FILE, visible)
         (tmp / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
-        (tmp / CARD_FILE).write_text(_card(run_dir, meta, visible))
+        (tmp / CARD_FILE).write_text(card if card is not None else _card(run_dir, meta, visible))
         shown_examples: dict[str, list[str]] = {}
         if examples:
             for index, paths in _example_images(run_dir, config, class_names).items():
@@ -267,6 +270,21 @@ def _card(run_dir: Path, meta: dict[str, Any], report: dict[str, Any]) -> str:
             "macro_f1": (report.get("macro") or {}).get("f1"),
         }
     return model_card(run_dir, meta, evaluation)
+
+
+def card_answer(run_dir: str, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model card a share of ``run_dir`` shows, as the model workers answer it (request
+    kind ``share_card``): ``{"card": markdown}``. ``evaluation``: the report's ``accuracy``,
+    ``num_images`` and ``macro``."""
+    from retrain.modelfile import read_metadata
+
+    run_dir = Path(run_dir)
+    return {"card": _card(run_dir, read_metadata(_run_model(run_dir)), evaluation or {})}
+
+
+def card_evaluation(report: dict[str, Any]) -> dict[str, Any]:
+    """What of an evaluation report the model card shows (the ``share_card`` argument)."""
+    return {k: report[k] for k in ("accuracy", "num_images", "macro") if k in report}
 
 
 def read_share(share_id: Any, now: float | None = None) -> dict[str, Any]:

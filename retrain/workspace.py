@@ -89,7 +89,7 @@ def user_session_token(secret: str, issuer: str, subject: str) -> str:
 
 def is_valid_token(token: str) -> bool:
     """Whether ``token`` has the shape of a session token (so it is safe as a folder name)."""
-    return bool(_TOKEN_RE.match(token or ""))
+    return isinstance(token, str) and bool(_TOKEN_RE.fullmatch(token))
 
 
 def session_workspace(token: str) -> Path:

@@ -18,7 +18,8 @@ def test_a_new_session_sees_every_step_not_yet_chosen():
     assert not at.exception
     text = _sidebar_text(at)
     assert "**Dataset:** _not yet_" in text and "**Base model:** _not yet_" in text
-    assert at.query_params["s"]  # the session id is in the link, so a reload finds it
+    assert at.session_state["token"]  # kept in a cookie, so a reload finds it
+    assert "s" not in at.query_params  # the address bar carries no session
 
 
 def test_choosing_the_sample_is_remembered_for_the_sidebar_and_other_pages():

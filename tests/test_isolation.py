@@ -272,7 +272,7 @@ def _open_page(page: str, token: str, **query: str):
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.query_params["s"] = token
+    at.session_state["token"] = token  # as the browser's session cookie names it
     at.query_params.update(query)
     at.run()
     assert not at.exception, at.exception

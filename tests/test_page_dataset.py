@@ -13,9 +13,11 @@ PAGE = str(ROOT / "pages" / "dataset.py")
 TIMEOUT = 60
 
 
-def _page(**query: str) -> AppTest:
+def _page(token: str | None = None) -> AppTest:
+    """The page in a new browser session; ``token``: the session a browser's cookie names."""
     at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
-    at.query_params.update(query)
+    if token:
+        at.session_state["token"] = token  # what pages._ui reads from the session cookie
     return at.run()
 
 
@@ -126,8 +128,8 @@ def test_new_upload_replaces_the_sample_and_survives_a_reload(pets_zip):
     at.file_uploader(key="dataset_upload").upload("pets.zip", pets_zip, "application/zip")
     at.run()
     assert at.session_state["dataset_label"].startswith("pets:")
-    # A browser reload: a new session with the same ?s= token finds the dataset again.
-    reloaded = _page(s=token)
+    # A browser reload: a new session with the same cookie token finds the dataset again.
+    reloaded = _page(token)
     assert not reloaded.exception
     assert reloaded.session_state["dataset_label"] == "pets: 2 classes, 18 images"
     assert _metrics(reloaded)["Images"] == "18"
@@ -140,7 +142,7 @@ def test_vanished_dataset_is_explained_and_forgotten(pets_zip):
     token = at.session_state["token"]
     manifest = Path(at.session_state["dataset"])
     manifest.unlink()
-    reloaded = _page(s=token)
+    reloaded = _page(token)
     assert not reloaded.exception
     assert "No dataset manifest" in reloaded.error[0].value
     assert "dataset" not in reloaded.session_state

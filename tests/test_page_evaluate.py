@@ -36,7 +36,7 @@ def _session(trained: Path, **remembered) -> tuple[str, Path]:
 
 def _open(token: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params["s"] = token
+    at.session_state["token"] = token  # the session cookie
     at.run()
     assert not at.exception, at.exception
     at.switch_page("pages/evaluate.py").run()

@@ -28,7 +28,7 @@ def _open(trained: Path, **remembered) -> tuple[AppTest, Path]:
     shutil.copytree(trained, workspace, dirs_exist_ok=True)
     (workspace / "session.json").write_text(json.dumps(remembered))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.query_params["s"] = token
+    at.session_state["token"] = token  # the session cookie
     at.run()
     at.switch_page("pages/export.py").run()
     assert not at.exception, at.exception
@@ -90,7 +90,7 @@ def test_onnx_and_tfjs_are_offered_built_and_checked_in_their_runtimes(trained):
 
     # A reload (a fresh page) offers the formats of the export it shows, not the defaults.
     again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    again.query_params["s"] = workspace.name  # the same session, as the link carries it
+    again.session_state["token"] = workspace.name  # the same session, as its cookie names it
     again.run()
     again.switch_page("pages/export.py").run()
     assert not again.exception, again.exception

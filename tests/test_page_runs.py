@@ -48,7 +48,7 @@ def _open(runs: list[tuple[str, float, str]]) -> tuple[AppTest, Path]:
     for i, (run_id, best, state) in enumerate(runs):
         _fake_run(workspace, run_id, best, state, age=100 * (len(runs) - i))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.query_params["s"] = token
+    at.session_state["token"] = token  # the session cookie
     at.run()
     at.switch_page("pages/runs.py").run()
     assert not at.exception, at.exception
@@ -77,7 +77,7 @@ def test_a_keep_old_run_says_so_in_the_table():
     workspace = session_workspace(token)
     _fake_run(workspace, "run-k", 0.8, keep_old_classes=True, old_data="/data/old.zip")
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.query_params["s"] = token
+    at.session_state["token"] = token  # the session cookie
     at.run()
     at.switch_page("pages/runs.py").run()
     assert not at.exception, at.exception

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrain import rundir
+from retrain import rundir, share
 from retrain.errors import ConfigError
 
 Answer = dict[str, Any]
@@ -282,6 +282,7 @@ KINDS: dict[str, Kind] = {
     "predict": Kind(predict, files=_model_files),
     "grad_cam": Kind(grad_cam, files=_model_files),
     "export": Kind(export, cache=False, timeout_s=3600.0, reports_progress=True),
+    "share_card": Kind(share.card_answer, files=_run_files),  # a share's model card
 }
 
 
