@@ -707,18 +707,64 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
         return keras.saving.load_model(path, compile=False, safe_mode=True), info
     except Exception as err:  # Keras 2 files Keras 3 cannot read (TM exports): convert below
         first_error = err
-    try:
-        model, diff = convert_keras2_h5(path)
-    except ModelError:
-        raise
-    except Exception as err:  # report the first failure; conversion was the fallback
-        reason = err if "tf_keras" in str(err) else first_error
-        raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
+    cached = _converted_copy(path)
+    if cached is not None:  # converted before (any session): the checked Keras 3 copy
+        model, diff = cached
+    else:
+        try:
+            model, diff = convert_keras2_h5(path)
+        except ModelError:
+            raise
+        except Exception as err:  # report the first failure; conversion was the fallback
+            reason = err if "tf_keras" in str(err) else first_error
+            raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
+        _keep_converted_copy(path, model, diff)
     info.update(
         converted="Keras 2 file rebuilt as Keras 3 (read with tf_keras)",
         conversion_max_abs_diff=diff,
     )
     return model, info
+
+
+def _converted_path(path: Path) -> Path:
+    """Where the Keras 3 copy of a converted Keras 2 file is kept: named by the file's SHA-256,
+    in the shared Keras cache, so the same upload in any session converts once."""
+    import hashlib
+
+    from retrain.workspace import keras_home
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return keras_home() / "converted" / f"{digest.hexdigest()}.keras"
+
+
+def _converted_copy(path: Path) -> tuple[Any, float] | None:
+    """The kept Keras 3 copy of ``path`` and its recorded conversion difference, or None."""
+    target = _converted_path(path)
+    record = target.with_suffix(".json")
+    if not (target.is_file() and record.is_file()):
+        return None
+    try:
+        diff = float(json.loads(record.read_text())["max_abs_diff"])
+        model = _keras().saving.load_model(target, compile=False, safe_mode=True)
+    except Exception:  # a broken copy is converted again, never trusted
+        return None
+    return model, diff
+
+
+def _keep_converted_copy(path: Path, model: Any, diff: float) -> None:
+    """Save the checked conversion (best effort: a read-only cache only costs time)."""
+    import contextlib
+
+    target = _converted_path(path)
+    with contextlib.suppress(OSError, ValueError):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.stem}.{os.getpid()}.keras")
+        model.save(partial)
+        os.replace(partial, target)
+        target.with_suffix(".json").write_text(json.dumps({"max_abs_diff": diff}))
 
 
 def _looks_like_teachable_machine(config: dict) -> bool:

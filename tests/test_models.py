@@ -345,6 +345,25 @@ def test_keras2_nested_h5_is_converted_faithfully(tmp_path: Path):
     assert info["head_layers"] == ["dense_Dense1", "dense_Dense2"]
 
 
+def test_a_converted_keras2_file_is_kept_and_reused_by_content(tmp_path: Path, monkeypatch):
+    path = tmp_path / "a" / "keras_model.h5"
+    path.parent.mkdir()
+    _legacy, expected, x = keras2_nested_h5(path)
+    first = models.load_base(str(path))
+    copy = tmp_path / "b" / "keras_model.h5"  # the same bytes uploaded by another session
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "convert_keras2_h5", no_second_conversion)
+    second = models.load_base(str(copy))
+    assert second.origin["conversion_max_abs_diff"] == first.origin["conversion_max_abs_diff"]
+    assert float(np.max(np.abs(second.model.predict(x, verbose=0) - expected))) <= 1e-4
+    assert models.describe(second)["layers"] == models.describe(first)["layers"]
+
+
 @needs_tm_model
 def test_teachable_machine_export_loads_and_matches_tf_keras(tm_base):
     base = tm_base

@@ -20,7 +20,7 @@ from retrain.errors import RetrainError
 from retrain.procs import own_start_time
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
-from retrain.workspace import env_number, write_json
+from retrain.workspace import env_number, read_json, write_json
 
 POLL_S = 0.05
 
@@ -80,6 +80,8 @@ def main() -> None:
     if not record.exists():  # started by hand, not by the pool
         write_json(record, {**me, "since": time.time()})
     warm()
+    if record.exists():  # say it is warm (benchmarks and status wait for this)
+        write_json(record, {**(read_json(record) or me), "ready": time.time()})
     idle_limit = env_number("RETRAIN_MODEL_WORKER_IDLE_S", 3600.0)
     last_work = time.time()
     while True:
