@@ -94,6 +94,17 @@ def test_answers_are_addressed_by_content_not_by_path_or_session(tmp_path: Path)
     assert key != client.key_of("describe", {"spec": str(one), "workspace": "/sessions/a"})
 
 
+def test_old_answers_are_pruned_and_recent_ones_kept():
+    from retrain.service import cache
+
+    cache.write_answer("a" * 64, "describe", {"x": 1})
+    cache.write_answer("b" * 64, "describe", {"x": 2})
+    old = time.time() - 30 * 86400
+    os.utime(cache.answer_path("a" * 64), (old, old))
+    assert cache.prune() == 1
+    assert cache.read_answer("a" * 64) is None and cache.read_answer("b" * 64) == {"x": 2}
+
+
 def test_unknown_kind_is_one_line():
     with pytest.raises(ConfigError, match="Unknown model request 'nope'"):
         ask("nope")

@@ -116,3 +116,23 @@ def files_dir() -> Path:
     path = service_dir() / "files"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prune(now: float | None = None) -> int:
+    """Delete answers and pictures unused for ``RETRAIN_ANSWER_TTL_DAYS`` (default 7) and
+    request outcomes older than a day; return how many files went. Workers call it when idle.
+    """
+    import time
+
+    from retrain.workspace import env_number
+
+    now = time.time() if now is None else now
+    answer_age = env_number("RETRAIN_ANSWER_TTL_DAYS", 7.0) * 86400
+    removed = 0
+    for folder, age in (("answers", answer_age), ("files", answer_age), ("results", 86400)):
+        for path in (service_dir() / folder).rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and now - path.stat().st_mtime > age:
+                    path.unlink()
+                    removed += 1
+    return removed

@@ -23,6 +23,7 @@ from retrain.service import queue as requests
 from retrain.workspace import env_number, read_json, write_json
 
 POLL_S = 0.05
+PRUNE_EVERY_S = 600.0
 
 
 def answer(request: dict[str, Any]) -> dict[str, Any]:
@@ -83,12 +84,15 @@ def main() -> None:
     if record.exists():  # say it is warm (benchmarks and status wait for this)
         write_json(record, {**(read_json(record) or me), "ready": time.time()})
     idle_limit = env_number("RETRAIN_MODEL_WORKER_IDLE_S", 3600.0)
-    last_work = time.time()
+    last_work = last_prune = time.time()
     while True:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
         request = requests.claim(me)
         if request is None:
+            if time.time() - last_prune > PRUNE_EVERY_S:
+                cache.prune()
+                last_prune = time.time()
             if time.time() - last_work > idle_limit:
                 record.unlink(missing_ok=True)
                 return
