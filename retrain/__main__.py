@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpus",
-        type=float,
         default=None,
-        help="ray: GPUs the job asks Ray for (default: $RETRAIN_RAY_GPUS, else 1)",
+        help="ray: GPUs the job asks Ray for, a number or auto: 1 when the cluster has a GPU "
+        "or its autoscaler can add one, else 0 (default: $RETRAIN_RAY_GPUS, else auto)",
     )
     p.add_argument(
         "--cpus",

@@ -11,8 +11,9 @@ the same path everywhere). Ray queues and places the jobs: each asks for its GPU
 Settings (environment):
     RAY_ADDRESS: the cluster's dashboard/Jobs API, e.g. ``http://ray-head:8265`` (Ray's own
         variable; default ``http://127.0.0.1:8265``).
-    RETRAIN_RAY_GPUS, RETRAIN_RAY_CPUS: what each run asks Ray for (default 1 GPU, 1 CPU);
-        ``submit --gpus/--cpus`` override them.
+    RETRAIN_RAY_GPUS, RETRAIN_RAY_CPUS: what each run asks Ray for (default ``auto`` GPUs,
+        1 CPU); ``submit --gpus/--cpus`` override them. ``auto`` (`choose_gpus`) asks for 1 GPU
+        when the cluster has one or its autoscaler can add one, else for none.
     RETRAIN_RAY_SHIP_CODE: ``1`` ships this checkout's ``retrain/`` package with each job
         (Ray's ``runtime_env`` ``working_dir``); unset, the nodes must have the project
         installed (the Dockerfile's ``ray-node`` target).
@@ -83,18 +84,115 @@ def address() -> str:
     return value
 
 
-def resources(gpus: float | None = None, cpus: float | None = None) -> tuple[float, float]:
-    """The (GPUs, CPUs) one run asks Ray for: the arguments, else ``$RETRAIN_RAY_GPUS`` /
-    ``$RETRAIN_RAY_CPUS``, else 1 GPU and 1 CPU.
+GPUS_ENV = "RETRAIN_RAY_GPUS"
+GPUS_AUTO = "auto"
+
+
+def parse_gpus(value: str | float | None = None) -> float | None:
+    """The GPUs one run asks for: ``value`` (``--gpus``), else ``$RETRAIN_RAY_GPUS``, else
+    ``auto``; None means ``auto`` (decided per run by `choose_gpus`).
 
     Raises:
-        ConfigError: a negative or non-numeric value.
+        ConfigError: neither ``auto`` nor a number of 0 or more.
     """
-    gpus = env_number("RETRAIN_RAY_GPUS", 1.0, allow_zero=True) if gpus is None else float(gpus)
+    if value is None:
+        raw = os.environ.get(GPUS_ENV, "").strip()
+        if raw.lower() in ("", GPUS_AUTO):
+            return None
+        return env_number(GPUS_ENV, 0.0, allow_zero=True)
+    if isinstance(value, str):
+        if value.strip().lower() == GPUS_AUTO:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+    else:
+        number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"--gpus {value}: expected auto or a number of GPUs (0 or more).")
+    return number
+
+
+def resources(
+    gpus: str | float | None = None, cpus: float | None = None
+) -> tuple[float | None, float]:
+    """The (GPUs, CPUs) one run asks Ray for: the arguments, else ``$RETRAIN_RAY_GPUS`` /
+    ``$RETRAIN_RAY_CPUS``, else ``auto`` GPUs (None: `choose_gpus` decides) and 1 CPU.
+
+    Raises:
+        ConfigError: a negative or non-numeric value (``auto`` aside).
+    """
+    wanted = parse_gpus(gpus)
     cpus = env_number("RETRAIN_RAY_CPUS", 1.0, allow_zero=True) if cpus is None else float(cpus)
-    if gpus < 0 or cpus < 0:
-        raise ConfigError(f"--gpus {gpus:g} --cpus {cpus:g}: expected 0 or more of each.")
-    return gpus, cpus
+    if cpus < 0:
+        raise ConfigError(f"--cpus {cpus:g}: expected 0 or more.")
+    return wanted, cpus
+
+
+def gpu_choice(
+    cluster_gpus: float | None, autoscaler_gpus: float | None, autoscaler: bool
+) -> tuple[float, str]:
+    """What ``auto`` asks for, and why: 1 GPU when the cluster has one or its autoscaler can
+    add one (``autoscaler_gpus``: the most its node types offer), else 0.
+
+    Args:
+        cluster_gpus: GPUs on the cluster's live nodes now (None: unknown).
+        autoscaler_gpus: GPUs the autoscaler's node types can add (None: unknown).
+        autoscaler: whether the cluster publishes an autoscaler config (node types).
+    """
+    if cluster_gpus:
+        return 1.0, f"auto: the cluster has {cluster_gpus:g} GPU(s)"
+    if autoscaler_gpus:
+        return 1.0, (
+            f"auto: the cluster has no GPU now; its autoscaler can add up to {autoscaler_gpus:g}"
+        )
+    if autoscaler:
+        return 0.0, "auto: the cluster has no GPU and its autoscaler offers none"
+    return 0.0, "auto: the cluster has no GPU and no autoscaler node types that could add one"
+
+
+def live_gpus(addr: str) -> float | None:
+    """GPUs on the cluster's live nodes, through Ray's State API (the dashboard address);
+    None when it lists no node (a head that just started) or cannot be asked."""
+    try:
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(
+            address=addr, filters=[("state", "=", "ALIVE")], timeout=int(REQUEST_TIMEOUT_S)
+        )
+    except Exception:  # noqa: BLE001 (Ray raises many types; the probe's count stands in)
+        return None
+    if not nodes:
+        return None
+    return float(sum((node.resources_total or {}).get("GPU", 0) for node in nodes))
+
+
+def choose_gpus(gpus: str | float | None = None, addr: str | None = None) -> tuple[float, str]:
+    """The GPUs one run asks Ray for, and why (recorded in the run's runner record).
+
+    A number (``--gpus``, else ``$RETRAIN_RAY_GPUS``) is taken as it is. ``auto`` (the
+    default) looks at the cluster: its live nodes' GPUs (Ray's State API, else the storage
+    probe's ``ray.cluster_resources()``) and what its autoscaler can add (the probe's
+    ``get_max_resources_from_cluster_config()``, Ray's view of the autoscaler's node types,
+    the one Ray Train uses; none published: none can be added). See `gpu_choice`.
+
+    Raises:
+        ConfigError: a bad ``--gpus`` / ``$RETRAIN_RAY_GPUS``.
+        ClusterError: the cluster cannot be reached (auto only).
+    """
+    wanted = parse_gpus(gpus)
+    if wanted is not None:
+        where = "--gpus" if gpus is not None else GPUS_ENV
+        return wanted, f"asked for {wanted:g} ({where})"
+    addr = addr or address()
+    probe = check_storage(addr)
+    now = live_gpus(addr)
+    if now is None:
+        now = probe.get("cluster_gpus")
+    autoscaler = probe.get("autoscaler_resources")
+    max_gpus = float(autoscaler.get("GPU") or 0) if isinstance(autoscaler, dict) else None
+    return gpu_choice(now, max_gpus, isinstance(autoscaler, dict))
 
 
 def node_python() -> str:
@@ -229,10 +327,11 @@ def submit(
     cpus: float,
     addr: str | None = None,
     ship_code: bool | None = None,
+    gpus_reason: str = "",
 ) -> dict[str, Any]:
     """Submit ``command`` (the worker command line, its interpreter replaced by the nodes'
     `node_python`) as a Ray job; return the runner record ``{runner, job_id, address, gpus,
-    cpus, entrypoint, ship_code, submitted}`` to keep in the run directory.
+    gpus_reason, cpus, entrypoint, ship_code, submitted}`` to keep in the run directory.
 
     Args:
         ship_code: send this checkout's ``retrain/`` as the job's ``working_dir``; default
@@ -268,6 +367,7 @@ def submit(
         "job_id": job_id,
         "address": addr,
         "gpus": gpus,
+        "gpus_reason": gpus_reason or f"asked for {gpus:g}",
         "cpus": cpus,
         "entrypoint": entrypoint,
         "ship_code": ship,
@@ -345,6 +445,30 @@ def stop_job(record: dict[str, Any]) -> bool:
         return False
 
 
+# The storage probe job: write the token first (the storage check), then what only a driver on
+# the cluster can ask Ray (for --gpus auto). A hung connection is bounded by SIGALRM's default
+# action, which ends the job (the check then fails, as for any failed probe).
+_PROBE_CODE = """
+import json, os, signal, sys
+path, token = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+facts = {}
+try:
+    signal.alarm(60)
+    import ray
+    from ray._private.state import state
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    facts["cluster_gpus"] = ray.cluster_resources().get("GPU", 0)
+    facts["autoscaler_resources"] = state.get_max_resources_from_cluster_config()
+    ray.shutdown()
+    signal.alarm(0)
+except Exception as err:
+    facts["error"] = repr(err)[:300]
+with open(path, "w") as f:
+    f.write(token + "\\n" + json.dumps(facts))
+"""
+
+
 def check_storage(
     addr: str | None = None, timeout_s: float = PROBE_TIMEOUT_S, *, reuse: bool = True
 ) -> dict[str, Any]:
@@ -352,6 +476,9 @@ def check_storage(
 
     A tiny probe job (no GPU, no CPU reserved) writes a random token into
     ``$RETRAIN_HOME/.ray-probe/`` on the node where Ray runs it; this process then reads it.
+    The job also writes what ``--gpus auto`` needs to know and only a driver on the cluster
+    can ask: ``ray.cluster_resources()``'s GPUs and the autoscaler's node types
+    (``get_max_resources_from_cluster_config()``: None when no autoscaler publishes any).
     A good result is remembered per cluster session (``$RETRAIN_HOME/ray-storage.json``), so
     the probe runs once per cluster start, not once per run.
 
@@ -359,7 +486,8 @@ def check_storage(
         reuse: accept a good probe of the same cluster session (False: probe again).
 
     Returns:
-        The probe record ``{address, session_name, checked}``.
+        The probe record ``{address, session_name, checked, cluster_gpus,
+        autoscaler_resources}`` (+ ``cluster_error`` when the job could not ask Ray).
 
     Raises:
         ClusterError: the cluster does not answer, the probe failed, or the file it wrote is
@@ -374,14 +502,12 @@ def check_storage(
         and isinstance(known, dict)
         and session
         and (known.get("address"), known.get("session_name")) == (addr, session)
+        and "autoscaler_resources" in known
     ):
         return known
     token = secrets.token_hex(8)
     path = root / PROBE_DIR / f"{token}.txt"
-    code = (
-        "import os, sys; p = sys.argv[1]; os.makedirs(os.path.dirname(p), exist_ok=True); "
-        "open(p, 'w').write(sys.argv[2])"
-    )
+    code = _PROBE_CODE
     ray_client = client(addr)
     try:
         job_id = _call(
@@ -411,9 +537,9 @@ def check_storage(
             f"{addr} (it stayed {status}); check the cluster's head node. Nothing was submitted."
         )
     try:
-        seen = path.read_text()
+        seen, _, facts_text = path.read_text().partition("\n")
     except OSError:
-        seen = None
+        seen, facts_text = None, ""
     finally:
         path.unlink(missing_ok=True)
     if status != "SUCCEEDED":
@@ -431,7 +557,19 @@ def check_storage(
             f"The Ray cluster does not share RETRAIN_HOME with this dashboard: a probe job wrote "
             f"{path} on a Ray node but it is not visible here. {mount_hint}"
         )
-    record = {"address": addr, "session_name": session, "checked": time.time()}
+    try:
+        facts = json.loads(facts_text)
+    except ValueError:
+        facts = {"error": "the probe wrote no cluster resources"}
+    record = {
+        "address": addr,
+        "session_name": session,
+        "checked": time.time(),
+        "cluster_gpus": facts.get("cluster_gpus"),
+        "autoscaler_resources": facts.get("autoscaler_resources"),
+    }
+    if facts.get("error"):
+        record["cluster_error"] = facts["error"]
     write_json(root / PROBE_RECORD, record)
     return record
 

@@ -38,7 +38,7 @@ class Runner(Protocol):
         workspace: Path,
         *,
         run_dir: Path | None = None,
-        gpus: float | None = None,
+        gpus: float | str | None = None,  # a number, "auto", None: $RETRAIN_RAY_GPUS
         cpus: float | None = None,
     ) -> dict[str, Any]:
         """Start a new run; return ``{"run_dir", "runner", "job_id", "state"}`` at once."""
@@ -49,7 +49,7 @@ class Runner(Protocol):
         run_dir: Path,
         workspace: Path | None = None,
         *,
-        gpus: float | None = None,
+        gpus: float | str | None = None,  # a number, "auto", None: $RETRAIN_RAY_GPUS
         cpus: float | None = None,
     ) -> dict[str, Any]:
         """Continue a stopped/interrupted run from its last finished epoch (same shape)."""
@@ -150,9 +150,12 @@ class RayRunner:
     def _submit(self, run_dir: Path, command: list[str], gpus, cpus) -> dict[str, Any]:
         from retrain import ray_runner
 
-        gpus, cpus = ray_runner.resources(gpus, cpus)
+        _, cpus = ray_runner.resources(gpus, cpus)
         try:
-            record = ray_runner.submit(command, run_dir=run_dir, gpus=gpus, cpus=cpus)
+            gpus, reason = ray_runner.choose_gpus(gpus)  # "auto" looks at the cluster
+            record = ray_runner.submit(
+                command, run_dir=run_dir, gpus=gpus, cpus=cpus, gpus_reason=reason
+            )
         except RunError as err:
             rundir.write_status(run_dir, "failed", error=str(err), finished=time.time())
             raise
@@ -248,10 +251,14 @@ def cli_submit(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli_status(args: argparse.Namespace) -> dict[str, Any]:
     """``python -m retrain status RUN_DIR``: `retrain.jobs.cli_status` plus ``runner`` and,
-    for a Ray run, ``ray`` (Ray's view of its job, asked even when the run has ended)."""
+    for a Ray run, ``gpus`` and ``gpus_reason`` (what the job asked Ray for, and why) and
+    ``ray`` (Ray's view of its job, asked even when the run has ended)."""
     result = jobs.cli_status(args)
     record = rundir.read_runner(Path(args.run_dir)) or {}
     result["runner"] = record.get("runner", "local")
+    if record.get("runner") == "ray":
+        result["gpus"] = record.get("gpus")
+        result["gpus_reason"] = record.get("gpus_reason") or f"asked for {record.get('gpus')}"
     if record.get("runner") == "ray" and "ray" not in result:
         from retrain import ray_runner
 

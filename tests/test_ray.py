@@ -104,6 +104,44 @@ def test_ray_address_must_be_the_dashboard(monkeypatch: pytest.MonkeyPatch):
     assert ray_runner.resources()[0] == 0.0
 
 
+def test_gpus_auto_is_the_default_and_numbers_still_count(monkeypatch: pytest.MonkeyPatch):
+    from retrain import ray_runner
+    from retrain.errors import ConfigError
+
+    monkeypatch.delenv("RETRAIN_RAY_GPUS", raising=False)
+    assert ray_runner.resources() == (None, 1.0)  # None: auto, decided per run
+    assert ray_runner.parse_gpus("auto") is None and ray_runner.parse_gpus(" AUTO ") is None
+    assert ray_runner.parse_gpus("0") == 0.0 and ray_runner.parse_gpus("0.5") == 0.5
+    assert ray_runner.parse_gpus(2) == 2.0
+    for bad in ("lots", "-1", "nan"):
+        with pytest.raises(ConfigError, match=f"--gpus {bad}: expected auto or a number"):
+            ray_runner.parse_gpus(bad)
+    monkeypatch.setenv("RETRAIN_RAY_GPUS", "auto")
+    assert ray_runner.resources()[0] is None
+    monkeypatch.setenv("RETRAIN_RAY_GPUS", "2")
+    # A number is taken as it is, without asking the cluster (none is reachable here).
+    assert ray_runner.choose_gpus() == (2.0, "asked for 2 (RETRAIN_RAY_GPUS)")
+    assert ray_runner.choose_gpus("0") == (0.0, "asked for 0 (--gpus)")
+
+
+@pytest.mark.parametrize(
+    ("cluster_gpus", "autoscaler_gpus", "autoscaler", "chosen", "why"),
+    [
+        (2.0, None, False, 1.0, "auto: the cluster has 2 GPU(s)"),
+        (0.0, 8.0, True, 1.0, "auto: the cluster has no GPU now; its autoscaler can add up to 8"),
+        (0.0, 0.0, True, 0.0, "auto: the cluster has no GPU and its autoscaler offers none"),
+        (None, None, False, 0.0, "auto: the cluster has no GPU and no autoscaler node types"),
+    ],
+)
+def test_gpus_auto_asks_for_a_gpu_only_where_one_is_or_can_be_added(
+    cluster_gpus, autoscaler_gpus, autoscaler, chosen, why
+):
+    from retrain import ray_runner
+
+    gpus, reason = ray_runner.gpu_choice(cluster_gpus, autoscaler_gpus, autoscaler)
+    assert gpus == chosen and reason.startswith(why)
+
+
 def test_a_ray_worker_refuses_a_node_without_the_run_or_a_superseded_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -130,6 +168,9 @@ def test_storage_probe_reads_what_a_job_wrote_and_remembers_it(ray_env: Cluster)
 
     first = ray_runner.check_storage()
     assert first["address"] == ray_env.address and first["session_name"]
+    # What --gpus auto needs, asked by the probe job on the cluster: no GPU, no autoscaler.
+    assert first["cluster_gpus"] == 0 and first["autoscaler_resources"] is None
+    assert "cluster_error" not in first
     assert not list((home() / ray_runner.PROBE_DIR).glob("*.txt"))  # the probe cleans up
     # Once per cluster session: the second check submits no job.
     from ray.job_submission import JobSubmissionClient
@@ -273,10 +314,13 @@ print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY")
 
 
 def test_submit_trains_on_ray_and_status_watches_it_to_done(
-    ray_env: Cluster, tiny_data: Path, tmp_path: Path
+    ray_env: Cluster, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """With the default ``--gpus auto`` on this CPU-only head (no autoscaler): the job asks
+    for no GPU, trains, and status says so and why."""
+    monkeypatch.delenv("RETRAIN_RAY_GPUS")
     run_dir = tmp_path / "run-ray"
-    reply = submit(tiny_data, run_dir, "--epochs", "2", "--runner", "ray", "--gpus", "0")
+    reply = submit(tiny_data, run_dir, "--epochs", "2", "--runner", "ray")
     assert set(reply) == {"run_dir", "runner", "job_id", "state"}
     assert reply["runner"] == "ray" and reply["run_dir"] == str(run_dir)
     assert reply["state"] == "queued" and reply["job_id"].startswith("retrain-run-ray-")
@@ -286,6 +330,8 @@ def test_submit_trains_on_ray_and_status_watches_it_to_done(
     assert record["job_id"] == reply["job_id"] and record["address"] == ray_env.address
     assert record["entrypoint"].startswith("python -m retrain train ")
     assert f"--out {run_dir}" in record["entrypoint"]
+    no_gpu = "auto: the cluster has no GPU and no autoscaler node types that could add one"
+    assert record["gpus"] == 0 and record["gpus_reason"] == no_gpu
 
     seen = set()
 
@@ -297,6 +343,7 @@ def test_submit_trains_on_ray_and_status_watches_it_to_done(
     status = wait_for(finished, timeout_s=240, poll_s=1.0, what="the Ray run to finish")
     assert status["state"] == "done", status
     assert status["epochs_done"] == 2 and status["runner"] == "ray"
+    assert status["gpus"] == 0 and status["gpus_reason"] == no_gpu
     # The run directory says done as the worker writes its end; Ray says so once it exited.
     status = wait_for(
         lambda: (s := cli("status", str(run_dir)))["ray"]["job_status"] != "RUNNING" and s,
