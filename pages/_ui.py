@@ -201,9 +201,12 @@ def signed_in_token() -> str | None:
     except (AttributeError, KeyError):
         return None
     subject = str(user.get("sub") or user.get("email") or "")
-    token = user_session_token(
-        str(auth.get("cookie_secret", "")), str(user.get("iss", "")), subject
-    )
+    try:
+        token = user_session_token(
+            str(auth.get("cookie_secret", "")), str(user.get("iss", "")), subject
+        )
+    except ConfigError:  # no secret or no user id: stay anonymous rather than share one
+        return None
     st.session_state["_signed_in"] = True
     return token
 
