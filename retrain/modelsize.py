@@ -130,8 +130,11 @@ def declared_sizes(path: str | Path) -> list[Declared]:
             than `MAX_HDF5_OBJECTS` objects.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(len(_HDF5_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_HDF5_MAGIC))
+    except OSError:
+        return []  # missing or unreadable: the loader says so in its own words
     if head == _HDF5_MAGIC:
         return _declared_h5_file(path)
     if zipfile.is_zipfile(path):
