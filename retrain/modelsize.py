@@ -374,6 +374,7 @@ def _itemsize(cfg: dict) -> int:
 
 
 _CONTAINERS = {"Sequential", "Functional", "Model"}
+_WRAPPERS = {"Bidirectional", "TimeDistributed"}
 _CHANNELS_FIRST = "channels_first"
 
 
@@ -427,7 +428,8 @@ def _layer_params(cls: str, cfg: dict, shape: list | None) -> int:
     if cls in ("SimpleRNN", "GRU", "LSTM"):
         units = _int(cfg.get("units")) or 0
         gates = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[cls]
-        return gates * ((last or 0) * units + units * units + 2 * units)
+        biases = 2 if cls == "GRU" and cfg.get("reset_after", True) else 1
+        return gates * ((last or 0) * units + units * units + biases * units)
     if cls == "PReLU":
         return math.prod(d or 1 for d in (shape or [None])[1:])
     return 0
@@ -586,6 +588,16 @@ def _walk(
     built = _shape(build.get("input_shape")) if isinstance(build, dict) else None
     if cls in _CONTAINERS or isinstance(cfg.get("layers"), list):
         return _walk_model(cls, cfg, in_shape or written or built, declared)
+    if cls in _WRAPPERS and isinstance(cfg.get("layer"), dict):
+        shape = in_shape or written or built
+        if cls == "TimeDistributed" and shape is not None:
+            shape = [shape[0], *shape[2:]] if len(shape) > 2 else None
+        inner = Declared("config")
+        _walk(cfg["layer"], shape, inner)
+        copies = 2 if cls == "Bidirectional" else 1  # a forward and a backward copy
+        if inner.total:
+            declared.add(f"{cls} layer '{cfg.get('name', '?')}'", copies * inner.total)
+        return None
     params = max(_layer_params(cls, cfg, s) for s in (built, in_shape, written))
     if params:
         declared.add(f"{cls} layer '{cfg.get('name', '?')}'", params * _itemsize(cfg))

@@ -253,8 +253,16 @@ def test_normal_models_declare_what_they_hold_and_load(tmp_path: Path, keras_cac
     )
     seq_path = tmp_path / "seq.keras"
     seq.save(seq_path)
+    layers = keras.layers
+    words = keras.Input((10,), dtype="int32")
+    x = layers.Embedding(50, 8)(words)
+    x = layers.Bidirectional(layers.LSTM(16, return_sequences=True))(x)
+    x = layers.TimeDistributed(layers.Dense(5))(x)
+    rnn = keras.Model(words, layers.GRU(7)(x))  # no image model, but sized all the same
+    rnn_path = tmp_path / "rnn.keras"
+    rnn.save(rnn_path)
     builtin = models.ensure_builtin()
-    for file, model in ((path, small), (seq_path, seq), (builtin, None)):
+    for file, model in ((path, small), (seq_path, seq), (rnn_path, rnn), (builtin, None)):
         model = model or models.load_base("builtin:digits-cnn").model
         declared = {d.source: d.total for d in modelsize.declared_sizes(file) if d.total}
         assert declared["config"] == model.count_params() * 4, (file.name, declared)
