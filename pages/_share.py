@@ -7,6 +7,7 @@ the Evaluate page sends, so it is usually answered from the cache).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,6 +32,37 @@ def full_link(url_path: str) -> str:
     except (AttributeError, ValueError):
         return path
     return f"{parts.scheme}://{parts.netloc}{path}" if parts.scheme and parts.netloc else path
+
+
+_CARD_SPECIAL = re.compile(r"([<>\[\]$])")
+
+
+def card_markdown(card: str) -> str:
+    """A model card as Markdown that shows every name in it as text.
+
+    Outside code (fenced blocks and `code spans`, which show their text as is), ``< > [ ] $``
+    are escaped: a dataset named ``<img src=x onerror=alert(1)>`` or ``[x](http://...)``
+    stays those characters, never a tag, a link or LaTeX.
+    """
+    lines, fenced = [], False
+    for line in card.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            lines.append(line)
+            continue
+        if fenced:
+            lines.append(line)
+            continue
+        parts = line.split("`")
+        if len(parts) % 2 == 0:  # an unclosed backtick: treat the whole line as text
+            parts = [line.replace("`", "\\`")]
+        lines.append(
+            "`".join(
+                _CARD_SPECIAL.sub(r"\\\1", part) if i % 2 == 0 else part
+                for i, part in enumerate(parts)
+            )  # fmt: skip
+        )
+    return "\n".join(lines)
 
 
 def _when(stamp: float) -> str:

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._service import model_answer
+from pages._share import card_markdown
 from pages._ui import as_text, ensure_session, remember
 from retrain import share
 from retrain.errors import RetrainError
@@ -221,6 +222,6 @@ if record.get("downloads"):
 card = share.share_file(record, share.CARD_FILE)
 if card.is_file():
     with st.expander("Model card"):
-        st.markdown(card.read_text())
+        st.markdown(card_markdown(card.read_text()))
 
 _copy(record, workspace)
