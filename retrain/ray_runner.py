@@ -192,7 +192,10 @@ def choose_gpus(gpus: str | float | None = None, addr: str | None = None) -> tup
         now = probe.get("cluster_gpus")
     autoscaler = probe.get("autoscaler_resources")
     max_gpus = float(autoscaler.get("GPU") or 0) if isinstance(autoscaler, dict) else None
-    return gpu_choice(now, max_gpus, isinstance(autoscaler, dict))
+    gpus, reason = gpu_choice(now, max_gpus, isinstance(autoscaler, dict))
+    if not gpus and probe.get("cluster_error"):
+        reason += f" (the storage probe could not ask Ray: {probe['cluster_error']})"
+    return gpus, reason
 
 
 def node_python() -> str:
