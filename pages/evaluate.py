@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from pages._service import model_answer
-from pages._ui import ensure_session, require_finished_run
+from pages._ui import as_text, ensure_session, require_finished_run
 from retrain import evaluate, rundir
 from retrain.errors import RetrainError
 from retrain.uploads import save_upload
@@ -165,7 +165,9 @@ with st.expander("Images in a cell", expanded=cell is not None):
         pred_name = pick[1].selectbox("Predicted class", names, key="eval_cell_pred")
         cell = (true_name, pred_name)
     items = [p for p in report["predictions"] if p["true"] == cell[0] and p["predicted"] == cell[1]]
-    st.markdown(f"**{len(items)}** images of **{cell[0]}** predicted as **{cell[1]}**")
+    st.markdown(
+        f"**{len(items)}** images of **{as_text(cell[0])}** predicted as **{as_text(cell[1])}**"
+    )
     _gallery(items, "No images in this cell.")
 
 st.subheader("Mistakes, most confident first")
@@ -283,7 +285,11 @@ show_cam = st.toggle(
     help="Red = the regions that raised the top class's score most. Needs a conv base.",
 )
 if uploads:
-    paths = [save_upload(workspace / "uploads", u.name, u.getvalue()) for u in uploads]
+    try:
+        paths = [save_upload(workspace / "uploads", u.name, u.getvalue()) for u in uploads]
+    except RetrainError as err:  # the session's upload or disk quota (retrain.quotas)
+        st.error(str(err))
+        st.stop()
     answer = model_answer(
         "predict", "Classifying", model=str(model_path), images=list(map(str, paths)), top_k=top_k
     )
@@ -301,7 +307,7 @@ if uploads:
                 elif cam is not None:
                     cols[0].image(cam["png"], caption="Grad-CAM", width="stretch")
             best = result["top_k"][0]
-            cols[1].markdown(f"**{best['class']}** ({best['probability']:.0%})")
+            cols[1].markdown(f"**{as_text(best['class'])}** ({best['probability']:.0%})")
             fig = go.Figure(
                 go.Bar(
                     x=[r["probability"] for r in result["top_k"]][::-1],

@@ -11,6 +11,7 @@ import streamlit as st
 
 from pages._service import model_answer
 from pages._ui import (
+    as_text,
     demo_mode,
     ensure_session,
     link,
@@ -128,9 +129,13 @@ def save_model_upload(files: list[Any], workspace: Path) -> str | None:
     if saved and saved[0] == ids and Path(saved[1]).is_file():
         return saved[1]
     model = models[0]
-    target = save_upload(
-        workspace / "models", model.name, model.getvalue(), default_name="model.h5"
-    )
+    try:
+        target = save_upload(
+            workspace / "models", model.name, model.getvalue(), default_name="model.h5"
+        )
+    except RetrainError as err:  # the session's upload or disk quota (retrain.quotas)
+        st.error(str(err))
+        return None
     labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]
     if labels:
         (target.parent / "labels.txt").write_bytes(labels[0].getvalue())
@@ -205,7 +210,7 @@ def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
     if not files:
         earlier = st.session_state.get("base", "")
         if earlier and ":" not in earlier and Path(earlier).is_file():
-            st.caption(f"Using the model uploaded earlier: {Path(earlier).name}")
+            st.caption(f"Using the model uploaded earlier: {as_text(Path(earlier).name)}")
             return earlier, True
         return None, False
     return save_model_upload(files, workspace), True
@@ -345,7 +350,7 @@ if classes is None:
     st.info("No dataset yet: the new head needs your classes. The architecture is shown below.")
     link("dataset", "Go to Dataset")
 else:
-    st.caption(f"{len(classes)} classes from your dataset: {', '.join(classes[:12])}")
+    st.caption(f"{len(classes)} classes from your dataset: {as_text(', '.join(classes[:12]))}")
 HEAD_MODES = {
     "replace": "Replace the classifier (new classes only)",
     "keep": "Add classes, keep the old ones",

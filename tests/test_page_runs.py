@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from conftest import write_run_dir
 from streamlit.testing.v1 import AppTest
 
@@ -138,3 +139,37 @@ def test_a_run_whose_worker_died_shows_as_interrupted_and_can_be_deleted():
     at.run()
     table = at.dataframe[0].value.set_index("run")
     assert table.loc["run-crashed", "state"] == "interrupted"
+
+
+def test_share_a_finished_run_then_revoke_it(make_run):
+    from retrain import share
+
+    token = new_session_token()
+    workspace = session_workspace(token)
+    make_run(workspace, classes=("cat", "dog", "<img src=x onerror=alert(1)>"), run_id="run-s")
+    _fake_run(workspace, "run-live", 0.5, "running")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
+    at.session_state["token"] = token  # the session cookie
+    at.run()
+    at.switch_page("pages/runs.py").run()
+    assert any("No live share links" in c.value for c in at.caption)
+    at.selectbox(key="runs_pick").select("run-live").run()
+    assert not [b for b in at.button if b.key == "runs_share_create"], "only finished runs"
+    at.selectbox(key="runs_pick").select("run-s").run()
+    at.checkbox(key="runs_share_downloads").check()
+    at.button(key="runs_share_create").click().run()
+    assert not at.exception, at.exception
+    mine = share.list_shares(share.owner_key(workspace))
+    assert len(mine) == 1 and mine[0]["run_id"] == "run-s" and mine[0]["downloads"] is True
+    codes = [c.value for c in at.code]
+    assert any(code.endswith(f"/?share={mine[0]['share_id']}") for code in codes), codes
+    record = share.read_share(mine[0]["share_id"])
+    assert share.read_report(record)["confusion_matrix"]
+    assert share.share_file(record, share.CARD_FILE).read_text().startswith("# Model card")
+    # Another session sees none of it; the owner revokes it from the list.
+    assert share.list_shares(share.owner_key(session_workspace(new_session_token()))) == []
+    at.button(key=f"share_revoke_{mine[0]['share_id']}").click().run()
+    assert not at.exception, at.exception
+    assert share.list_shares(share.owner_key(workspace)) == []
+    with pytest.raises(share.ShareError, match="revoked"):
+        share.read_share(mine[0]["share_id"])
