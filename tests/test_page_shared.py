@@ -158,3 +158,22 @@ def test_try_it_classifies_the_visitors_image(monkeypatch, make_run, owner):
     tries = list((home() / "sessions" / token / "uploads" / "try").rglob("*.png"))
     assert [p.name for p in tries] == ["_img src=x onerror=alert(1)_.png"]
     assert _files(owner) == owner_files
+
+
+def test_copy_with_example_images_gives_a_small_dataset_too(monkeypatch, make_run, owner):
+    run_dir = make_run(owner, classes=("cat", "dog", HOSTILE), per_class=6, epochs=2)
+    from retrain.evaluate import evaluate_run
+
+    report = evaluate_run(run_dir, "val")
+    made = share.create_share(run_dir, report, owner="o", examples=True, card="# Model card")
+    at = _open(made["share_id"], monkeypatch)
+    assert [c.value for c in at.caption if c.value.startswith("\\<img")] == [
+        "\\<img src=x onerror=alert(1)\\>"
+    ]
+    at.button(key="shared_copy").click().run()
+    assert not at.exception, at.exception
+    dataset = Path(at.session_state["dataset"])
+    visitor = home() / "sessions" / at.session_state["token"]
+    assert dataset.is_relative_to(visitor) and dataset.name == "manifest.json"
+    assert at.session_state["dataset_label"].endswith("3 classes")
+    assert "_img src=x onerror=alert(1)_" in dataset.read_text()  # the folder name, cleaned

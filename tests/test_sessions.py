@@ -160,3 +160,13 @@ def test_hostile_names_in_the_sidebar_show_as_text(monkeypatch):
 )
 def test_as_text_escapes_every_markup(name, escaped):
     assert ui.as_text(name) == escaped
+
+
+def test_xsrf_protection_stays_on():
+    import tomllib
+
+    from streamlit import config as st_config
+
+    settings = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert settings.get("server", {}).get("enableXsrfProtection", True) is True
+    assert st_config.get_option("server.enableXsrfProtection") is True
