@@ -187,6 +187,8 @@ def test_private_sessions_and_share_links(make_run, tmp_path):
             assert not [label for label in labels if forbidden.search(label)], labels
             assert c.locator('[data-testid="stSidebarNav"]').count() == 0, "no way into A's steps"
             assert _files(workspace_a) == before, "C's visit changed A's workspace"
+            # The upload went through with Streamlit's XSRF protection on (its cookie is set).
+            assert any(k["name"] == "_streamlit_xsrf" for k in contexts["C"].cookies())
             assert not alerts, alerts
 
             # --- A revokes; C's reload says so.
