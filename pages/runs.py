@@ -97,7 +97,10 @@ def _reuse(run_id: str, config: dict, workspace: Path) -> None:
 
 workspace = ensure_session()
 st.title("Runs")
-st.caption("Every training run of this session. Compare them, reuse a config, delete old ones.")
+st.caption(
+    "Every training run of this session. Compare them, reuse a config, share a finished one "
+    "as a read-only link, delete old ones."
+)
 
 runs = jobs.list_runs(workspace)
 if not runs:

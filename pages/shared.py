@@ -22,6 +22,8 @@ from retrain import share
 from retrain.errors import RetrainError
 from retrain.uploads import save_upload
 
+TRY_IMAGE_PX = 224
+
 
 def _plain(name: str) -> str:
     """A name for a Plotly label: Plotly reads a few HTML tags in text, so escape them."""
@@ -97,7 +99,7 @@ def _try_it(record: dict, workspace) -> None:
         return
     result = answer["predictions"][0]
     cols = st.columns([1, 2])
-    cols[0].image(str(path), width="stretch")
+    cols[0].image(str(path), width=TRY_IMAGE_PX)
     best = result["top_k"][0]
     cols[1].markdown(f"Top class: **{as_text(best['class'])}** ({best['probability']:.0%})")
     cols[1].dataframe(
@@ -113,7 +115,7 @@ def _try_it(record: dict, workspace) -> None:
     with cols[0]:
         cam = model_answer("grad_cam", "Computing Grad-CAM", model=model, image=str(path))
     if cam is not None and cam.get("png"):
-        cols[0].image(cam["png"], caption="Grad-CAM: where the model looked", width="stretch")
+        cols[0].image(cam["png"], caption="Grad-CAM: where the model looked", width=TRY_IMAGE_PX)
     elif cam is not None:
         cols[0].caption("Grad-CAM needs a conv base and the TensorFlow backend.")
 
