@@ -177,3 +177,28 @@ def test_copy_with_example_images_gives_a_small_dataset_too(monkeypatch, make_ru
     assert dataset.is_relative_to(visitor) and dataset.name == "manifest.json"
     assert at.session_state["dataset_label"].endswith("3 classes")
     assert "_img src=x onerror=alert(1)_" in dataset.read_text()  # the folder name, cleaned
+
+
+@pytest.mark.parametrize("page", ["train", "evaluate"])
+def test_train_and_evaluate_pages_offer_share_for_a_finished_run(page, monkeypatch, make_run):
+    token = new_session_token()
+    workspace = session_workspace(token)
+    run_dir = make_run(workspace, classes=("cat", "dog"), per_class=6, epochs=2, run_id="run-t")
+    from retrain.data import ingest
+
+    dataset = ingest(Path(json.loads((run_dir / "config.json").read_text())["data"]), workspace)
+    (workspace / "session.json").write_text(
+        json.dumps(
+            {
+                "dataset": str(dataset.manifest_path),
+                "dataset_label": "cats",
+                "base": "builtin:digits-cnn",
+                "base_label": "starter",
+                "run_id": "run-t",
+            }
+        )
+    )
+    at = _open(None, monkeypatch, cookie=token)
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    assert at.button(key=f"{'train' if page == 'train' else 'eval'}_share_create")
