@@ -13,6 +13,7 @@ import pytest
 from retrain.errors import ConfigError, ModelError
 from retrain.service import WorkerLost, ask, client, kinds, pool
 from retrain.service import queue as requests
+from retrain.workspace import read_json
 
 
 @pytest.fixture
@@ -20,6 +21,7 @@ def workers(monkeypatch):
     """A real pool of one warm worker on this test's home; stopped afterwards."""
     monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "1")
     monkeypatch.setenv("RETRAIN_MODEL_THREADS", "1")
+    monkeypatch.setenv("RETRAIN_PRELOAD", "")  # these tests load their own models
     yield pool
     pool.stop_workers()
 
@@ -103,6 +105,26 @@ def test_old_answers_are_pruned_and_recent_ones_kept():
     os.utime(cache.answer_path("a" * 64), (old, old))
     assert cache.prune() == 1
     assert cache.read_answer("a" * 64) is None and cache.read_answer("b" * 64) == {"x": 2}
+
+
+def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypatch):
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "1")
+    monkeypatch.setenv("RETRAIN_MODEL_THREADS", "1")
+    try:
+        record = pool.ensure_workers()[0]
+        path = pool.record_path(record["pid"])
+        deadline = time.time() + 180
+        while time.time() < deadline and "ready" not in (read_json(path) or {}):
+            time.sleep(0.2)
+        assert "ready" in read_json(path), "the worker never became ready"
+        from retrain.models import builtin_path
+
+        assert builtin_path().is_file()  # trained at start, not at the first Model page visit
+        started = time.time()
+        assert ask("base_head", spec="builtin:digits-cnn")["has_head"] is True
+        assert time.time() - started < 5
+    finally:
+        pool.stop_workers()
 
 
 def test_unknown_kind_is_one_line():

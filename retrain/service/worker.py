@@ -63,7 +63,9 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def warm() -> None:
-    """Import what every request needs, so the first one does not pay for it."""
+    """Import what every request needs and load the models most visitors start with
+    (``RETRAIN_PRELOAD``, comma-separated BASE specs; default the built-in starter model), so
+    the first request does not pay for them."""
     threads = os.environ.get("RETRAIN_WORKER_THREADS")
     if threads:
         from retrain import devices
@@ -72,6 +74,12 @@ def warm() -> None:
     import keras  # noqa: F401  (imports the backend: the slow part)
 
     from retrain import evaluate, models, surgery  # noqa: F401
+
+    for spec in filter(None, os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")):
+        try:  # the starter model trains once on a fresh host: before anyone waits for it
+            kinds.load_base(spec.strip())
+        except RetrainError as err:
+            print(f"preload of {spec} skipped: {err}", flush=True)
 
 
 def main() -> None:
