@@ -264,7 +264,7 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
         meta = json.loads(zf.read("retrain.json")) if "retrain.json" in names else {}
     if meta:
         assert list(meta.get("class_names", [])) == list(CLASSES), meta
-    token = re.search(r"[?&]s=([A-Za-z0-9_-]+)", page.url).group(1)
+    token = next(c["value"] for c in page.context.cookies() if c["name"] == "retrain_session")
     assert token.encode() not in target.read_bytes(), "the session id leaks into the download"
     note(f"downloaded {target.name} ({target.stat().st_size} bytes), entries {sorted(names)}")
 
