@@ -220,6 +220,14 @@ if record.get("downloads"):
             col.download_button(
                 label, path.read_bytes(), file_name=file_name, mime=mime, key=f"shared_dl_{name}"
             )
+    for i, path in enumerate(share.export_files(record)):
+        st.download_button(
+            f"{path.name} ({path.stat().st_size / 1e6:,.1f} MB)",
+            path.read_bytes(),
+            file_name=path.name,
+            mime="application/octet-stream",
+            key=f"shared_dl_export_{i}",
+        )
 
 card = share.share_file(record, share.CARD_FILE)
 if card.is_file():

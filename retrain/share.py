@@ -15,6 +15,9 @@ made, so it outlives the owner's session (the TTL sweep deletes sessions, not sh
     labels.txt     the class names, one a line
     examples/      only when the owner ticked "include example images": a few held-out
                    images per class, ``examples/<class index>/<n>.<ext>``
+    exports/       only when the owner allowed downloads: the run's exported files that
+                   stand alone (``.tflite``, ``.onnx``, the export zips), as the Export page
+                   made them
 
 Revoking deletes everything but ``share.json`` (marked revoked), so the link can say it was
 revoked; an expired share's files are deleted by `prune_shares`. Any id that is not one this
@@ -49,6 +52,9 @@ REPORT_FILE = "report.json"
 CARD_FILE = "card.md"
 LABELS_FILE = "labels.txt"
 EXAMPLES_DIR = "examples"
+EXPORTS_DIR = "exports"
+#: Exported files a share with downloads carries (single files; folders travel in the zips).
+EXPORT_SUFFIXES = (".tflite", ".onnx", ".zip")
 
 DEFAULT_EXPIRES_HOURS = 7 * 24.0
 MAX_EXPIRES_HOURS = 90 * 24.0
@@ -240,6 +246,14 @@ def create_share(
                     name = f"{n}{Path(path).suffix.lower()}"
                     shutil.copy2(path, target / name)
                     shown_examples.setdefault(str(index), []).append(name)
+        exports: list[str] = []
+        if downloads and rundir.export_dir(run_dir).is_dir():
+            for path in sorted(rundir.export_dir(run_dir).iterdir()):
+                if path.is_file() and path.suffix.lower() in EXPORT_SUFFIXES:
+                    (tmp / EXPORTS_DIR).mkdir(exist_ok=True)
+                    name = clean_file_name(path.name, "export")
+                    shutil.copy2(path, tmp / EXPORTS_DIR / name)
+                    exports.append(name)
         record = {
             "share_id": share_id,
             "owner": owner,
@@ -249,6 +263,7 @@ def create_share(
             "created": now,
             "expires": expires,
             "downloads": bool(downloads),
+            "exports": exports,
             "examples": shown_examples,
             "revoked": False,
         }
@@ -342,6 +357,19 @@ def example_images(record: dict[str, Any]) -> dict[str, list[Path]]:
             path = share_file(record, EXAMPLES_DIR) / str(int(index)) / clean_file_name(name)
             if path.is_file() and is_within(path, record["folder"]):
                 found.setdefault(names[int(index)], []).append(path)
+    return found
+
+
+def export_files(record: dict[str, Any]) -> list[Path]:
+    """The exported files a share offers for download (none unless downloads were allowed)."""
+    if not record.get("downloads"):
+        return []
+    folder = share_file(record, EXPORTS_DIR)
+    found = []
+    for name in record.get("exports") or []:
+        path = folder / clean_file_name(name)
+        if path.is_file() and is_within(path, record["folder"]):
+            found.append(path)
     return found
 
 

@@ -111,10 +111,17 @@ def test_the_shared_page_shows_results_and_hostile_names_as_text(monkeypatch, ow
 
 def test_downloads_only_when_the_owner_allowed_them(monkeypatch, owner):
     run_dir = _fake_model_run(owner)
+    (run_dir / "export").mkdir()
+    (run_dir / "export" / "model.tflite").write_bytes(b"x" * 2_000_000)
     made = share.create_share(run_dir, REPORT, owner="o", downloads=True, card="# Model card")
     at = _open(made["share_id"], monkeypatch)
     labels = [b.proto.label for b in at.get("download_button")]
-    assert labels == ["Model (.keras)", "Labels (labels.txt)", "Model card (.md)"]
+    assert labels == [
+        "Model (.keras)",
+        "Labels (labels.txt)",
+        "Model card (.md)",
+        "model.tflite (2.0 MB)",
+    ]
 
 
 def test_copy_to_my_workspace_gives_the_visitor_a_base_model(monkeypatch, owner):

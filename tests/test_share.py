@@ -253,3 +253,22 @@ def test_cli_share_and_unshare(shared_run, owner_session):
         share.read_share(made["share_id"])
     bad = cli("share", str(shared_run), "--expires", "0")
     assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+def test_exported_files_travel_only_with_downloads(owner_session):
+    run_dir = _fake_model_run(owner_session)
+    export = run_dir / "export"
+    (export / "saved_model").mkdir(parents=True)
+    (export / "saved_model" / "saved_model.pb").write_bytes(b"pb")
+    (export / "model.onnx").write_bytes(b"onnx")
+    (export / "run-fake-export.zip").write_bytes(b"zip")
+    (export / "notes.txt").write_text("not an export")
+    without = share.read_share(share.create_share(run_dir, REPORT, owner="o", card="c")["share_id"])
+    assert share.export_files(without) == []
+    assert not (without["folder"] / share.EXPORTS_DIR).exists()
+    made = share.create_share(run_dir, REPORT, owner="o", downloads=True, card="c")
+    record = share.read_share(made["share_id"])
+    assert [p.name for p in share.export_files(record)] == ["model.onnx", "run-fake-export.zip"]
+    # A tampered record cannot point outside the share.
+    record["exports"] = ["../../sessions/x", "/etc/passwd"]
+    assert share.export_files(record) == []
