@@ -127,6 +127,16 @@ def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypa
         pool.stop_workers()
 
 
+def test_a_models_labels_file_is_part_of_its_answers_address(tmp_path: Path):
+    model = tmp_path / "keras_model.h5"
+    model.write_bytes(b"weights")
+    before = client.key_of("describe", {"spec": str(model)})
+    (tmp_path / "labels.txt").write_text("0 cat\n1 dog\n")
+    named = client.key_of("describe", {"spec": str(model)})
+    (tmp_path / "labels.txt").write_text("0 ant\n1 bee\n")
+    assert len({before, named, client.key_of("describe", {"spec": str(model)})}) == 3
+
+
 def test_unknown_kind_is_one_line():
     with pytest.raises(ConfigError, match="Unknown model request 'nope'"):
         ask("nope")

@@ -67,7 +67,9 @@ def _spec_version(spec: str) -> tuple:
     path = Path(spec)
     if ":" not in spec and path.is_file():
         stat = path.stat()
-        return (spec, stat.st_size, stat.st_mtime_ns)
+        labels = path.parent / "labels.txt"  # names the classes: a new one is a new base
+        named = labels.stat().st_mtime_ns if labels.is_file() else None
+        return (spec, stat.st_size, stat.st_mtime_ns, named)
     return (spec,)
 
 
@@ -87,13 +89,16 @@ def load_base(spec: str, workspace: str | None = None) -> Any:
 
 
 def _base_files(args: dict[str, Any]) -> list[Path]:
-    """The built-in starter model's file (when trained): a new one is a new answer."""
+    """Files beside the spec that change the answer: the built-in starter model's file (when
+    trained), or the ``labels.txt`` next to an uploaded model (it names the classes)."""
     spec = str(args.get("spec") or "")
     if spec.startswith("builtin:"):
         from retrain.models import builtin_path
 
         path = builtin_path(spec.split(":", 1)[1] or "digits-cnn")
         return [path] if path.is_file() else []
+    if ":" not in spec and spec:
+        return [Path(spec).parent / "labels.txt"]  # hashed as "missing" when there is none
     return []
 
 
