@@ -77,10 +77,11 @@ def model_answer(
             ahead = (status.get("position") or 1) - 1
             busy = status.get("running") or 0
             where = f"{ahead} request{'s' if ahead != 1 else ''} before yours" if ahead else "next"
-            message.info(
-                f"{label}: waiting for a model worker ({where}; {busy} being answered).",
-                icon=":material/hourglass_top:",
-            )
+            if status.get("workers_ready") == 0 and not busy:
+                text = f"{label}: starting a model worker (TensorFlow loads once, about 10 s)…"
+            else:
+                text = f"{label}: waiting for a model worker ({where}; {busy} being answered)."
+            message.info(text, icon=":material/hourglass_top:")
             if not shown["button"]:
                 shown["button"] = True
                 button.button("Cancel", key=f"{key}_cancel")

@@ -83,7 +83,8 @@ def ask(
         kind: a name in `retrain.service.kinds.KINDS`.
         session: who asks (queues are fair across sessions); never part of the answer.
         on_wait: called about ten times a second while waiting, with ``{"state": "queued",
-            "position": n, "running": k}`` or ``{"state": "running", "progress": {...}}``.
+            "position": n, "running": k, "workers_ready": w}`` or ``{"state": "running",
+            "progress": {...}}``.
         timeout: seconds to wait; default the kind's own.
         **args: the request's JSON arguments.
 
@@ -166,6 +167,7 @@ def _ask_local(
                         "state": "queued",
                         "position": requests.position(rid),
                         "running": requests.running_count(),
+                        "workers_ready": sum(1 for w in pool.live_workers() if "ready" in w),
                     }
                 )
         elif requests.result(rid) is None:
