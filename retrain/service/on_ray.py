@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from retrain.errors import RunError
 from retrain.service import cache, pool
 from retrain.service import queue as requests
 from retrain.workspace import env_number, home, keras_home
@@ -48,12 +49,20 @@ def _connect() -> Any:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address=cluster_address(),
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+        address = cluster_address()
+        try:
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
+        except Exception as err:  # any failure to join is one line for the page
+            raise RunError(
+                f"Cannot reach the Ray cluster at {address} for model requests "
+                f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}). "
+                "Check that it runs, or set RETRAIN_RAY_CLUSTER to its address."
+            ) from None
     return ray
 
 
