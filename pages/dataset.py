@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._ui import dataset_label, ensure_session, link, load_dataset_cached, remember
+from pages._ui import as_text, dataset_label, ensure_session, link, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
 from retrain.errors import RetrainError
 from retrain.sample import sample_dataset
@@ -89,7 +89,7 @@ def _render(dataset: Dataset) -> None:
     if dataset.warnings:
         st.markdown("**Things to check**")
         for warning in dataset.warnings:
-            st.warning(warning, icon=":material/warning:")
+            st.warning(as_text(warning), icon=":material/warning:")  # warnings quote names
     else:
         st.success("No problems found: enough images per class, balanced, no duplicates.")
 
@@ -107,7 +107,7 @@ def _render(dataset: Dataset) -> None:
     images_word = "training images" if len(counts) > 1 else "images"
     for name in shown:
         left, right = st.columns([1, 5], vertical_alignment="center")
-        left.markdown(f"**{name}**  \n{train_counts.get(name, 0):,} {images_word}")
+        left.markdown(f"**{as_text(name)}**  \n{train_counts.get(name, 0):,} {images_word}")
         if thumbs.get(name):
             right.image(thumbs[name], width=80)
         else:

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._service import model_answer
+from pages._share import card_markdown
 from pages._ui import ensure_session, require_finished_run
 from retrain import export, rundir
 
@@ -151,4 +152,4 @@ if files:
 card = out / export.FILE_NAMES["card"]
 if card.is_file():
     with st.expander("Model card preview", expanded=True):
-        st.markdown(card.read_text())
+        st.markdown(card_markdown(card.read_text()))  # names in it show as text

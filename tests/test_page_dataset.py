@@ -156,3 +156,19 @@ def test_in_the_app_the_next_step_is_one_click_away():
     assert at.session_state["dataset_label"] == "digits-5-6-7-8-9: 5 classes, 896 images"
     links = at.get("page_link")
     assert [link.proto.label for link in links] == ["Next: choose a model"]
+
+
+def test_class_names_with_markup_show_as_text(make_image_folder, make_zip):
+    hostile = "<img src=x onerror=alert(1)>"
+    folder = make_image_folder(classes=(hostile, "[x](http://evil.example)"), per_class=10)
+    at = _page()
+    at.file_uploader(key="dataset_upload").upload(
+        "names.zip", make_zip(folder).read_bytes(), "application/zip"
+    )
+    at.run()
+    assert not at.exception
+    shown = [m.value for m in at.markdown if "onerror" in m.value or "evil" in m.value]
+    assert shown, "the class names are not on the page"
+    for text in shown:
+        assert "<img" not in text.replace("\\<img", ""), text  # escaped, never a tag
+        assert "](http" not in text.replace("\\](http", ""), text  # never a link
