@@ -57,6 +57,9 @@ class RunState:
         self.best_loss: float | None = None  # breaks ties of accuracy (small val sets tie often)
         self.phase = 1
         self.phase1_end = total_epochs
+        self.early_stopped_epoch: int | None = None  # the epoch early stopping ended a phase at
+        self.restored_epoch: int | None = None  # the epoch whose weights were restored
+        self.lowest_val_loss: float | None = None  # early stopping's best so far (all phases)
 
     @property
     def halted(self) -> bool:
@@ -358,6 +361,64 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.changing.set_weights(current)
         self._pending = None
         self._last_write = time.monotonic()
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stop when ``monitor`` (validation loss) has not improved for ``patience`` epochs, and
+    at the end of the fit (stopped, early-stopped or out of epochs) restore the weights of the
+    epoch where it was lowest: the epochs are a budget, the best epoch is what is kept.
+
+    Only ``changing`` (the part that trains: the head alone while the base is frozen) is
+    snapshotted. Records ``early_stopped_epoch`` and ``restored_epoch`` (1-based) on the run
+    state. Keras's EarlyStopping restores only when it stopped the fit itself; this one
+    always does, and says which epoch it kept.
+
+    With ``baseline`` (phase 2: the lowest loss of phase 1, whose weights ``changing`` holds
+    when the fit starts) an epoch must beat phase 1 to be kept: fine-tuning that does not
+    help ends with phase 1's weights restored.
+    """
+
+    def __init__(
+        self,
+        run_state: RunState,
+        changing: Any,
+        patience: int,
+        monitor: str = "val_loss",
+        min_delta: float = 1e-4,
+        baseline: tuple[float, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.state, self.changing = run_state, changing
+        self.patience, self.monitor, self.min_delta = patience, monitor, min_delta
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: list | None = None
+        if baseline is not None:
+            self.best, self.best_epoch = baseline
+            self.best_weights = changing.get_weights()
+        self.wait = 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.state.diverged_epoch is not None:
+            return
+        value = finite((logs or {}).get(self.monitor))
+        if value is None:
+            return
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = value, epoch + 1, 0
+            self.best_weights = self.changing.get_weights()
+            self.state.lowest_val_loss = value
+            return
+        self.wait += 1
+        if self.wait >= self.patience and not self.state.stopped:
+            self.state.early_stopped_epoch = epoch + 1
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best_weights is None or self.state.diverged_epoch is not None:
+            return
+        self.changing.set_weights(self.best_weights)
+        self.state.restored_epoch = self.best_epoch
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -38,6 +38,14 @@ PREPROCESSINGS = ("auto", *_PREPROCESSING_REGISTRY)
 DEFAULT_REHEARSAL_PER_CLASS = 20
 #: Softening temperature of distillation (LwF and Hinton et al. use T = 2).
 DEFAULT_TEMPERATURE = 2.0
+#: Phase 1's epoch budget: head epochs on cached features cost little, and early stopping
+#: (patience `DEFAULT_PATIENCE`, best epoch restored) ends most runs well before it.
+DEFAULT_EPOCHS = 30
+DEFAULT_PATIENCE = 5
+#: Phase 2's budget when --fine-tune-epochs is auto in a keep-old-classes run with old data.
+DEFAULT_KEEP_FINE_TUNE_EPOCHS = 15
+#: How a keep-old-classes run corrects its widened head's bias toward the new classes.
+BIAS_CORRECTIONS = ("none", "weight-aligning", "bic")
 
 
 @dataclass(frozen=True)
@@ -113,8 +121,9 @@ class TrainConfig:
     )
     out: str = _opt("run directory to write (config, metrics, checkpoints, log)", "", group="run")
     epochs: int = _opt(
-        "epochs of head training with the base frozen; 10 is enough for most new heads",
-        10,
+        "most epochs of head training (phase 1); a budget: early stopping usually ends the "
+        "run sooner and keeps the best epoch",
+        DEFAULT_EPOCHS,
         group="basic",
         min=1,
         max=1000,
@@ -126,12 +135,14 @@ class TrainConfig:
         min=1,
         max=4096,
     )
-    lr: float = _opt(
-        "learning rate of the new head; 1e-3 is Adam's well-tested default",
-        1e-3,
+    lr: float | None = _opt(
+        "learning rate of phase 1; auto (empty) = found by a learning-rate range test on the "
+        "training data before training (seconds on cached features)",
+        None,
         group="basic",
         min=1e-7,
         max=1.0,
+        auto=True,
     )
     optimizer: str = _opt(
         "optimizer; Adam adapts the step size per weight and rarely needs tuning",
@@ -224,8 +235,9 @@ class TrainConfig:
         group="augment",
     )
     early_stopping: int = _opt(
-        "stop when validation loss has not improved for this many epochs; 0 = off",
-        0,
+        "stop when validation loss has not improved for this many epochs and restore the best "
+        "epoch's weights; 0 = off (train every epoch, keep the last)",
+        DEFAULT_PATIENCE,
         group="advanced",
         min=0,
         max=1000,
@@ -235,15 +247,20 @@ class TrainConfig:
         False,
         group="advanced",
     )
-    fine_tune_epochs: int = _opt(
-        "epochs of phase 2 that unfreezes the top of the base; 0 = head only (fast, safe)",
-        0,
+    fine_tune_epochs: int | None = _opt(
+        "most epochs of phase 2, which unfreezes the top of the base (kept only where it "
+        "lowers the validation loss); 0 = head only (fast, safe); empty = auto: "
+        f"{DEFAULT_KEEP_FINE_TUNE_EPOCHS} in a keep-old-classes run with --old-data (the base "
+        "learns the new classes' features while rehearsal and distillation hold the old "
+        "ones), else 0",
+        None,
         group="fine-tune",
         min=0,
         max=1000,
     )
     fine_tune_lr: float | None = _opt(
-        "learning rate of phase 2; empty = lr/10, small enough not to wreck learned features",
+        "learning rate of phase 2; empty = phase 1's (set or found) / 10, small enough not to "
+        "wreck learned features",
         None,
         group="fine-tune",
         min=1e-8,
@@ -306,12 +323,22 @@ class TrainConfig:
     )
     distill_weight: float | None = _opt(
         "weight of distillation (Learning without Forgetting): the original model's softened "
-        "outputs on the new images are targets for the old outputs; empty = 1 without "
-        "--old-data, 0 with it (rehearsal does the work)",
+        "outputs are targets for the old outputs, with or without --old-data (with it, "
+        "rehearsal and distillation work together as in iCaRL); empty = 1",
         None,
         group="keep",
         min=0.0,
         max=100.0,
+    )
+    bias_correction: str = _opt(
+        "a correction of the widened head's lean toward the new classes, after training: "
+        "none (the default: rehearsal already weights every class equally, and measured, "
+        "neither correction did better; docs/benchmarks.md), weight-aligning (new rows scaled "
+        "to the old rows' mean norm, Zhao et al. 2020) or bic (a scale and shift of the new "
+        "outputs fitted on balanced held-out images, Wu et al. 2019)",
+        "none",
+        group="keep",
+        choices=BIAS_CORRECTIONS,
     )
     distill_temperature: float = _opt(
         "temperature that softens the original outputs for distillation; 2 as in LwF",
@@ -339,7 +366,7 @@ class TrainConfig:
             if (lo is not None and value < lo) or (hi is not None and value > hi):
                 raise ConfigError(
                     f"{flag} must be between {lo:g} and {hi:g}, got {value:g}. "
-                    f"Default: {f.default}."
+                    f"Default: {'auto' if f.metadata.get('auto') else f.default}."
                 )
         try:
             freeze = FreezeSpec.parse(self.freeze)
@@ -347,6 +374,11 @@ class TrainConfig:
             raise ConfigError(f"--freeze '{self.freeze}' is not understood: {err}") from None
         # Stored in its one spelling ("TOP:5" -> "top:5"), so config.json and pages compare it.
         object.__setattr__(self, "freeze", str(freeze))
+        if self.fine_tune_epochs is None:  # auto: resolved now, so every reader sees a number
+            keep = self.keep_old_classes and bool(self.old_data)
+            object.__setattr__(
+                self, "fine_tune_epochs", DEFAULT_KEEP_FINE_TUNE_EPOCHS if keep else 0
+            )
 
     @property
     def freeze_spec(self) -> FreezeSpec:
@@ -354,9 +386,19 @@ class TrainConfig:
         return FreezeSpec.parse(self.freeze)
 
     @property
-    def effective_fine_tune_lr(self) -> float:
-        """Phase 2's learning rate: ``fine_tune_lr`` or ``lr / 10``."""
-        return self.fine_tune_lr if self.fine_tune_lr is not None else self.lr / 10
+    def lr_is_auto(self) -> bool:
+        """Whether phase 1's learning rate is found by a range test (``--lr auto``)."""
+        return self.lr is None
+
+    @property
+    def effective_fine_tune_lr(self) -> float | None:
+        """Phase 2's learning rate: ``fine_tune_lr`` or ``lr / 10``; None while ``lr`` is
+        auto (then it is `fine_tune_lr_for` the found rate)."""
+        return None if self.lr is None else self.fine_tune_lr_for(self.lr)
+
+    def fine_tune_lr_for(self, lr: float) -> float:
+        """Phase 2's learning rate when phase 1 trained at ``lr``: ``fine_tune_lr`` or lr / 10."""
+        return self.fine_tune_lr if self.fine_tune_lr is not None else lr / 10
 
     @property
     def total_epochs(self) -> int:
@@ -416,6 +458,8 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
     """Convert a CLI string (or JSON value) to the field's type, with a one-line error."""
     flag = _flag(f.name)
     kind = _kind(f)
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # "auto" is the field's None: found when the run starts
     if value is None or (isinstance(value, str) and value.strip() == "" and _optional(f)):
         if _optional(f):
             return None
@@ -443,8 +487,10 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             example = f.default if f.default is not None else 1e-4
+            also = f" or {flag} auto" if f.metadata.get("auto") else ""
             raise ConfigError(
-                f"{flag} must be a number, got '{value}'. Example: {flag} {example}"
+                f"{flag} must be a number{' or auto' if also else ''}, got '{value}'. "
+                f"Example: {flag} {example if not also else 0.001}{also}"
             ) from None
     return str(value)
 
@@ -460,6 +506,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if f.default not in (None, "") and _kind(f) is not bool:
             help_text += f" (default: {f.default})"
+        elif f.metadata.get("auto"):
+            help_text += " (default: auto)"
         if _kind(f) is bool:
             parser.add_argument(
                 _flag(f.name),
@@ -473,6 +521,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
         if f.name == "freeze":
             metavar = "{all,none,top:K,names:A,B}"
+        if f.metadata.get("auto"):
+            metavar = f"{{auto,{f.name.upper()}}}"
         parser.add_argument(
             _flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text
         )

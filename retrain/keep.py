@@ -31,7 +31,10 @@ from retrain.errors import ConfigError
 #: Distillation weight without old data (LwF's lambda_o = 1). The other defaults (memory
 #: size, temperature) are `retrain.config.TrainConfig`'s.
 DEFAULT_DISTILL_WEIGHT = 1.0
-_EPS = 1e-7
+#: Probabilities are clipped this low before a log. Not Keras's 1e-7: a new class starts
+#: far below the old ones (`surgery.extend_head`), and a probability clipped at 1e-7 has no
+#: gradient, so its output would never learn (float32 holds 1e-30 and its reciprocal).
+_EPS = 1e-30
 
 
 @dataclass
@@ -79,10 +82,11 @@ class OldTask:
 
 
 def distill_weight(configured: float | None, has_old_data: bool) -> float:
-    """The distillation weight in effect: the configured one, else 1 without old data, 0 with."""
+    """The distillation weight in effect: the configured one, else `DEFAULT_DISTILL_WEIGHT`,
+    with or without old data (rehearsal and distillation work together, as in iCaRL)."""
     if configured is not None:
         return float(configured)
-    return 0.0 if has_old_data else DEFAULT_DISTILL_WEIGHT
+    return DEFAULT_DISTILL_WEIGHT
 
 
 def rehearsal_memory(
@@ -266,3 +270,74 @@ class StackedRows:
             if inside.any():
                 out[inside] = part[rows[inside] - lo]
         return out
+
+
+# --------------------------------------------------------------------------------------
+# Bias correction: the widened head leans toward the new classes (they had most images)
+
+
+def output_layer(head: Any) -> Any:
+    """The head's output layer: its last layer with a kernel (the widened softmax Dense)."""
+    for layer in reversed(head.layers):
+        if hasattr(layer, "kernel") and getattr(layer, "units", None):
+            return layer
+    raise ValueError(f"'{head.name}' has no Dense output layer to correct.")
+
+
+def weight_aligned(kernel: np.ndarray, bias: np.ndarray | None, n_old: int) -> tuple:
+    """Weight aligning (Zhao et al., CVPR 2020): scale the new outputs' weight vectors so
+    their mean norm equals the old ones'; the new biases scale with them (the new logits are
+    ``gamma * (w x + b)``). Returns ``(kernel, bias, gamma)``."""
+    kernel = np.array(kernel, dtype=np.float32)
+    norms = np.linalg.norm(kernel, axis=0)
+    old, new = norms[:n_old], norms[n_old:]
+    if not len(new) or not len(old) or new.mean() <= 0:
+        return kernel, bias, 1.0
+    gamma = float(old.mean() / new.mean())
+    kernel[:, n_old:] *= gamma
+    if bias is not None:
+        bias = np.array(bias, dtype=np.float32)
+        bias[n_old:] *= gamma
+    return kernel, bias, gamma
+
+
+def fit_bias_layer(logits: np.ndarray, labels: np.ndarray, n_old: int) -> tuple[float, float]:
+    """BiC's bias layer (Wu et al., CVPR 2019): ``alpha, beta`` for the new outputs' logits
+    (``alpha * z + beta``) with the lowest cross-entropy on balanced held-out images. Two
+    numbers: a grid search (alpha 0.2-1.5, beta -8..+2 logits) is exact enough and cannot
+    diverge."""
+    z = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    best = (np.inf, 1.0, 0.0)
+    for alpha in np.linspace(0.2, 1.5, 27):
+        for beta in np.linspace(-8.0, 2.0, 41):
+            zz = z.copy()
+            zz[:, n_old:] = alpha * z[:, n_old:] + beta
+            zz -= zz.max(axis=1, keepdims=True)
+            log_p = zz - np.log(np.exp(zz).sum(axis=1, keepdims=True))
+            loss = -float(log_p[np.arange(len(z)), labels].mean())
+            if loss < best[0] - 1e-9:
+                best = (loss, float(alpha), float(beta))
+    return best[1], best[2]
+
+
+def bias_layer_applied(
+    kernel: np.ndarray, bias: np.ndarray, n_old: int, alpha: float, beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold BiC's ``alpha * z + beta`` of the new outputs into the Dense's weights."""
+    kernel = np.array(kernel, dtype=np.float32)
+    bias = np.array(bias, dtype=np.float32)
+    kernel[:, n_old:] *= alpha
+    bias[n_old:] = alpha * bias[n_old:] + beta
+    return kernel, bias
+
+
+def balanced_rows(labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
+    """``rows`` cut to the same number of images per class (the rarest class's count)."""
+    labels = np.asarray(labels)
+    rows = np.asarray(rows, dtype=np.int64)
+    present = np.unique(labels[rows])
+    if not len(present):
+        return rows
+    n = min(int((labels[rows] == c).sum()) for c in present)
+    return rehearsal_memory(labels, rows, n, seed)

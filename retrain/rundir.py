@@ -12,6 +12,8 @@ goes through the functions below and never spells a file name::
     split.json      {"train": [...], "val": [...]}: image paths relative to the dataset root
     old_task.json   a keep-old-classes run: the original classes, how they were named, and the
                     old data's rehearsal memory and held-out images (paths, as split.json)
+    lr_find.json    a run with --lr auto: the learning-rate range test's curve and the chosen
+                    rate (retrain.lr_find.LRFinding); a resumed run reuses it
     stop            a stop request (its presence is the request)
     last.npz        the resume checkpoint: weights + optimizer state + epoch counter
     best.keras      the best epoch's model; model.keras the last one
@@ -45,6 +47,7 @@ METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 SPLIT_FILE = "split.json"
 OLD_TASK_FILE = "old_task.json"  # keep-old-classes runs (retrain.keep)
+LR_FIND_FILE = "lr_find.json"  # --lr auto: the range test (retrain.lr_find)
 STOP_FILE = "stop"
 CHECKPOINT_FILE = "last.npz"  # weights + optimizer state + epoch counter, for --resume
 BEST_MODEL_FILE = "best.keras"
@@ -162,6 +165,7 @@ class RunConfig:
     device: dict[str, Any] | None = None
     versions: dict[str, str] | None = None
     diff: dict[str, Any] | None = None
+    lr_used: float | None = None  # phase 1's learning rate: set, or found (lr_find.json)
 
     @classmethod
     def resolved_keys(cls) -> tuple[str, ...]:
@@ -448,6 +452,27 @@ def read_old_task(run_dir: Path) -> dict[str, Any] | None:
     """The recorded original task (see `write_old_task`); None for other runs."""
     record = read_json(Path(run_dir) / OLD_TASK_FILE)
     return record if isinstance(record, dict) else None
+
+
+def write_lr_find(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record a run's learning-rate range test (`lr_find.LRFinding.to_dict`): keys ``lrs``,
+    ``losses`` (the curve), ``lr`` (the chosen rate), ``rule``, ``suggestions``, ``steps``,
+    ``seconds``, ``images``, ``on``."""
+    write_json(Path(run_dir) / LR_FIND_FILE, dict(record))
+
+
+def read_lr_find(run_dir: Path) -> dict[str, Any] | None:
+    """The recorded range test (see `write_lr_find`); None when the run set its own rate."""
+    record = read_json(Path(run_dir) / LR_FIND_FILE)
+    if not isinstance(record, dict) or not isinstance(record.get("lr"), (int, float)):
+        return None
+    return record
+
+
+def clear_lr_find(run_dir: Path) -> None:
+    """Forget an earlier range test (a fresh run in a reused directory finds its own)."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(run_dir) / LR_FIND_FILE).unlink()
 
 
 # ----------------------------------------------------------------------------------------

@@ -276,6 +276,10 @@ def train(
         best_val_accuracy=summary["best_val_accuracy"],
         best_epoch=summary["best_epoch"],
         epochs_done=summary["epochs_done"],
+        early_stopped_epoch=summary["early_stopped_epoch"],
+        restored_epoch=summary["restored_epoch"],
+        epochs_budget=summary["epochs_budget"],
+        lr=summary["lr"],
         finished=time.time(),
     )
     return summary
@@ -289,10 +293,12 @@ def _train(config: TrainConfig, run_dir: Path, workspace: Path, resume: bool) ->
     run.load_inputs()
     run.prepare_data(resume)
     run.build()
+    run.find_lr(resume)
     run.record_config()
     run.restore(resume)
     run.fit_head()
     run.fine_tune()
+    run.correct_bias()
     return run.finish()
 
 
@@ -306,6 +312,11 @@ class _Run:
         self.feature_seconds = 0.0
         self.checkpoint: tuple[dict[str, Any], Any] | None = None
         self.start_epoch = 0
+        self.lr = config.lr  # phase 1's rate: set, or found by `find_lr`
+        self.lr_finding: dict[str, Any] | None = None
+        self._phase1: tuple | None = None  # phase 1's (x_train, x_val, model, workers)
+        self.bias_correction: dict[str, Any] | None = None
+        self.fine_tune_lr: float | None = None  # phase 2's rate, when it ran
 
     def _note(self, message: str, say: bool = False) -> None:
         self.notes.append(message)
@@ -665,6 +676,62 @@ class _Run:
                 new_classes=list(self.surgery.diff["new_classes"]),
             )
 
+    # -- 3b. the learning rate: set, found by a range test, or the one a resumed run found
+
+    def find_lr(self, resume: bool) -> None:
+        """Phase 1's learning rate: ``--lr`` when set; else a range test (`retrain.lr_find`) on
+        what phase 1 trains on: the cached features (seconds) or a few hundred images."""
+
+        config = self.config
+        recorded = rundir.read_lr_find(self.run_dir) if resume else None
+        if not resume:
+            rundir.clear_lr_find(self.run_dir)
+        if not config.lr_is_auto:
+            return
+        if recorded is not None:  # a resumed run trains on at the rate it found
+            self.lr, self.lr_finding = float(recorded["lr"]), recorded
+            return
+        x_train, x_val, model, _ = self._phase1_inputs()
+        finding = self._range_test(model, x_train, x_val, on_features=self.use_cache)
+        self.lr, self.lr_finding = finding["lr"], finding
+        rundir.write_lr_find(self.run_dir, finding)
+
+    def _range_test(self, model: Any, x_train: Any, x_val: Any, on_features: bool) -> dict:
+        """`lr_find.range_test` of ``model`` on what it trains on; the finding as JSON."""
+        from retrain import lr_find
+
+        rundir.write_progress(self.run_dir, {"phase": "finding the learning rate"})
+        model, y_train, _, loss, _ = self._objective(model, x_train, x_val)
+        pool = np.asarray(self.train_idx)
+        rng = np.random.default_rng(self.config.seed)
+        steps = lr_find.STEPS_FEATURES if on_features else lr_find.STEPS_IMAGES
+        if not on_features:  # each step is a pass through the base: a few hundred images
+            pool = rng.permutation(pool)[: lr_find.IMAGES]
+        batch_size = min(self.global_batch, len(pool))
+
+        def batch(step: int) -> tuple:
+            rows = np.sort(rng.choice(pool, batch_size, replace=False))
+            x, y = np.asarray(x_train[rows]), y_train[rows]
+            if self.sample_weight is None:
+                return x, y
+            return x, y, self.sample_weight[rows]
+
+        with self.scope:
+            finding = lr_find.range_test(
+                model,
+                batch,
+                optimizer=_make_optimizer(self.config.optimizer, lr_find.START_LR),
+                loss=loss,
+                steps=steps,
+                jit_compile=self._jit(),
+            )
+        finding.images, finding.on = int(len(pool)), "features" if on_features else "images"
+        _say(
+            f"learning rate: {finding.lr:.2g}, found by a range test ({finding.steps} steps on "
+            f"{finding.images} {finding.on}, {finding.seconds:.1f} s)"
+        )
+        return finding.to_dict()
+
     def _encode(self, labels: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels)
         if self.surgery.label_encoding == "binary":
@@ -703,6 +770,7 @@ class _Run:
                 device=self.device_info,
                 versions=versions(),
                 diff=surgery.diff,
+                lr_used=self.lr,
             ),
         )
         if self.old is not None:
@@ -747,14 +815,9 @@ class _Run:
         config, state = self.config, self.state
         if self.start_epoch >= state.phase1_end:
             return
-        if self.use_cache:
-            x_train, x_val = self._features()
-            model, workers = self.surgery.head, 1  # batches are array slices: no threads
-        else:
-            x_train, x_val = self.train_images, self.val_images
-            model, workers = self._trainable_model(), config.workers
+        x_train, x_val, model, workers = self._phase1_inputs()
         model = self._fit(
-            model, config.lr, x_train, x_val, self.start_epoch, config.epochs, 1, workers
+            model, self.lr, x_train, x_val, self.start_epoch, config.epochs, 1, workers
         )
         if not state.halted:
             # Early stopping may end phase 1 before config.epochs: remember where it ended,
@@ -765,6 +828,19 @@ class _Run:
             _keras_parts().save_checkpoint(
                 state, part, model.optimizer, state.phase1_end, part_name
             )
+
+    def _phase1_inputs(self) -> tuple[Any, Any, Any, int]:
+        """Phase 1's ``(x_train, x_val, model, workers)``: the head on cached features when the
+        base is frozen, else the model on images (computed once: `find_lr` uses them too)."""
+        if self._phase1 is None:
+            if self.use_cache:
+                x_train, x_val = self._features()
+                # batches are array slices: no threads
+                self._phase1 = (x_train, x_val, self.surgery.head, 1)
+            else:
+                model = self._trainable_model()
+                self._phase1 = (self.train_images, self.val_images, model, self.config.workers)
+        return self._phase1
 
     def _features(self) -> tuple[np.ndarray, np.ndarray]:
         """The frozen base's outputs for the train and val images, computed once and cached."""
@@ -810,9 +886,10 @@ class _Run:
         surgery_module.apply_freeze(
             self.surgery, FreezeSpec(mode="top", k=min(config.fine_tune_layers, kept))
         )
+        self.fine_tune_lr = config.fine_tune_lr_for(self.lr)  # lr / 10 unless set
         self._fit(
             self._trainable_model(),
-            config.effective_fine_tune_lr,
+            self.fine_tune_lr,
             self.train_images,
             self.val_images,
             first,
@@ -821,19 +898,93 @@ class _Run:
             config.workers,
         )
 
-    # -- 7. the end: model.keras (and best.keras if no epoch scored), the summary
+    # -- 7. keep-old-classes: correct the widened head's lean toward the new classes
+
+    def correct_bias(self) -> None:
+        """Weight aligning or BiC's bias layer (`TrainConfig.bias_correction`) on the kept
+        epoch's output layer: the new classes had most of the images, so their outputs grew
+        larger than the old ones'. Both edit the output Dense's weights in place, so the
+        saved model stays a plain Keras model."""
+        from retrain import keep
+
+        method = self.config.bias_correction
+        if self.old is None or method == "none" or self.state.halted:
+            return
+        layer = keep.output_layer(self.surgery.head)
+        weights = layer.get_weights()
+        if len(weights) != 2:
+            return
+        kernel, bias = weights
+        n_old = len(self.old.class_names)
+        held = self._balanced_heldout(layer) if method == "bic" else None
+        if method == "bic" and held is None:
+            self._note(
+                "BiC needs held-out images of the old and the new classes (--old-data and a "
+                "validation split); weight aligning corrected the new classes' bias instead.",
+                say=True,
+            )
+            method = "weight-aligning"
+        if method == "bic":
+            penultimate, labels = held
+            alpha, beta = keep.fit_bias_layer(penultimate @ kernel + bias, labels, n_old)
+            kernel, bias = keep.bias_layer_applied(kernel, bias, n_old, alpha, beta)
+            record = {"method": method, "alpha": alpha, "beta": beta, "images": len(labels)}
+        else:
+            kernel, bias, gamma = keep.weight_aligned(kernel, bias, n_old)
+            record = {"method": method, "gamma": gamma}
+        layer.set_weights([kernel, bias])
+        self.bias_correction = record
+        rundir.write_old_task(
+            self.run_dir, {**(rundir.read_old_task(self.run_dir) or {}), "bias_correction": record}
+        )
+        _say(
+            "bias correction: "
+            + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+            )
+        )
+
+    def _balanced_heldout(self, layer: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """The output layer's inputs and labels for as many held-out images per class as
+        the rarest class has (old and new classes); None without both."""
+        import keras
+
+        from retrain import keep
+
+        if self.val_idx is None:
+            return None
+        labels = np.asarray(self.val_labels)
+        rows = keep.balanced_rows(labels, np.asarray(self.val_idx), self.config.seed)
+        n_old = len(self.old.class_names)
+        if not ((labels[rows] < n_old).any() and (labels[rows] >= n_old).any()):
+            return None
+        head = self.surgery.head
+        penultimate = keras.Model(head.inputs, layer.input)
+        if self._phase1 is not None and self.use_cache:
+            x = np.asarray(self._phase1[1][rows])
+        else:
+            x = self.surgery.features.predict(np.asarray(self.val_images[rows]), verbose=0)
+        return np.asarray(penultimate.predict(x, verbose=0)), labels[rows]
+
+    # -- 8. the end: model.keras (and best.keras if no epoch scored), the summary
 
     def finish(self) -> dict[str, Any]:
         from retrain.modelfile import save_model
 
         config, state, run_dir = self.config, self.state, self.run_dir
         if state.diverged_epoch is not None:
-            raise RunError(diverged_message(state.diverged_epoch, config.lr))
+            raise RunError(diverged_message(state.diverged_epoch, self.lr))
         rows = rundir.read_metrics(run_dir)
         last_epoch = rows[-1]["epoch"] if rows else 0
-        final_meta = dict(self.metadata, epoch=last_epoch)
+        final_meta = dict(self.metadata, epoch=state.restored_epoch or last_epoch)
+        if self.bias_correction is not None:
+            final_meta["bias_correction"] = self.bias_correction
         save_model(self.surgery.model, rundir.final_model_path(run_dir), final_meta)
-        if not rundir.best_model_path(run_dir).exists():
+        if self.bias_correction is not None:
+            # best.keras was saved during training, before the correction: the corrected
+            # model of the kept epoch is the run's best.
+            save_model(self.surgery.model, rundir.best_model_path(run_dir), final_meta)
+        elif not rundir.best_model_path(run_dir).exists():
             save_model(self.surgery.model, rundir.best_model_path(run_dir), final_meta)
         rundir.write_progress(
             run_dir, {"phase": "done", "epoch": last_epoch, "epochs": config.total_epochs}
@@ -845,6 +996,13 @@ class _Run:
             "epochs_done": len(rows),
             "best_val_accuracy": state.best_val_accuracy,
             "best_epoch": state.best_epoch,
+            "early_stopped_epoch": state.early_stopped_epoch,
+            "restored_epoch": state.restored_epoch,
+            "epochs_budget": config.total_epochs,
+            "lr": self.lr,
+            "fine_tune_lr": self.fine_tune_lr,
+            "lr_find_seconds": (self.lr_finding or {}).get("seconds"),
+            "bias_correction": self.bias_correction,
             "final": rows[-1] if rows else None,
             "feature_cache": self.use_cache,
             "feature_seconds": round(self.feature_seconds, 2),
@@ -904,10 +1062,7 @@ class _Run:
         parts = _keras_parts()
         self.state.phase = phase
         jit = self._jit()
-        y_train, y_val = self.y_train, self.y_val
-        loss, metrics = self.surgery.loss, ["accuracy"]
-        if self.distill_weight > 0:
-            y_train, y_val, loss, metrics, model = self._distillation(model, x_train, x_val)
+        model, y_train, y_val, loss, metrics = self._objective(model, x_train, x_val)
         # The optimizer's variables must be created under the same distribution as the model
         # (MirroredStrategy refuses to mix them).
         with self.scope:
@@ -951,6 +1106,14 @@ class _Run:
         )
         return model
 
+    def _objective(self, model: Any, x_train: Any, x_val: Any) -> tuple:
+        """What training minimises: ``(model to fit, y_train, y_val, loss, metrics)``; with
+        distillation a wrapper of ``model`` and packed targets (see `_distillation`)."""
+        if self.distill_weight > 0:
+            y_train, y_val, loss, metrics, model = self._distillation(model, x_train, x_val)
+            return model, y_train, y_val, loss, metrics
+        return model, self.y_train, self.y_val, self.surgery.loss, ["accuracy"]
+
     def _callbacks(self, phase: int, batches: int, first: int) -> list:
         import keras
 
@@ -976,8 +1139,14 @@ class _Run:
                 )
             )
         if config.early_stopping:
+            # Phase 2 must beat phase 1's kept epoch (whose weights the model holds now).
+            baseline = None
+            if phase == 2 and state.lowest_val_loss is not None and state.restored_epoch:
+                baseline = (state.lowest_val_loss, state.restored_epoch)
             cbs.append(
-                keras.callbacks.EarlyStopping(monitor=monitor, patience=config.early_stopping)
+                parts.EarlyStopping(
+                    state, changing, config.early_stopping, monitor=monitor, baseline=baseline
+                )
             )
         if config.reduce_lr:
             cbs.append(

@@ -311,6 +311,8 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
         capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
         "--out", run, "--keep-old-classes", "--old-data", plain_task["old"],
         "--rehearsal-per-class", 6, "--epochs", 8, "--batch-size", 8, "--lr", 0.01,
+        # every epoch once, no phase 2, best.keras = an epoch as scored (defaults: elsewhere)
+        "--early-stopping", 0, "--fine-tune-epochs", 0, "--bias-correction", "none",
         "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
@@ -408,6 +410,7 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
         code, summary, err = _cli(
             capsys, "train", "--data", new, "--base", "builtin:digits-cnn", "--out", run,
             "--keep-old-classes", *extra, "--epochs", 8, "--lr", 0.01, "--workspace", ws,
+            "--fine-tune-epochs", 0,  # head only, to stay fast
         )  # fmt: skip
         assert code == 0, err
         assert summary["class_names"] == names  # the model's own names first, then the new
@@ -453,6 +456,46 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     assert (export_dir / "labels.txt").read_text().splitlines() == names
     card = (export_dir / "MODEL_CARD.md").read_text()
     assert "rehearsal: 100 old images (20 per class" in card
+
+
+def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path, capsys):
+    """No --lr, --epochs or method flags: the rate is found, rehearsal and distillation work
+    together, phase 2 fine-tunes within its budget and early stopping keeps the best epoch."""
+    from retrain import rundir
+
+    ws, run = tmp_path / "ws", tmp_path / "ws" / "runs" / "keep-defaults"
+    code, summary, err = _cli(
+        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+        "--out", run, "--keep-old-classes", "--old-data", plain_task["old"],
+        "--batch-size", 8, "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    found = rundir.read_lr_find(run)
+    assert summary["lr"] == found["lr"] and 1e-4 <= found["lr"] <= 0.1
+    record = rundir.read_old_task(run)
+    # 20 per class is the memory's budget; 20% of the 20 old images per class are held out.
+    assert record["distill_weight"] == 1.0 and len(record["memory"]) == 5 * 16
+    assert "bias_correction" not in record and summary["bias_correction"] is None
+    rows = rundir.read_metrics(run)
+    budget = 30 + 15  # phase 1's 30 epochs, then the automatic phase-2 budget
+    assert summary["epochs_budget"] == budget and len(rows) <= budget
+    assert summary["fine_tune_lr"] == pytest.approx(summary["lr"] / 10)
+    kept = summary["restored_epoch"]
+    assert kept == min(rows, key=lambda r: r["val_loss"])["epoch"]
+    assert rows[kept - 1]["old_val_accuracy"] >= 0.9 and rows[kept - 1]["new_val_accuracy"] >= 0.9
+
+    code, forgot, err = _cli(
+        capsys, "forgetting", "--original", plain_task["model"], "--run", run,
+        "--data", plain_task["old"], "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert forgot["after"] >= 0.9 and forgot["drop"] <= 0.05, forgot
+    code, report, err = _cli(
+        capsys, "evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
+        "--split", "all", "--workspace", ws,
+    )  # fmt: skip
+    assert code == 0, err
+    assert report["accuracy"] >= 0.9, report["per_class"]
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,10 @@ def test_guard_asks_for_a_dataset_first():
 def test_form_is_built_from_the_config_and_offers_class_weights(session):
     at = _app(session).run()
     assert not at.exception
-    assert at.number_input(key="epochs").value == 10
+    assert at.number_input(key="epochs").value == 30  # a budget: early stopping ends it
     assert at.number_input(key="batch_size").value == 32
-    assert at.number_input(key="lr").value == pytest.approx(1e-3)
+    assert at.number_input(key="lr").value is None  # empty = found by the range test
+    assert at.number_input(key="early_stopping").value == 5
     assert at.selectbox(key="cache_features").value == "auto"
     assert at.checkbox(key="class_weights").value is False  # offered: the data is imbalanced
     assert any("imbalanced" in w.value for w in at.warning)
@@ -179,6 +180,44 @@ def test_finished_run_shows_curves_with_phase_boundary_and_best_accuracy(session
     assert "best validation accuracy 90.0% (epoch 5)" in _text(at)
     assert "Device: CPU" in _text(at)
     assert at.button(key="stop_training").disabled is True
+
+
+def test_a_run_that_found_its_rate_and_stopped_early_says_so(session, monkeypatch):
+    from retrain import jobs, lr_find
+
+    run_dir = _fabricate(
+        session["workspace"], "run-auto", "done", 5, best_epoch=5,
+        early_stopped_epoch=5, restored_epoch=3, epochs_budget=30,
+    )  # fmt: skip
+    lrs = [float(x) for x in lr_find.lr_schedule(40)]
+    losses = [2.0 - i / 40 for i in range(40)]
+    rundir.write_lr_find(
+        run_dir,
+        {"lrs": lrs, "losses": losses, "lr": 0.0042, "rule": "valley", "steps": 40,
+         "seconds": 0.7, "images": 30, "on": "features"},
+    )  # fmt: skip
+    at = _app(session, "run-auto").run()
+    assert not at.exception
+    assert "stopped at epoch 5 of 30, best 3" in _text(at)
+    charts = _charts(at)
+    lr_chart = next(c for c in charts if "Learning rate finder" in str(c["layout"]["title"]))
+    assert lr_chart["data"][0]["x"] == pytest.approx(lrs)
+    assert lr_chart["layout"]["xaxis"]["type"] == "log"
+    assert lr_chart["layout"]["shapes"][0]["x0"] == pytest.approx(0.0042)  # the chosen rate
+    assert "Learning rate: 0.0042, found by a range test" in [e.label for e in at.expander]
+    # The person can take the found rate into the form and change it before the next run.
+    at.button(key="train_use_lr").click().run()
+    assert at.number_input(key="lr").value == pytest.approx(0.0042)
+    started = {}
+
+    def fake_start(config, workspace):
+        started["config"] = config
+        return _fabricate(Path(workspace), "run-next", "done", 1)
+
+    monkeypatch.setattr(jobs, "start_run", fake_start)
+    at.number_input(key="lr").set_value(0.003).run()
+    at.button(key="start_training").click().run()
+    assert started["config"].lr == pytest.approx(0.003)
 
 
 def test_running_run_draws_the_epochs_that_exist_and_progress(session):

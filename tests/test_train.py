@@ -84,11 +84,33 @@ def test_config_round_trips_through_json_and_cli_flags():
     assert config_from_args(args) == config
     assert config.effective_fine_tune_lr == 1e-5
     assert TrainConfig(data="d", base="b", lr=1e-3).effective_fine_tune_lr == pytest.approx(1e-4)
+    # --lr auto (the default): phase 2 derives from the rate the range test finds.
+    auto = TrainConfig(data="d", base="b")
+    assert auto.lr is None and auto.lr_is_auto and auto.effective_fine_tune_lr is None
+    assert auto.fine_tune_lr_for(0.02) == pytest.approx(0.002)
+    args = build_parser().parse_args(["train", "--data", "d", "--base", "b", "--out", "o"])
+    args.lr = "AUTO"
+    assert config_from_args(args).lr is None
+    args.lr = "0.01"
+    assert config_from_args(args).lr == 0.01
+    args.lr = "fast"
+    with pytest.raises(ConfigError, match="--lr must be a number or auto, got 'fast'"):
+        config_from_args(args)
 
 
 def test_config_defaults_are_the_documented_ones():
     c = TrainConfig()
-    assert (c.epochs, c.batch_size, c.lr, c.optimizer) == (10, 32, 1e-3, "adam")
+    # The epochs are a budget: early stopping (patience 5, best epoch restored) ends most runs.
+    assert (c.epochs, c.batch_size, c.lr, c.optimizer) == (30, 32, None, "adam")
+    assert (c.early_stopping, c.fine_tune_epochs) == (5, 0)
+    # Keep mode with old data: rehearsal + distillation, a phase-2 budget.
+    keep = TrainConfig(keep_old_classes=True, old_data="old.zip")
+    assert (keep.fine_tune_epochs, keep.distill_weight, keep.bias_correction) == (
+        15,
+        None,  # = keep.DEFAULT_DISTILL_WEIGHT (1), with or without old data
+        "none",  # measured: class-balanced rehearsal needs no post-hoc correction
+    )
+    assert TrainConfig(keep_old_classes=True).fine_tune_epochs == 0  # distillation only
     assert (c.freeze, c.cache_features, c.mixed_precision, c.val_split) == (
         "all",
         "auto",
@@ -135,7 +157,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --epochs must be between 1")
     out = _cli("train", "--data", "x", "--base", "y", "--out", str(tmp_path), "--lr", "fast")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "error: --lr must be a number, got 'fast'. Example: --lr 0.001"
+        "error: --lr must be a number or auto, got 'fast'. Example: --lr 0.001 or --lr auto"
     ]
 
 
@@ -367,6 +389,7 @@ def test_cached_and_uncached_runs_reach_the_same_accuracy(make_image_folder, tmp
             lr=3e-2,
             cache_features=mode,
             workers=1,
+            early_stopping=0,  # both train every epoch: the same final epoch is compared
         )
         summary = train_module.train(config, tmp_path / mode, workspace=tmp_path / "ws")
         assert summary["feature_cache"] is (mode == "on")
