@@ -54,16 +54,18 @@ EXPANDERS = {
     ),
 }
 #: Shown when the Model page chose "Add classes, keep the old ones".
-KEEP_FIELDS = ("rehearsal_per_class", "distill_weight", "distill_temperature")
+KEEP_FIELDS = ("rehearsal_per_class", "distill_weight", "bias_correction", "distill_temperature")
 LABELS = {
     "rehearsal_per_class": "Old images rehearsed per class",
     "distill_weight": "Distillation weight (empty = automatic)",
     "distill_temperature": "Distillation temperature",
-    "lr": "Learning rate",
+    "bias_correction": "Correct the lean toward new classes",
+    "lr": "Learning rate (empty = found)",
+    "fine_tune_epochs": "Fine-tune epochs (empty = automatic)",
     "val_split": "Validation fraction",
     "fine_tune_lr": "Fine-tune learning rate",
     "fine_tune_layers": "Layers to unfreeze",
-    "early_stopping": "Early stopping patience (epochs)",
+    "early_stopping": "Early stopping patience (epochs, 0 = off)",
     "reduce_lr": "Lower the learning rate on plateaus",
     "cache_features": "Feature cache",
     "image_size": "Image size (pixels)",
@@ -262,6 +264,72 @@ def _curve_figure(rows: list[dict], metric: str, title: str) -> go.Figure:
     return fig
 
 
+def _lr_figure(found: dict) -> go.Figure:
+    """The learning-rate range test: smoothed loss against the rate, the chosen rate marked."""
+    fig = go.Figure(
+        go.Scatter(x=found["lrs"], y=found["losses"], mode="lines", name="loss (smoothed)")
+    )
+    fig.add_vline(
+        x=found["lr"],
+        line_dash="dash",
+        line_color="#e4572e",
+        annotation_text=f"chosen: {found['lr']:.2g}",
+    )
+    fig.update_layout(
+        title="Learning rate finder: training loss while the rate grows",
+        xaxis_title="learning rate (log scale)",
+        yaxis_title="loss",
+        height=300,
+        margin=dict(l=10, r=10, t=40, b=10),
+        showlegend=False,
+    )
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def _use_rate(lr: float) -> None:
+    """The "use this rate" button: put the found rate in the form (the person can edit it)."""
+    st.session_state["lr"] = float(lr)
+
+
+def _lr_view(run_dir: Path) -> None:
+    """The run's range test, when it found its learning rate: the curve and the choice."""
+    found = rundir.read_lr_find(run_dir)
+    if not found or not found.get("lrs"):
+        return
+    with st.expander(f"Learning rate: {found['lr']:.2g}, found by a range test", expanded=False):
+        st.plotly_chart(_lr_figure(found), key="train_lr_chart")
+        what = "cached base outputs" if found.get("on") == "features" else "images"
+        st.caption(
+            f"{found.get('steps', len(found['lrs']))} training steps on "
+            f"{found.get('images', '?')} {what} while the rate grew from "
+            f"{found['lrs'][0]:.0e} to {found['lrs'][-1]:.1g} ({found.get('seconds', 0):.1f} s); "
+            "the chosen rate sits where the loss falls steadily, before its lowest point "
+            "(fastai's 'valley' rule). Phase 2 (fine-tuning) uses a tenth of it."
+        )
+        st.button(
+            "Use this learning rate for the next run",
+            key="train_use_lr",
+            on_click=_use_rate,
+            args=(found["lr"],),
+            help="Puts it in the Learning rate box above; change it there if you like.",
+        )
+
+
+def _stopped_text(status: dict) -> str | None:
+    """ "Stopped at epoch N of M, kept epoch K" when early stopping ended the run."""
+    budget, kept = status.get("epochs_budget"), status.get("restored_epoch")
+    stopped = status.get("early_stopped_epoch")
+    if stopped and budget:
+        return (
+            f"Early stopping: stopped at epoch {stopped} of {budget}, best {kept} "
+            "(lowest validation loss; its weights are the saved model's)."
+        )
+    if kept and budget:
+        return f"Kept epoch {kept} of {budget}: the one with the lowest validation loss."
+    return None
+
+
 def _task_figure(rows: list[dict]) -> go.Figure:
     """The forgetting curve: held-out accuracy of the old classes and of the new ones."""
     fig = go.Figure()
@@ -369,6 +437,9 @@ def _run_view(run_id: str, run_dir: Path) -> None:
             )
         else:
             st.success(f"{what}.")
+        stopped = _stopped_text(status)
+        if stopped:
+            st.caption(stopped)
         link("evaluate", "Evaluate the model", icon=":material/fact_check:")
     rows = cache["rows"]
     if rows:
@@ -385,6 +456,7 @@ def _run_view(run_id: str, run_dir: Path) -> None:
             )
     elif state in ("queued", "running", "stopping"):
         st.caption("The curves appear when the first epoch finishes.")
+    _lr_view(run_dir)
     with st.expander("Worker log"):
         st.code(_log_tail(cache, run_dir) or "(empty)", language=None)
     if state not in jobs.ACTIVE_STATES and st.session_state.get("_train_was_active") == run_id:
