@@ -105,7 +105,10 @@ def run_flow(page, url: str, notes: list[str]) -> None:
     go_to(page, "3 · Train")
     wait_for_text(page, r"Keep the old classes", timeout=60)
     assert "the original head kept" in main_text(page)
-    for key, value in (("epochs", str(EPOCHS)), ("lr", "0.01")):
+    # Head epochs only: keep mode's automatic fine-tuning budget (phase 2) is set to 0 here,
+    # so the chart has exactly EPOCHS points (early stopping's patience exceeds them).
+    page.get_by_text(re.compile(r"^Fine-tuning \(phase 2")).first.click()
+    for key, value in (("epochs", str(EPOCHS)), ("lr", "0.01"), ("fine_tune_epochs", "0")):
         field = widget(page, key).locator("input").first
         field.fill(value)
         field.press("Enter")
