@@ -30,8 +30,12 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two test processes, one test file each at a time (module fixtures such as a Ray head stay
+# in one process): the browser, Ray and worker tests mostly wait on servers and workers.
+TEST_PROCESSES ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The training tests again on the JAX backend (CPU). Installs JAX into the venv on first use.
 # test_devices.py also runs its multi-device tests (JAX DataParallel over 2 virtual CPUs).
