@@ -11,6 +11,7 @@ seconds without work (default an hour; the next request starts a fresh one).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 import traceback
@@ -74,6 +75,9 @@ def warm() -> None:
     import keras  # noqa: F401  (imports the backend: the slow part)
 
     from retrain import evaluate, models, surgery  # noqa: F401
+
+    if importlib.util.find_spec("tf_keras") is not None:
+        import tf_keras  # noqa: F401  (Keras 2 / Teachable Machine uploads convert with it)
 
     for spec in filter(None, os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")):
         try:  # the starter model trains once on a fresh host: before anyone waits for it
