@@ -9,7 +9,9 @@ once (asyncio):
 * session 0 ("trainer") picks the built-in digits sample and the built-in starter model and
   trains it for ``--epochs`` epochs, watching the live chart;
 * sessions 1..N-1 ("visitors") each upload their own small zip (class names unique to the
-  session) and browse every page in a loop until the training is done.
+  session) and browse every page in a loop until the training is done; visitor 1 first
+  uploads the Teachable Machine export of ``../shared/models`` on the Model page (when it is
+  there), timed from the upload to its architecture drawn ("Model (TM upload)").
 
 Every page load (click in the sidebar -> the new page's title shown and the app idle) is
 timed. The script reports p50/p95/max per page, failures, the training time and the server's
@@ -47,6 +49,8 @@ from tests.browser_helpers import (  # noqa: E402  (shared with the browser test
 from tests.test_browser import shapes_zip  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# One visitor also uploads this Teachable Machine export on the Model page (when present).
+TEACHABLE_MACHINE = ROOT.parent / "shared" / "models" / "teachable_machine_water"
 PAGES = [  # (sidebar link, the page's title)
     ("2 · Model", "Model"),
     ("3 · Train", "Train"),
@@ -260,6 +264,8 @@ async def visitor(
         await settle(page, 60)
         stats.load(i, "upload", time.monotonic() - t0)
         texts.append(await visible_text(page))
+        if i == 1 and (TEACHABLE_MACHINE / "keras_model.h5").is_file():
+            stats.load(i, "Model (TM upload)", await upload_teachable_machine(page))
         while (not done.is_set() or rounds < 2) and time.monotonic() < deadline:
             for link, title in PAGES:
                 try:
@@ -273,6 +279,24 @@ async def visitor(
             rounds += 1
     except Exception as err:  # noqa: BLE001  (every failure is counted and reported)
         stats.failures.append(f"session {i}: {type(err).__name__}: {str(err)[:300]}")
+
+
+async def upload_teachable_machine(page) -> float:
+    """Open the Model page, upload the Teachable Machine export (keras_model.h5 + labels.txt);
+    return seconds from the upload to the layer stack drawn (the first draw of its architecture).
+    """
+    await open_page(page, "2 · Model", "Model")
+    await page.locator(".st-key-model_source").get_by_text(re.compile("Upload")).first.click()
+    await settle(page, 60)
+    files = page.locator('.st-key-model_upload [data-testid="stFileUploaderDropzoneInput"]')
+    t0 = time.monotonic()
+    await files.set_input_files(
+        [str(TEACHABLE_MACHINE / "keras_model.h5"), str(TEACHABLE_MACHINE / "labels.txt")]
+    )
+    await page.locator('.st-key-layer_stack [data-testid="stPlotlyChart"]').wait_for(
+        timeout=180_000
+    )
+    return time.monotonic() - t0
 
 
 async def sample_memory(server_pid: int, stats: Stats, stop: asyncio.Event) -> None:
