@@ -79,4 +79,6 @@ EXPOSE 8501
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8501/_stcore/health', timeout=4)"]
 
-CMD ["streamlit", "run", "app.py", "--server.port=8501", "--server.address=0.0.0.0"]
+# The model workers start first (TensorFlow loads there, the starter model is preloaded), so
+# the first visitor never waits for them; the web server itself never imports TensorFlow.
+CMD ["sh", "-c", "python -m retrain.service && exec streamlit run app.py --server.port=8501 --server.address=0.0.0.0"]

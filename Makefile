@@ -20,6 +20,7 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt requirements-ray.t
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
+	$(BIN)/python -m retrain.service  # warm model workers start first (TF loads there)
 	$(BIN)/streamlit run app.py --server.port $(PORT)
 
 lint: $(VENV)/.installed-dev

@@ -137,6 +137,24 @@ def test_a_models_labels_file_is_part_of_its_answers_address(tmp_path: Path):
     assert len({before, named, client.key_of("describe", {"spec": str(model)})}) == 3
 
 
+def test_the_start_command_starts_warm_workers_before_the_server(workers):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "retrain.service", "--wait"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    started = json.loads(out.stdout)["workers"]
+    assert len(started) == 1 and "ready" in started[0]
+    assert [w["pid"] for w in pool.live_workers()] == [started[0]["pid"]]
+
+
 def test_unknown_kind_is_one_line():
     with pytest.raises(ConfigError, match="Unknown model request 'nope'"):
         ask("nope")
