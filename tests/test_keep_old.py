@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import models
+from retrain import keep, models
 from retrain.errors import ModelError
 
 OLD = ("ant", "bee", "cat", "dog", "eel")  # sorted, as image_dataset_from_directory labels them
@@ -600,3 +600,59 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     assert train.radio(key="train_old_source").value == "sample"
     assert train.number_input(key="rehearsal_per_class").value == 20
     assert any("original head kept" in c.value for c in train.caption)
+
+
+def test_weight_aligning_scales_the_new_rows_to_the_old_rows_mean_norm():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(8, 5)).astype(np.float32)
+    kernel[:, 3:] *= 3.0  # the new outputs (last 2) grew larger
+    bias = np.array([0.1, 0.2, 0.3, 1.0, 2.0], np.float32)
+    aligned, new_bias, gamma = keep.weight_aligned(kernel, bias, n_old=3)
+    norms = np.linalg.norm(aligned, axis=0)
+    assert norms[3:].mean() == pytest.approx(norms[:3].mean(), rel=1e-5)
+    assert gamma < 1 and np.allclose(aligned[:, :3], kernel[:, :3])
+    assert np.allclose(new_bias, [0.1, 0.2, 0.3, gamma * 1.0, gamma * 2.0])
+
+
+def test_bias_layer_undoes_a_known_lean_toward_the_new_classes():
+    rng = np.random.default_rng(0)
+    n, n_old, classes = 400, 3, 5
+    labels = rng.integers(0, classes, size=n)
+    fair = rng.normal(0, 1, size=(n, classes))
+    fair[np.arange(n), labels] += 3.0  # a fair classifier's logits
+    leaning = fair.copy()
+    leaning[:, n_old:] = 1.5 * fair[:, n_old:] + 2.0  # the new outputs lean up
+    alpha, beta = keep.fit_bias_layer(leaning, labels, n_old)
+    corrected = leaning.copy()
+    corrected[:, n_old:] = alpha * leaning[:, n_old:] + beta
+    old = labels < n_old
+    before = (leaning.argmax(1) == labels)[old].mean()
+    after = (corrected.argmax(1) == labels)[old].mean()
+    assert after > before + 0.2 and after >= (fair.argmax(1) == labels)[old].mean() - 0.05
+    kernel, bias = keep.bias_layer_applied(np.eye(classes), np.zeros(classes), n_old, alpha, beta)
+    assert np.allclose(np.diag(kernel), [1, 1, 1, alpha, alpha]) and bias[3] == beta
+    rows = keep.balanced_rows(np.array([0, 0, 0, 1, 1, 2]), np.arange(6), seed=0)
+    assert np.bincount(np.array([0, 0, 0, 1, 1, 2])[rows]).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("method", ["bic", "weight-aligning"])
+def test_bias_correction_edits_the_saved_model_and_is_recorded(plain_task, tmp_path, method):
+    from retrain import modelfile, rundir
+    from retrain.config import TrainConfig
+    from retrain.train import train
+
+    run = tmp_path / "run"
+    config = TrainConfig(
+        data=str(plain_task["new"]), base=str(plain_task["model"]), out=str(run),
+        keep_old_classes=True, old_data=str(plain_task["old"]), epochs=2, lr=0.01,
+        batch_size=8, fine_tune_epochs=0, bias_correction=method,
+    )  # fmt: skip
+    summary = train(config, run, workspace=tmp_path / "ws")
+    record = rundir.read_old_task(run)["bias_correction"]
+    assert summary["bias_correction"] == record and record["method"] == method
+    assert ("alpha" in record) if method == "bic" else ("gamma" in record)
+    best, _ = modelfile.load_model(run / "best.keras")
+    final, _ = modelfile.load_model(run / "model.keras")
+    for a, b in zip(best.get_weights(), final.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # best.keras is the corrected model too
+    assert modelfile.read_metadata(run / "model.keras")["bias_correction"] == record

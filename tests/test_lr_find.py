@@ -217,3 +217,17 @@ def test_a_default_run_finds_its_rate_stops_itself_and_a_resume_reuses_the_rate(
     summary = train_module.train(fixed, tmp_path / "fixed", workspace=tmp_path / "ws")
     assert summary["epochs_done"] == 3 and summary["restored_epoch"] is None
     assert rundir.read_lr_find(tmp_path / "fixed") is None and summary["lr"] == 0.01
+
+
+def test_without_the_feature_cache_the_range_test_runs_on_a_few_hundred_images(
+    make_image_folder, tmp_path, tiny_base
+):
+    folder = make_image_folder(classes=("red", "green"), per_class=10, size=32)
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), batch_size=4, epochs=1, freeze="none", workers=1
+    )
+    summary = train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
+    found = rundir.read_lr_find(tmp_path / "run")
+    assert found["on"] == "images" and found["images"] == 16  # all 16 training images (< 320)
+    assert found["steps"] <= lr_find.STEPS_IMAGES and summary["feature_cache"] is False
+    assert lr_find.MIN_LR <= summary["lr"] == found["lr"] <= lr_find.MAX_LR
