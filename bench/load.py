@@ -1,8 +1,10 @@
 """Load test on loopback: several browser sessions upload and browse while one of them trains.
 
-    .venv/bin/python bench/load.py [--sessions 5] [--epochs 3] [--timeout 240] [--demo]
+    .venv/bin/python bench/load.py [--sessions 5] [--epochs 3] [--timeout 240] [--demo] [--cold]
 
-Starts ``streamlit run app.py`` on a free 127.0.0.1 port with its own RETRAIN_HOME, opens one
+Starts the model workers (``python -m retrain.service --wait``, as the Docker image and ``make
+run`` do; ``--cold`` leaves that to the first page view), then ``streamlit run app.py`` on a
+free 127.0.0.1 port with its own RETRAIN_HOME, opens one
 Chromium (Debian's, headless) with one browser context per session, and drives them all at
 once (asyncio):
 
@@ -299,16 +301,39 @@ async def upload_teachable_machine(page) -> float:
     return time.monotonic() - t0
 
 
+def start_model_workers(home: Path) -> None:
+    """``python -m retrain.service --wait`` on ``home``, as a server's start script runs it."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
+    env.update(RETRAIN_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    subprocess.run(
+        [sys.executable, "-m", "retrain.service", "--wait"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 async def sample_memory(server_pid: int, stats: Stats, stop: asyncio.Event) -> None:
-    """Peak RSS of the Streamlit server and, separately, of the processes it started."""
+    """Peak RSS of the Streamlit server and, separately, of the workers (the processes it
+    started, and the model workers started before it)."""
     import psutil
+
+    from retrain.service import pool
 
     server = psutil.Process(server_pid)
     while not stop.is_set():
         with contextlib.suppress(psutil.Error):
             own = server.memory_info().rss / 2**20
             workers = 0.0
-            for child in server.children(recursive=True):
+            processes = {child.pid: child for child in server.children(recursive=True)}
+            for record in pool.live_workers():
+                with contextlib.suppress(psutil.Error):
+                    processes.setdefault(record["pid"], psutil.Process(record["pid"]))
+            for child in processes.values():
                 with contextlib.suppress(psutil.Error):
                     workers += child.memory_info().rss / 2**20
             stats.rss["server_peak_mb"] = max(stats.rss["server_peak_mb"], own)
@@ -428,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs the trainer runs")
     parser.add_argument("--timeout", type=float, default=240, help="hard limit in seconds")
     parser.add_argument("--demo", action="store_true", help="run the app with RETRAIN_DEMO=1")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="do not start the model workers before the server (as the Docker image and "
+        "`make run` do): the first page view starts them, and the first visitors wait",
+    )
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
         print(f"{CHROMIUM} is missing: apt-get install chromium", file=sys.stderr)
@@ -435,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="retrain-load-home-"))
     extra = {"RETRAIN_DEMO": "1"} if args.demo else {}
+    os.environ["RETRAIN_HOME"] = str(home)  # this script's view of the server's home
+    if not args.cold:
+        start_model_workers(home)
     proc, url = start_app(home, RESULTS / "load-server.log", extra)
     # Last resort: whatever hangs, the server and its workers go and the script ends.
     watchdog = threading.Timer(args.timeout + 30, lambda: (stop_app(proc), os._exit(3)))
@@ -450,10 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_app(proc)
         watchdog.cancel()
+        from retrain.service import pool
+
+        pool.stop_workers()  # started before the server: not its children
     leaked = leaks(home, stats)
     report = {
         "sessions": args.sessions,
         "demo": args.demo,
+        "model_workers_started_before_the_server": not args.cold,
         "wall_s": round(time.monotonic() - started, 1),
         "cpus": os.cpu_count(),
         # Other work on the host inflates every timing; the 1-minute load average says how much.
