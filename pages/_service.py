@@ -59,6 +59,7 @@ def model_answer(
     session = st.session_state.get("token", "")
     key = _widget_key(kind, args)
     if st.session_state.get(f"{key}_cancel"):
+        del st.session_state[f"{key}_cancel"]  # once: "Ask again" sends the request again
         cancel(kind, session, **args)
         st.info(f"{label}: cancelled.")
         st.button("Ask again", key=f"{key}_again")
