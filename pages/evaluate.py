@@ -10,6 +10,7 @@ from pages._service import model_answer
 from pages._ui import as_text, ensure_session, require_finished_run
 from retrain import evaluate, rundir
 from retrain.errors import RetrainError
+from retrain.models import CLASS_NAME_RULES
 from retrain.uploads import save_upload
 
 GALLERY_MAX = 24
@@ -42,6 +43,11 @@ def _forgetting_figure(result: dict) -> go.Figure:
 def names_in_page_words(text: str) -> str:
     """A forgetting error that names the CLI flag, in this page's words (the names box)."""
     return text.replace("--original-classes", "the box 'Names of the original outputs'")
+
+
+def names_rule(key: str) -> str:
+    """How the original classes were named (a `CLASS_NAME_RULES` key), in this page's words."""
+    return names_in_page_words(CLASS_NAME_RULES.get(key, key))
 
 
 def _confusion_figure(report: dict) -> go.Figure:
@@ -252,7 +258,7 @@ if base_info and base_info["has_head"]:
             st.info(result["note"])
             st.caption(
                 f"After = {result['method_help']}. {result['num_images']} old images; "
-                f"original classes named by: {result['class_names_rule']}."
+                f"original classes named by: {names_rule(result['class_names_rule'])}."
             )
             st.plotly_chart(_forgetting_figure(result), key="eval_forget_chart", width="stretch")
             st.dataframe(

@@ -128,3 +128,48 @@ def test_try_an_image_shows_the_top_classes(trained):
     assert any(f"**{best['class']}** ({best['probability']:.0%})" in m.value for m in at.markdown)
     images = [e for e in at.main if type(e).__name__ == "Image"]
     assert any("Grad-CAM" in str(e.proto) for e in images)
+
+
+def _without_names(source: Path, target: Path) -> Path:
+    """``source`` (.keras) with Retrain Studio's metadata removed: a model that carries no class
+    names, like most models people bring."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            if item.filename != "retrain.json":
+                zout.writestr(item, zin.read(item.filename))
+    return target
+
+
+def test_forgetting_for_a_model_without_class_names_takes_them_from_the_names_box(
+    trained, tmp_path
+):
+    token, workspace = _session(trained, run_id=RUN_ID)
+    run_dir = workspace / "runs" / RUN_ID
+    original = _without_names(run_dir / "best.keras", tmp_path / "plain.keras")
+    _set_config(workspace, base=str(original), original_classes=None)
+    at = _open(token)
+    assert "Did it forget the original task?" in [s.value for s in at.subheader]
+    names_box = at.text_input(key="eval_original_classes")
+    assert "output order" in names_box.label
+
+    buf = io.BytesIO()
+    data = Path(rundir.read_config(run_dir)["data"])
+    with zipfile.ZipFile(buf, "w") as zf:
+        for file in sorted(data.rglob("*.png")):
+            zf.write(file, file.relative_to(data).as_posix())
+    at.get("file_uploader")[0].set_value(("old.zip", buf.getvalue(), "application/zip")).run()
+    # Two names for three outputs: one line, in the page's words.
+    at.text_input(key="eval_original_classes").set_value("cat, dog").run()
+    at.toggle(key="eval_forget_run").set_value(True).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "--original-classes" not in errors[0], errors
+    # The right names, in output order: the check runs.
+    at.text_input(key="eval_original_classes").set_value("cat,dog,owl").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Drop"] == "0.0%"
+    named_by = [c.value for c in at.caption if "original classes named by" in c.value]
+    assert named_by and "the box 'Names of the original outputs'" in named_by[0], named_by
+    assert "--original-classes" not in named_by[0]
