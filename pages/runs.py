@@ -43,7 +43,7 @@ def _summary(config: dict) -> str:
         config.get("base", "?"),
         f"data {config.get('dataset_name') or config.get('data', '?')}",
         f"freeze {config.get('freeze', '?')}",
-        f"{config.get('epochs', '?')} ep @ lr {config.get('lr', '?')}",
+        f"{config.get('epochs', '?')} ep @ lr {_lr_text(config)}",
     ]
     if config.get("keep_old_classes"):  # else a replace run and a keep run read the same
         how = "with old images" if config.get("old_data") else "distillation only"
@@ -70,6 +70,14 @@ def _curves(selected: list[str], details: dict[str, dict], metric: str) -> go.Fi
     fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=340, margin=dict(t=10, b=10))
     fig.update_xaxes(tickmode="linear", dtick=1, tick0=1)
     return fig
+
+
+def _lr_text(config: dict) -> str:
+    """The run's learning rate: as set, or the one its range test found (--lr auto)."""
+    if config.get("lr") is not None:
+        return f"{config['lr']:g}"
+    used = config.get("lr_used")
+    return f"{used:.2g} (found)" if isinstance(used, (int, float)) else "auto"
 
 
 def _reuse(run_id: str, config: dict, workspace: Path) -> None:
