@@ -703,10 +703,12 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
     info: dict[str, Any] = {"format": f"HDF5 (Keras {version or '?'})"}
     keras = _keras()
     info["teachable_machine"] = _looks_like_teachable_machine(config)
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True), info
-    except Exception as err:  # Keras 2 files Keras 3 cannot read (TM exports): convert below
-        first_error = err
+    first_error: Exception | None = None
+    if not info["teachable_machine"]:  # Keras 3 never reads those: straight to conversion
+        try:
+            return keras.saving.load_model(path, compile=False, safe_mode=True), info
+        except Exception as err:  # Keras 2 files Keras 3 cannot read: convert below
+            first_error = err
     cached = _converted_copy(path)
     if cached is not None:  # converted before (any session): the checked Keras 3 copy
         model, diff = cached
@@ -716,7 +718,7 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
         except ModelError:
             raise
         except Exception as err:  # report the first failure; conversion was the fallback
-            reason = err if "tf_keras" in str(err) else first_error
+            reason = err if "tf_keras" in str(err) or first_error is None else first_error
             raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
         _keep_converted_copy(path, model, diff)
     info.update(
