@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._charts import confusion_figure, plain
 from pages._service import model_answer
 from pages._ui import as_text, ensure_session, require_finished_run
 from retrain import evaluate, rundir
@@ -50,30 +50,6 @@ def names_rule(key: str) -> str:
     return names_in_page_words(CLASS_NAME_RULES.get(key, key))
 
 
-def _confusion_figure(report: dict) -> go.Figure:
-    names = report["class_names"]
-    cm = np.array(report["confusion_matrix"])
-    fig = go.Figure(
-        go.Heatmap(
-            z=cm,
-            x=names,
-            y=names,
-            text=cm,
-            texttemplate="%{text}",
-            colorscale="Blues",
-            hovertemplate="true %{y}<br>predicted %{x}<br>%{z} images<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        xaxis_title="predicted class",
-        yaxis_title="true class",
-        yaxis_autorange="reversed",
-        height=max(320, 40 * len(names) + 120),
-        margin=dict(l=10, r=10, t=10, b=10),
-    )
-    return fig
-
-
 def _per_class_figure(report: dict) -> go.Figure:
     names = list(report["per_class"])
     fig = go.Figure(
@@ -103,10 +79,12 @@ def _gallery(items: list[dict], empty: str) -> None:
 
 
 def _selected_cell(event, names: list[str]) -> tuple[str, str] | None:
+    """The (true, predicted) class of the clicked cell; the figure's labels are escaped."""
+    by_label = {plain(name): name for name in names}
     points = (event or {}).get("selection", {}).get("points", []) if event else []
     for point in points:
-        if point.get("x") in names and point.get("y") in names:
-            return point["y"], point["x"]
+        if point.get("x") in by_label and point.get("y") in by_label:
+            return by_label[point["y"]], by_label[point["x"]]
     return None
 
 
@@ -152,7 +130,7 @@ with left:
     st.subheader("Confusion matrix")
     st.caption("Rows: true class, columns: predicted. Click a cell to see its images.")
     event = st.plotly_chart(
-        _confusion_figure(report),
+        confusion_figure(names, report["confusion_matrix"]),
         key="eval_confusion",
         on_select="rerun",
         selection_mode=("points",),

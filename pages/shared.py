@@ -9,12 +9,11 @@ Every name on it (classes, models) was typed by someone else and is shown as tex
 
 from __future__ import annotations
 
-import html
-
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._charts import confusion_figure
 from pages._service import model_answer
 from pages._share import card_markdown
 from pages._ui import as_text, ensure_session, remember
@@ -23,11 +22,6 @@ from retrain.errors import RetrainError
 from retrain.uploads import save_upload
 
 TRY_IMAGE_PX = 224
-
-
-def _plain(name: str) -> str:
-    """A name for a Plotly label: Plotly reads a few HTML tags in text, so escape them."""
-    return html.escape(str(name), quote=False)
 
 
 def _open_own_workspace() -> None:
@@ -50,27 +44,6 @@ def _curves(rows: list[dict]) -> go.Figure:
         xaxis_title="epoch",
         yaxis=dict(title="accuracy", range=[0, 1], tickformat=".0%"),
         legend=dict(orientation="h", y=1.1),
-    )
-    return fig
-
-
-def _confusion(report: dict) -> go.Figure:
-    names = [_plain(n) for n in report["class_names"]]
-    fig = go.Figure(
-        go.Heatmap(
-            z=report["confusion_matrix"],
-            x=names,
-            y=names,
-            colorscale="Blues",
-            texttemplate="%{z}",
-            hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        height=120 + 40 * len(names),
-        margin=dict(l=10, r=10, t=10, b=10),
-        xaxis_title="predicted",
-        yaxis=dict(title="true", autorange="reversed"),
     )
     return fig
 
@@ -182,7 +155,11 @@ with left:
 with right:
     st.subheader("Confusion matrix")
     if report.get("confusion_matrix"):
-        st.plotly_chart(_confusion(report), key="shared_confusion", width="stretch")
+        st.plotly_chart(
+            confusion_figure(report["class_names"], report["confusion_matrix"]),
+            key="shared_confusion",
+            width="stretch",
+        )
     else:
         st.caption("No evaluation was shared.")
 

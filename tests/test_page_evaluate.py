@@ -51,6 +51,16 @@ def _set_config(workspace: Path, **values) -> None:
     )
 
 
+def _data_zip(run_dir: Path) -> bytes:
+    """The run's own training images, zipped as class folders (the "original task" here)."""
+    buf = io.BytesIO()
+    data = Path(rundir.read_config(run_dir)["data"])
+    with zipfile.ZipFile(buf, "w") as zf:
+        for file in sorted(data.rglob("*.png")):
+            zf.write(file, file.relative_to(data).as_posix())
+    return buf.getvalue()
+
+
 def test_without_a_run_it_asks_to_train_first(trained):
     token, _ = _session(trained)
     at = _open(token)
@@ -96,12 +106,7 @@ def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
     at = _open(token)
     assert "Did it forget the original task?" in [s.value for s in at.subheader]
 
-    buf = io.BytesIO()
-    data = Path(rundir.read_config(run_dir)["data"])
-    with zipfile.ZipFile(buf, "w") as zf:
-        for file in sorted(data.rglob("*.png")):
-            zf.write(file, file.relative_to(data).as_posix())
-    at.get("file_uploader")[0].set_value(("old.zip", buf.getvalue(), "application/zip")).run()
+    at.get("file_uploader")[0].set_value(("old.zip", _data_zip(run_dir), "application/zip")).run()
     at.toggle(key="eval_forget_run").set_value(True).run()
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}
@@ -152,12 +157,7 @@ def test_forgetting_for_a_model_without_class_names_takes_them_from_the_names_bo
     names_box = at.text_input(key="eval_original_classes")
     assert "output order" in names_box.label
 
-    buf = io.BytesIO()
-    data = Path(rundir.read_config(run_dir)["data"])
-    with zipfile.ZipFile(buf, "w") as zf:
-        for file in sorted(data.rglob("*.png")):
-            zf.write(file, file.relative_to(data).as_posix())
-    at.get("file_uploader")[0].set_value(("old.zip", buf.getvalue(), "application/zip")).run()
+    at.get("file_uploader")[0].set_value(("old.zip", _data_zip(run_dir), "application/zip")).run()
     # Two names for three outputs: one line, in the page's words.
     at.text_input(key="eval_original_classes").set_value("cat, dog").run()
     at.toggle(key="eval_forget_run").set_value(True).run()
