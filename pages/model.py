@@ -469,14 +469,16 @@ if keep_old:  # the original head is kept: no cut or head options go to Train
 base_label = info["name"]
 preview = None
 if classes is not None:
+    # A replaced head depends on the number of classes only: sessions share that answer.
+    named = {"classes": list(classes)} if keep_old else {"num_classes": len(classes)}
     preview = model_answer(
         "head_preview",
         "Building the new model",
         words=page_words,
         spec=spec,
-        classes=list(classes),
         choice=choice,
         workspace=str(workspace),
+        **named,
     )
     if preview is not None and (
         st.session_state.get("base") != spec

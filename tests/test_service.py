@@ -155,6 +155,20 @@ def test_the_start_command_starts_warm_workers_before_the_server(workers):
     assert [w["pid"] for w in pool.live_workers()] == [started[0]["pid"]]
 
 
+def test_a_replaced_heads_preview_depends_on_the_number_of_classes_not_their_names():
+    choice = {"cut_at": None, "freeze": "all", "hidden_units": 0, "dropout": 0.2}
+    by_count = kinds.head_preview("builtin:digits-cnn", choice, num_classes=3)
+    by_names = kinds.head_preview("builtin:digits-cnn", choice, classes=["owl", "cat", "<b>"])
+    assert json_of(by_count) == json_of(by_names)
+    assert by_count["output_shape"][-1] == 3
+
+
+def json_of(answer: dict) -> str:
+    import json
+
+    return json.dumps(answer, sort_keys=True, default=str)
+
+
 def test_unknown_kind_is_one_line():
     with pytest.raises(ConfigError, match="Unknown model request 'nope'"):
         ask("nope")

@@ -131,12 +131,24 @@ def describe(
 
 
 def head_preview(
-    spec: str, classes: list[str], choice: dict[str, Any], workspace: str | None = None
+    spec: str,
+    choice: dict[str, Any],
+    classes: list[str] | None = None,
+    num_classes: int | None = None,
+    workspace: str | None = None,
 ) -> Answer:
     """The new model of the Model page's choices: its diff and layer table (`surgery.preview`),
-    and for "add classes, keep the old ones" the outputs before and after."""
+    and for "add classes, keep the old ones" the outputs before and after.
+
+    A replaced head's preview depends on how many classes there are, not on their names: send
+    ``num_classes`` then, and every session with as many classes and the same choices shares
+    one answer. Keep mode names the outputs, so it needs ``classes``.
+    """
     from retrain import surgery
     from retrain.models import resolve_preprocessing
+
+    if classes is None:
+        classes = [f"class {i + 1}" for i in range(int(num_classes or 0))]
 
     base = load_base(spec, workspace)
     if choice.get("preprocessing"):  # found or set on the page (a copy; the base is shared)
