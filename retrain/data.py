@@ -64,7 +64,7 @@ from PIL import (  # the decoders Retrain Studio accepts, registered explicitly
 
 from retrain.errors import ConfigError, DatasetError
 from retrain.uploads import save_upload
-from retrain.workspace import env_number, home, is_within, write_json
+from retrain.workspace import env_number, file_sha256, home, is_within, write_json
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -1200,14 +1200,6 @@ def load_dataset(manifest_path: str | Path) -> Dataset:
 # ingest
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _datasets_dir(workspace: Path) -> Path:
     folder = Path(workspace) / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
@@ -1287,7 +1279,7 @@ def _ingest_zip(path: Path, workspace: Path, progress: Progress | None) -> Datas
     name = _nfc(path.stem) or "dataset"
     if progress:
         progress(0.0, "Reading the zip")
-    zip_digest = _file_sha256(path)
+    zip_digest = file_sha256(path)
     known = datasets / "zips" / f"{zip_digest[:32]}.json"
     reused = _reuse(known, datasets)
     if reused is not None:

@@ -731,15 +731,9 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
 def _converted_path(path: Path) -> Path:
     """Where the Keras 3 copy of a converted Keras 2 file is kept: named by the file's SHA-256,
     in the shared Keras cache, so the same upload in any session converts once."""
-    import hashlib
+    from retrain.workspace import file_sha256, keras_home
 
-    from retrain.workspace import keras_home
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return keras_home() / "converted" / f"{digest.hexdigest()}.keras"
+    return keras_home() / "converted" / f"{file_sha256(path)}.keras"
 
 
 def _converted_copy(path: Path) -> tuple[Any, float] | None:

@@ -161,6 +161,15 @@ def shareable(value: Any) -> Any:
     return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group()).name, value)
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (a uniquely named temporary file, then a
     rename), so readers never see half a file and two writers never share a temporary file."""

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retrain.workspace import home, read_json, write_json
+from retrain.workspace import file_sha256, home, read_json, write_json
 
 #: Bump when an answer's shape changes: old answers are then never read.
 ANSWER_VERSION = 1
 _HASHES: dict[tuple[str, int, int], str] = {}
-_CHUNK = 1 << 22
 
 
 def service_dir() -> Path:
@@ -43,11 +42,7 @@ def file_hash(path: str | Path) -> str:
         return "not-a-file"
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                digest.update(chunk)
-        _HASHES[memo] = digest.hexdigest()
+        _HASHES[memo] = file_sha256(path)
     return _HASHES[memo]
 
 
