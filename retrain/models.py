@@ -17,6 +17,7 @@ Keras 3 model whose outputs are checked against the original.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -1368,6 +1369,32 @@ def original_class_names(
     )
 
 
+def describe_choice(
+    base: BaseModel,
+    preprocessing: str = "auto",
+    old_data: Any = None,
+    *,
+    workspace: Path | None = None,
+    original_classes: str | list[str] | None = None,
+) -> dict[str, Any]:
+    """`describe` of ``base`` with its preprocessing set by hand or probed on ``old_data``, and
+    its outputs named by ``original_classes`` when given (``class_names_rule`` says which rule
+    named them). ``base`` itself is never changed (the model workers share loaded bases)."""
+    if preprocessing != "auto" or old_data:
+        base = resolve_preprocessing(
+            base, preprocessing, old_data, workspace=workspace, original_classes=original_classes
+        )
+    if original_classes:
+        names, rule = original_class_names(base, None, original_classes)
+        out = describe(dataclasses.replace(base, class_names=names))
+        out["class_names_rule"] = rule
+        return out
+    out = describe(base)
+    if base.class_names:
+        out["class_names_rule"] = "model"
+    return out
+
+
 def cli_describe(args: Any) -> dict[str, Any]:
     """``python -m retrain describe BASE [--original-classes a,b,c]``: the layer table.
 
@@ -1375,19 +1402,10 @@ def cli_describe(args: Any) -> dict[str, Any]:
     ``class_names_rule`` says which rule named them.
     """
     workspace = getattr(args, "workspace", None)
-    base = load_base(args.base, workspace=workspace)
-    flag = getattr(args, "original_classes", None)
-    choice, old_data = getattr(args, "preprocessing", "auto"), getattr(args, "old_data", None)
-    if choice != "auto" or old_data:
-        base = resolve_preprocessing(
-            base, choice, old_data, workspace=workspace, original_classes=flag
-        )
-    if flag:
-        base.class_names, rule = original_class_names(base, None, flag)
-        out = describe(base)
-        out["class_names_rule"] = rule
-        return out
-    out = describe(base)
-    if base.class_names:
-        out["class_names_rule"] = "model"
-    return out
+    return describe_choice(
+        load_base(args.base, workspace=workspace),
+        getattr(args, "preprocessing", "auto"),
+        getattr(args, "old_data", None),
+        workspace=workspace,
+        original_classes=getattr(args, "original_classes", None),
+    )

@@ -113,21 +113,16 @@ def describe(
     workspace: str | None = None,
     original_classes: str | None = None,
 ) -> Answer:
-    """The base's layer table and facts (`models.describe`), its preprocessing set by hand or
-    probed on ``old_data`` (the original task's images)."""
-    from retrain.models import describe as describe_base
-    from retrain.models import resolve_preprocessing
+    """The base's layer table and facts: `models.describe_choice`, as ``retrain describe``."""
+    from retrain.models import describe_choice
 
-    base = load_base(spec, workspace)
-    if preprocessing != "auto" or old_data:
-        base = resolve_preprocessing(
-            base,
-            preprocessing,
-            old_data,
-            workspace=Path(workspace) if workspace else None,
-            original_classes=original_classes,
-        )
-    return describe_base(base)
+    return describe_choice(
+        load_base(spec, workspace),
+        preprocessing,
+        old_data,
+        workspace=Path(workspace) if workspace else None,
+        original_classes=original_classes,
+    )
 
 
 def head_preview(
