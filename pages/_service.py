@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,13 +66,9 @@ def model_answer(
     message = st.empty()
     bar = st.empty() if progress_bar else None
     button = st.empty()
-    shown = {"at": 0.0, "button": False}
+    shown = {"button": False}
 
-    def on_wait(status: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - shown["at"] < 0.25:
-            return
-        shown["at"] = now
+    def on_wait(status: dict[str, Any]) -> None:  # about twice a second (retrain.service)
         if status.get("state") == "queued":
             ahead = (status.get("position") or 1) - 1
             busy = status.get("running") or 0

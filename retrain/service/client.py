@@ -29,6 +29,8 @@ class WorkerLost(ServiceError):
 
 
 WORKER_LOST = requests.WORKER_LOST
+#: How often a waiting page looks at the queue and the workers (the answer is polled faster).
+LOOK_EVERY_S = 0.5
 
 
 def key_of(kind: str, args: dict[str, Any]) -> str:
@@ -82,7 +84,7 @@ def ask(
     Args:
         kind: a name in `retrain.service.kinds.KINDS`.
         session: who asks (queues are fair across sessions); never part of the answer.
-        on_wait: called about ten times a second while waiting, with ``{"state": "queued",
+        on_wait: called about twice a second while waiting, with ``{"state": "queued",
             "position": n, "running": k, "workers_ready": w}`` or ``{"state": "running",
             "progress": {...}}``.
         timeout: seconds to wait; default the kind's own.
@@ -144,34 +146,17 @@ def _ask_local(
 ) -> dict[str, Any]:
     rid = requests.request_id(key, session)
     requests.enqueue(rid, key, kind, args, session)
-    pool.ensure_workers()
+    workers = pool.ensure_workers()
     deadline = time.time() + limit
-    next_pool_check = time.time() + 2.0
-    pause = 0.02
+    next_look, pause = 0.0, 0.02
     while True:
         outcome = requests.result(rid)
         if outcome is not None:
             return _delivered(outcome, key)
-        state = requests.state(rid)
-        if state == "running":
-            _check_worker(rid)
-            if on_wait is not None:
-                on_wait({"state": "running", "progress": requests.read_progress(rid)})
-        elif state == "queued":
-            if time.time() > next_pool_check:  # a worker that died idle is replaced
-                pool.ensure_workers()
-                next_pool_check = time.time() + 2.0
-            if on_wait is not None:
-                on_wait(
-                    {
-                        "state": "queued",
-                        "position": requests.position(rid),
-                        "running": requests.running_count(),
-                        "workers_ready": sum(1 for w in pool.live_workers() if "ready" in w),
-                    }
-                )
-        elif requests.result(rid) is None:
-            raise ServiceError("The model request was cancelled. Ask again to retry.")
+        if time.time() >= next_look:  # the queue, the workers: twice a second is enough
+            next_look = time.time() + LOOK_EVERY_S
+            _look(rid, on_wait, workers)
+            workers = pool.ensure_workers()  # a worker that died (idle or not) is replaced
         if time.time() > deadline:
             requests.cancel(rid)
             raise ServiceError(
@@ -180,6 +165,32 @@ def _ask_local(
             )
         time.sleep(pause)
         pause = min(pause * 1.5, 0.2)
+
+
+def _look(rid: str, on_wait: Waiting | None, workers: list[dict[str, Any]]) -> None:
+    """Where request ``rid`` stands, told to ``on_wait``; a worker that died answering it turns
+    it into `WORKER_LOST`; a request that vanished was cancelled.
+
+    Raises:
+        ServiceError: the request is neither waiting, running nor answered (cancelled).
+    """
+    state = requests.state(rid)
+    if state == "running":
+        _check_worker(rid)
+        status = {"state": "running", "progress": requests.read_progress(rid)}
+    elif state == "queued":
+        status = {
+            "state": "queued",
+            "position": requests.position(rid),
+            "running": requests.running_count(),
+            "workers_ready": sum(1 for w in workers if "ready" in w),
+        }
+    elif state is None:
+        raise ServiceError("The model request was cancelled. Ask again to retry.")
+    else:
+        return  # answered in the meantime: the caller reads it next
+    if on_wait is not None:
+        on_wait(status)
 
 
 def _delivered(outcome: dict[str, Any], key: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import collections
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Kind:
     cache: bool = True
     timeout_s: float = 600.0
     reports_progress: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------

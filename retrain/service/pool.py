@@ -25,7 +25,7 @@ from typing import Any
 from retrain.procs import process_alive
 from retrain.service.cache import service_dir
 from retrain.service.queue import this_host
-from retrain.workspace import env_number, home, keras_home, read_json, write_json
+from retrain.workspace import env_number, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,20 +74,13 @@ def _pool_lock() -> Iterator[None]:
 
 
 def worker_env() -> dict[str, str]:
-    """A model worker's environment: the same home, capped threads, unbuffered output."""
-    from retrain.devices import worker_threads
+    """A training worker's environment (`jobs.worker_env`: same home, capped threads), with
+    ``RETRAIN_MODEL_THREADS`` threads when it is set."""
+    from retrain.jobs import worker_env as training_env
 
-    env = dict(os.environ)
-    env.update(
-        {
-            "RETRAIN_HOME": str(home()),
-            "KERAS_HOME": str(keras_home()),
-            "RETRAIN_WORKER_THREADS": env.get("RETRAIN_MODEL_THREADS", str(worker_threads())),
-            "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-        }
-    )
+    env = training_env()
+    if os.environ.get("RETRAIN_MODEL_THREADS"):
+        env["RETRAIN_WORKER_THREADS"] = os.environ["RETRAIN_MODEL_THREADS"]
     return env
 
 
