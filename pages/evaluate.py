@@ -7,7 +7,8 @@ import streamlit as st
 
 from pages._charts import confusion_figure, plain
 from pages._service import model_answer
-from pages._ui import as_text, ensure_session, require_finished_run
+from pages._share import share_panel
+from pages._ui import as_text, ensure_session, link, require_finished_run
 from retrain import evaluate, rundir
 from retrain.errors import RetrainError
 from retrain.models import CLASS_NAME_RULES
@@ -306,6 +307,5 @@ if uploads:
                 fig, key=f"eval_try_{path.parent.name}_{path.name}", width="stretch"
             )
 
-from pages._share import share_panel  # noqa: E402  (the Share button of this finished run)
-
-share_panel(run_dir, key="eval_share")
+share_panel(run_dir, key="eval_share")  # a read-only link to this finished run
+link("export", "Next: export the model")
