@@ -388,6 +388,29 @@ def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
     return None
 
 
+#: The library speaks the CLI's flags. On the Model and Evaluate pages the names of the
+#: original outputs are typed in a box above the message: these say so in the page's words.
+ORIGINAL_NAMES_WORDS = (
+    ('pass --original-classes "a,b,..." (', "type the names of its outputs in the box above ("),
+    (
+        ") or the old data (its class folders, sorted).",
+        "), or choose the original task's images above (their class folders, sorted, name them).",
+    ),
+    ("pass --original-classes", "type the names of its outputs in the box above"),
+    ("given with --original-classes", "typed in the box above"),
+    ("--original-classes names", "The box above names"),
+    ("--original-classes '", "The output names '"),
+    ("--original-classes", "the names box above"),
+)
+
+
+def page_words(text: str, words: tuple[tuple[str, str], ...] = ORIGINAL_NAMES_WORDS) -> str:
+    """``text`` with the CLI flags it names replaced by what a person does on the page."""
+    for flag, replacement in words:
+        text = text.replace(flag, replacement)
+    return text
+
+
 def link(page: str, label: str, icon: str = ":material/arrow_forward:") -> None:
     """A link to another step; plain text when the page runs outside the app's navigation
     (a page opened on its own, as page tests do)."""

@@ -8,7 +8,7 @@ import streamlit as st
 from pages._charts import confusion_figure, plain
 from pages._service import model_answer
 from pages._share import share_panel
-from pages._ui import as_text, ensure_session, link, require_finished_run
+from pages._ui import as_text, ensure_session, link, page_words, require_finished_run
 from retrain import evaluate, rundir
 from retrain.errors import RetrainError
 from retrain.models import CLASS_NAME_RULES
@@ -41,14 +41,9 @@ def _forgetting_figure(result: dict) -> go.Figure:
     return fig
 
 
-def names_in_page_words(text: str) -> str:
-    """A forgetting error that names the CLI flag, in this page's words (the names box)."""
-    return text.replace("--original-classes", "the box 'Names of the original outputs'")
-
-
 def names_rule(key: str) -> str:
     """How the original classes were named (a `CLASS_NAME_RULES` key), in this page's words."""
-    return names_in_page_words(CLASS_NAME_RULES.get(key, key))
+    return page_words(CLASS_NAME_RULES.get(key, key))
 
 
 def _per_class_figure(report: dict) -> go.Figure:
@@ -222,7 +217,7 @@ if base_info and base_info["has_head"]:
         result = model_answer(
             "forgetting",
             "Scoring the original task before and after",
-            words=names_in_page_words,
+            words=page_words,
             spec=base_spec,
             run_dir=str(run_dir),
             data=old_data,

@@ -11,12 +11,14 @@ import streamlit as st
 
 from pages._service import model_answer
 from pages._ui import (
+    ORIGINAL_NAMES_WORDS,
     as_text,
     demo_mode,
     ensure_session,
     link,
     load_dataset_cached,
     old_data_picker,
+    page_words,
     remember,
 )
 from retrain.errors import RetrainError
@@ -46,29 +48,19 @@ STATUS_COLOURS = {
 MAX_BARS = 48
 
 
-# The library speaks the CLI's flags; on this page they are the Preprocessing section's widgets.
+# On this page the preprocessing flags are the Preprocessing section's widgets.
 CLI_WORDS = (
     ("(--old-data)", "(the Preprocessing section above)"),
     ("with --preprocessing", "there"),
     ("Set --preprocessing", "Choose it in the Preprocessing section above"),
     (" (--preprocessing)", ""),
-    ('pass --original-classes "a,b,..." (', "type the names of its outputs in the box above ("),
-    (
-        ") or the old data (its class folders, sorted).",
-        "), or choose the original task's images above (their class folders, sorted, name them).",
-    ),
-    ("pass --original-classes", "type the names of its outputs in the box above"),
-    ("given with --original-classes", "typed in the box above"),
-    ("--original-classes names", "The box above names"),
-    ("--original-classes '", "The output names '"),
+    *ORIGINAL_NAMES_WORDS,
 )
 
 
-def page_words(text: str) -> str:
-    """``text`` with the CLI flags it names replaced by what a person does on this page."""
-    for flag, words in CLI_WORDS:
-        text = text.replace(flag, words)
-    return text
+def model_page_words(text: str) -> str:
+    """``text`` in this page's words (`pages._ui.page_words` with the preprocessing widgets)."""
+    return page_words(text, CLI_WORDS)
 
 
 def seed_widgets(spec: str, names: list[str]) -> None:
@@ -306,11 +298,11 @@ cols[3].metric(f"Input ({colour})", size.replace("x", "×", 1), help=f"{info['in
 cols[4].metric("Original classes", len(info["class_names"] or []) or info["output_shape"][-1])
 st.caption(
     f"Preprocessing: **{info['preprocessing']}**, {PREPROCESSING[info['preprocessing']]} "
-    f"({page_words(info['origin'].get('preprocessing_source', ''))}). The new model applies it "
+    f"({model_page_words(info['origin'].get('preprocessing_source', ''))}). The new model applies it "
     "inside, so it takes raw images."
 )
 if info.get("preprocessing_warning") and prep_choice == "auto":
-    st.warning(page_words(info["preprocessing_warning"]))
+    st.warning(model_page_words(info["preprocessing_warning"]))
 if info.get("preprocessing_probe"):
     probe_info = info["preprocessing_probe_info"]
     scores = pd.DataFrame(
@@ -333,7 +325,7 @@ if info.get("preprocessing_probe"):
         f"head; best: **{probe_info['best']}**. {probe_info['margin'].capitalize()}."
     )
     if probe_info.get("warning"):
-        st.warning(page_words(probe_info["warning"]))
+        st.warning(model_page_words(probe_info["warning"]))
 if info["origin"].get("converted"):
     st.caption(
         f"{info['origin']['converted']}; outputs match the original within "
@@ -474,7 +466,7 @@ if classes is not None:
     preview = model_answer(
         "head_preview",
         "Building the new model",
-        words=page_words,
+        words=model_page_words,
         spec=spec,
         choice=choice,
         workspace=str(workspace),
@@ -528,7 +520,7 @@ if preview is not None:
     )
     if preview.get("outputs"):
         st.markdown(
-            f"**Outputs before → after** (original names: {page_words(preview['names_rule'])})"
+            f"**Outputs before → after** (original names: {model_page_words(preview['names_rule'])})"
         )
         st.dataframe(preview["outputs"], hide_index=True, key="model_outputs_table")
     stack = layer_stack(info["layers"], preview["rows"])

@@ -171,5 +171,5 @@ def test_forgetting_for_a_model_without_class_names_takes_them_from_the_names_bo
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Drop"] == "0.0%"
     named_by = [c.value for c in at.caption if "original classes named by" in c.value]
-    assert named_by and "the box 'Names of the original outputs'" in named_by[0], named_by
+    assert named_by and "typed in the box above" in named_by[0], named_by
     assert "--original-classes" not in named_by[0]
