@@ -361,7 +361,9 @@ def test_stop_a_running_ray_job_then_resume_it(ray_env: Cluster, tiny_data: Path
     from retrain import ray_runner, rundir
 
     run_dir = tmp_path / "run-long"
-    reply = submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
+    reply = submit(
+        tiny_data, run_dir, "--epochs", "400", "--early-stopping", "0", "--runner", "ray"
+    )
     wait_for(lambda: epochs_of(run_dir), timeout_s=240, what="a first epoch")
     stopped = cli("stop", str(run_dir))
     assert stopped["stop_requested"] is True and stopped["state"] in ("stopping", "done")
@@ -530,7 +532,8 @@ def test_head_killed_mid_run_shows_interrupted_then_resume_continues(
     from retrain import jobs, rundir
 
     run_dir = page_session["workspace"] / "runs" / "run-kill"
-    submit(tiny_data, run_dir, "--epochs", "400", "--runner", "ray")
+    # 400 epochs and no early stopping: the run is certainly still training when the head dies.
+    submit(tiny_data, run_dir, "--epochs", "400", "--early-stopping", "0", "--runner", "ray")
     wait_for(lambda: epochs_of(run_dir), timeout_s=240, what="a first epoch")
     pid = rundir.read_status_file(run_dir)["pid"]
 
