@@ -22,9 +22,9 @@ from pages._ui import (
     session_notice,
     sidebar_choices,
 )
-from retrain.jobs import session_has_live_run
-from retrain.share import prune_shares
-from retrain.workspace import cleanup_sessions
+from retrain.runs.jobs import session_has_live_run
+from retrain.sessions.share import prune_shares
+from retrain.sessions.workspace import cleanup_sessions
 
 st.set_page_config(
     page_title="Retrain Studio", page_icon=":material/model_training:", layout="wide"

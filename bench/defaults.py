@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 def run(workspace: Path, name: str, settings: dict) -> dict:
     from retrain import evaluate
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
 
     run_dir = workspace / "runs" / name
     config = TrainConfig(data=str(FLOWERS), base=str(TM_BASE), out=str(run_dir), **settings)

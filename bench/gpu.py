@@ -16,16 +16,17 @@ compile), then times whole epochs over an in-memory pool of images.
     2. uint8 input, rescaling inside the model (on the device), batch 64;
     3. uint8, batch 256;
     4. uint8, batch 256, ``mixed_bfloat16``;
-    5. the project's defaults from ``retrain.devices.gpu_defaults()`` (batch, precision, jit,
-       multi-device distribution), fed by numpy like the rows above;
+    5. the project's defaults from ``retrain.training.devices.gpu_defaults()`` (batch,
+       precision, jit, multi-device distribution), fed by numpy like the rows above;
     6. the same defaults fed through the project's own data path
-       (``retrain.callbacks.ArrayDataset``, a ``keras.utils.PyDataset`` reading the uint8 cache
-       on worker threads).
+       (``retrain.training.callbacks.ArrayDataset``, a ``keras.utils.PyDataset`` reading the
+       uint8 cache on worker threads).
 (b) Frozen-base head training for 20 epochs: plain ``fit`` of the full model with the base
     frozen (float32 input, batch 64; ``--frozen-epochs`` epochs run, the 20-epoch time is the
     first epoch + 19 x the mean later epoch) against the project's feature cache
-    (``retrain.train.cached_features``: one batched ``predict`` of the base into a memory-mapped
-    .npy, then 20 epochs of the head on the features), wall time including compilation.
+    (``retrain.training.features.cached_features``: one batched ``predict`` of the base into a
+    memory-mapped .npy, then 20 epochs of the head on the features), wall time including
+    compilation.
 (c) Feature extraction, images/s: ``predict`` of the base, plain (float32, batch 64) and with
     the project's defaults (uint8, default batch and precision).
 
@@ -52,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrain import devices  # noqa: E402  (after the path tweak; imports no framework)
+from retrain.training import devices  # noqa: E402  (after the path tweak; imports no framework)
 
 NUM_CLASSES = 10
 HEAD_EPOCHS = 20
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------
-# Models: the same network the project builds (retrain.surgery's contract): uint8 input ->
+# Models: the same network the project builds (retrain.models.surgery's contract): uint8 input ->
 # preprocessing on the device -> base(training=False) -> pooled head -> float32 softmax.
 
 
@@ -277,8 +278,9 @@ def fit_variant(
 
 
 def timed_pydataset_fit(model: Any, x: np.ndarray, y: np.ndarray, batch: int, epochs: int) -> float:
-    """The project's feed: ``retrain.callbacks.ArrayDataset`` over the uint8 array, 2 workers."""
-    from retrain.callbacks import ArrayDataset
+    """The project's feed: ``retrain.training.callbacks.ArrayDataset`` over the uint8 array,
+    2 workers."""
+    from retrain.training.callbacks import ArrayDataset
 
     indices = np.arange(len(x))
     warm = ArrayDataset(x, y, indices[: 2 * batch], batch, workers=2)
@@ -290,7 +292,7 @@ def timed_pydataset_fit(model: Any, x: np.ndarray, y: np.ndarray, batch: int, ep
 
 
 def frozen_head(args: argparse.Namespace, pool: np.ndarray, labels: np.ndarray) -> dict:
-    from retrain.train import cached_features
+    from retrain.training.features import cached_features
 
     small = args.small_batch
     # Plain: the full model, base frozen, float32 input, every epoch runs the base again.

@@ -97,7 +97,7 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
 
-    from retrain.data import _num_workers
+    from retrain.data.dataset import _num_workers
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="retrain-bench-") as tmp:

@@ -8,9 +8,9 @@ Two tasks, both "a model trained on digits 0-4 learns digits 5-9":
 
 - ``starter``: the built-in starter model (``builtin:digits-cnn``, RGB 32x32, class names
   inside). The starter's own held-out 0-4 images (the 20% it never trained on, same
-  permutation as `models._train_digits_cnn`) are the old task's test images; its training
-  images are the old data a user still has (the run holds 20% of them out as its own old
-  validation images).
+  permutation as `models.builtin._train_digits_cnn`) are the old task's test images; its
+  training images are the old data a user still has (the run holds 20% of them out as its own
+  old validation images).
 - ``user-cnn`` (harder): an MNIST-style CNN a user trained (28x28 grayscale white-on-black
   digits scaled x / 255, no class names and no preprocessing inside: the run names its
   outputs from the old data's folders and probes the scaling). Old data and old test images
@@ -64,7 +64,7 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, names: list
 def build_task(folder: Path, task: str) -> dict[str, Path | str]:
     """Old data, old test, new data, new test (class folders), and the base model's spec."""
     from retrain.data import stratified_split
-    from retrain.sample import NEW_TASK, ORIGINAL_TASK, digit_images
+    from retrain.data.sample import NEW_TASK, ORIGINAL_TASK, digit_images
 
     if task == "starter":
         images, labels, names = digit_images(ORIGINAL_TASK)
@@ -159,8 +159,8 @@ METHODS = {
 
 def measure(method: str, task: dict, workspace: Path, args: argparse.Namespace) -> dict:
     from retrain import evaluate
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
 
     settings: dict = {"seed": 0}
     if args.lr != "auto":

@@ -35,7 +35,7 @@ from tests.ray_fixtures import RayHead  # noqa: E402
 
 
 def first_epoch_seconds(run_dir: Path, started: float, timeout_s: float = 600) -> float:
-    from retrain import jobs, rundir
+    from retrain.runs import jobs, rundir
 
     while time.monotonic() - started < timeout_s:
         if rundir.read_metrics(run_dir):
@@ -48,7 +48,7 @@ def first_epoch_seconds(run_dir: Path, started: float, timeout_s: float = 600) -
 
 
 def wait_done(run_dirs: list[Path], timeout_s: float = 900) -> None:
-    from retrain import jobs
+    from retrain.runs import jobs
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,8 +69,9 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="retrain-bench-ray-"))
     os.environ["RETRAIN_HOME"] = str(home)
     os.environ.update({"RETRAIN_RAY_GPUS": "0", "RETRAIN_RAY_CPUS": "1"})
-    from retrain import jobs, ray_runner, rundir, runners, sample
-    from retrain.config import TrainConfig
+    from retrain.data import sample
+    from retrain.runs import jobs, ray_runner, rundir, runners
+    from retrain.training.config import TrainConfig
 
     workspace = home / "bench"
     data = sample.sample_dataset(workspace)

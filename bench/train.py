@@ -92,7 +92,8 @@ def export_base_weights(path: Path) -> float:
     import keras
     import numpy as np
 
-    from retrain import models, surgery
+    from retrain import models
+    from retrain.models import surgery
 
     with tempfile.TemporaryDirectory() as home:
         base = models.load_base(str(TM_BASE), workspace=Path(home))
@@ -130,7 +131,7 @@ def project_run(home: Path, run_dir: Path, *flags: str) -> dict:
         check=True,
     )
     result["test_accuracy"] = json.loads(evaluation.stdout)["accuracy"]
-    from retrain import rundir
+    from retrain.runs import rundir
 
     metrics = rundir.read_metrics(run_dir)
     result["images_per_second"] = [m["images_per_second"] for m in metrics]

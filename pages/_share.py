@@ -16,8 +16,8 @@ import streamlit as st
 
 from pages._service import model_answer
 from pages._ui import as_text
-from retrain import share
 from retrain.errors import RetrainError
+from retrain.sessions import share
 
 EXPIRY_CHOICES = {24: "1 day", 168: "7 days", 720: "30 days", 2160: "90 days"}
 

@@ -41,7 +41,7 @@ from typing import Any
 import streamlit as st
 
 from retrain.errors import ConfigError
-from retrain.workspace import (
+from retrain.sessions.workspace import (
     is_valid_token,
     new_session_token,
     read_json,
@@ -300,8 +300,8 @@ def preselect_demo(workspace: Path) -> None:
     st.session_state["_demo_preselected"] = True
     if not st.session_state.get("dataset"):
         from retrain.data import ingest
-        from retrain.sample import sample_dataset
-        from retrain.workspace import home
+        from retrain.data.sample import sample_dataset
+        from retrain.sessions.workspace import home
 
         with st.spinner("Preparing the sample digits…"):
             dataset = ingest(sample_dataset(home()), workspace)
@@ -372,14 +372,14 @@ def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
         "measure the old task live. Without: distillation, and no live old-task measure.",
     )
     if source == "sample":
-        from retrain.sample import sample_dataset
+        from retrain.data.sample import sample_dataset
 
         return str(sample_dataset(workspace, "0-4"))
     if source == "none":
         return None
     upload = st.file_uploader(OLD_DATA_SOURCES["upload"], type=["zip"], key=f"{key}_old_upload")
     if upload is not None:
-        from retrain.uploads import save_upload
+        from retrain.sessions.uploads import save_upload
 
         return str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
     if remembered and Path(remembered).exists() and start == "upload":
@@ -437,9 +437,9 @@ def require_finished_run(workspace: Path, action: str) -> Path:
 
     ``action`` completes "... it once it is done" (e.g. "evaluate", "export").
     """
-    from retrain import jobs
     from retrain.errors import RetrainError
-    from retrain.workspace import run_path
+    from retrain.runs import jobs
+    from retrain.sessions.workspace import run_path
 
     run_id = require(
         "run_id", f"Train a model first: this page needs a finished run to {action}.", "train"

@@ -7,9 +7,9 @@ import streamlit as st
 
 from pages._ui import as_text, dataset_label, ensure_session, link, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
+from retrain.data.sample import sample_dataset
 from retrain.errors import RetrainError
-from retrain.sample import sample_dataset
-from retrain.workspace import home
+from retrain.sessions.workspace import home
 
 MAX_PREVIEW_CLASSES = 24
 THUMBS_PER_CLASS = 6

@@ -9,10 +9,11 @@ from pages._charts import confusion_figure, plain
 from pages._service import model_answer
 from pages._share import share_panel
 from pages._ui import as_text, ensure_session, link, page_words, require_finished_run
-from retrain import evaluate, rundir
+from retrain import evaluate
 from retrain.errors import RetrainError
 from retrain.models import CLASS_NAME_RULES
-from retrain.uploads import save_upload
+from retrain.runs import rundir
+from retrain.sessions.uploads import save_upload
 
 GALLERY_MAX = 24
 
@@ -190,8 +191,8 @@ if base_info and base_info["has_head"]:
     if offer_digits and st.toggle(
         "Use the built-in digits 0-4 (the original task)", key="eval_forget_builtin"
     ):
-        from retrain.sample import sample_dataset
-        from retrain.workspace import home
+        from retrain.data.sample import sample_dataset
+        from retrain.sessions.workspace import home
 
         old_data = str(sample_dataset(home(), "0-4"))
     if old_data is None:

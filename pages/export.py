@@ -11,7 +11,8 @@ import streamlit as st
 from pages._service import model_answer
 from pages._share import card_markdown
 from pages._ui import ensure_session, require_finished_run
-from retrain import export, rundir
+from retrain.export import export
+from retrain.runs import rundir
 
 FORMAT_LABELS = {
     "keras": ".keras (Keras 3: raw images in, probabilities out)",

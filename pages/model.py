@@ -29,8 +29,8 @@ from retrain.models import (
     group_layers,
     layer_stack,
 )
-from retrain.preprocessing import PREPROCESSING
-from retrain.uploads import save_upload
+from retrain.models.preprocessing import PREPROCESSING
+from retrain.sessions.uploads import save_upload
 
 SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
 WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Upload a weights file")
@@ -262,7 +262,7 @@ with st.expander("Preprocessing (how pixels are scaled for this model)"):
     probe_data = None
     if spec.startswith("builtin:"):
         if st.checkbox("Check with the sample digits 0-4 (its original task)", key="probe_sample"):
-            from retrain.sample import sample_dataset
+            from retrain.data.sample import sample_dataset
 
             probe_data = str(sample_dataset(workspace, "0-4"))
     else:

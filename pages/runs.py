@@ -19,10 +19,10 @@ from pages._ui import (
     prefill_train_settings,
     remember,
 )
-from retrain import jobs
-from retrain.config import TrainConfig
 from retrain.errors import RetrainError
-from retrain.workspace import is_within
+from retrain.runs import jobs
+from retrain.sessions.workspace import is_within
+from retrain.training.config import TrainConfig
 
 
 def _details(run: dict) -> dict:

@@ -17,9 +17,9 @@ from pages._charts import confusion_figure
 from pages._service import model_answer
 from pages._share import card_markdown
 from pages._ui import as_text, ensure_session, remember
-from retrain import share
 from retrain.errors import RetrainError
-from retrain.uploads import save_upload
+from retrain.sessions import share
+from retrain.sessions.uploads import save_upload
 
 TRY_IMAGE_PX = 224
 

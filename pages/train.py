@@ -26,10 +26,10 @@ from pages._ui import (
     remember,
     require,
 )
-from retrain import jobs, rundir, runners
-from retrain.config import TrainConfig, demo_capped
 from retrain.errors import RetrainError
-from retrain.workspace import run_path
+from retrain.runs import jobs, rundir, runners
+from retrain.sessions.workspace import run_path
+from retrain.training.config import TrainConfig, demo_capped
 
 DEMO_MAX_EPOCHS = 20  # head epochs take ~0.15 s on the demo data; 20 reach ~87% (5 only ~67%)
 LIVE_KEY = "_train_live"  # {run_id: {"offset", "rows", "progress"}}: the fragment's cache

@@ -1,5 +1,9 @@
 """Retrain Studio's library: data, models, surgery, training, evaluation and export.
 
+One subpackage per concept (README, "Where things are"): `data`, `models`, `training`,
+`runs`, `evaluate`, `export`, `sessions` and `service`; `__main__` is the command line and
+`errors` the error kinds every package shares.
+
 Nothing here imports Streamlit. Keras and TensorFlow are imported inside the functions
 that need them, so `import retrain` and the dashboard's first page stay fast.
 """

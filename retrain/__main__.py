@@ -38,7 +38,7 @@ def _original_classes_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _preprocessing_arg(parser: argparse.ArgumentParser, what: str) -> None:
-    from retrain.config import PREPROCESSINGS  # no Keras: the registry is plain data
+    from retrain.training.config import PREPROCESSINGS  # no Keras: the registry is plain data
 
     parser.add_argument(
         "--preprocessing",
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="check a zip/folder of images and print its summary")
     p.add_argument("data", help="DATA.zip or a folder of class folders")
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.data:cli_ingest")
+    p.set_defaults(handler="retrain.data.splits:cli_ingest")
 
     p = sub.add_parser("describe", help="print a base model's layer table")
     p.add_argument(
@@ -77,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing on them through the original head (preprocessing_probe)",
     )
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.models:cli_describe")
+    p.set_defaults(handler="retrain.models.summary:cli_describe")
 
     p = sub.add_parser("train", help="train in the foreground, writing a run directory")
-    from retrain.config import add_config_arguments  # argparse only; Keras loads later
+    from retrain.training.config import add_config_arguments  # argparse only; Keras loads later
 
     add_config_arguments(p)
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.worker:cli_train")
+    p.set_defaults(handler="retrain.runs.worker:cli_train")
 
     p = sub.add_parser(
         "submit",
@@ -110,15 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ray: CPUs the job asks Ray for (default: $RETRAIN_RAY_CPUS, else 1)",
     )
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.runners:cli_submit")
+    p.set_defaults(handler="retrain.runs.runners:cli_submit")
 
     p = sub.add_parser("status", help="print a run's status (detects dead workers)")
     p.add_argument("run_dir", type=Path)
-    p.set_defaults(handler="retrain.runners:cli_status")
+    p.set_defaults(handler="retrain.runs.runners:cli_status")
 
     p = sub.add_parser("stop", help="ask a running training to stop after the current batch")
     p.add_argument("run_dir", type=Path)
-    p.set_defaults(handler="retrain.runners:cli_stop")
+    p.set_defaults(handler="retrain.runs.runners:cli_stop")
 
     p = sub.add_parser("evaluate", help="score a model on a labelled folder/zip")
     p.add_argument("--model", required=True, type=Path, help="MODEL.keras")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _preprocessing_arg(p, "the model (auto: a Retrain Studio model has it inside)")
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.evaluate:cli_evaluate")
+    p.set_defaults(handler="retrain.evaluate.cli:cli_evaluate")
 
     p = sub.add_parser("forgetting", help="score the original task before/after retraining")
     p.add_argument("--original", required=True, help="the original model (BASE syntax)")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _original_classes_arg(p)
     _preprocessing_arg(p, "the original model (auto: what the run used)")
     _workspace_arg(p)
-    p.set_defaults(handler="retrain.evaluate:cli_forgetting")
+    p.set_defaults(handler="retrain.evaluate.cli:cli_forgetting")
 
     p = sub.add_parser("export", help="export a finished run")
     p.add_argument("--run", required=True, type=Path, help="RUN_DIR")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         help="repeat for several formats",
     )
-    p.set_defaults(handler="retrain.export:cli_export")
+    p.set_defaults(handler="retrain.export.export:cli_export")
 
     p = sub.add_parser(
         "share", help="make a read-only share link for a finished run: {url_path, share_id}"
@@ -172,17 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOURS",
         help="hours until the link stops working (default 168 = 7 days, at most 2160)",
     )
-    p.set_defaults(handler="retrain.share:cli_share")
+    p.set_defaults(handler="retrain.sessions.share:cli_share")
 
     p = sub.add_parser("unshare", help="revoke a share link")
     p.add_argument("share_id", metavar="ID")
-    p.set_defaults(handler="retrain.share:cli_unshare")
+    p.set_defaults(handler="retrain.sessions.share:cli_unshare")
 
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("--model", required=True, type=Path, help="MODEL.keras")
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--top-k", type=int, default=3)
-    p.set_defaults(handler="retrain.evaluate:cli_predict")
+    p.set_defaults(handler="retrain.evaluate.cli:cli_predict")
     return parser
 
 
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "workspace", None) is None and "workspace" in vars(args):
-        from retrain.workspace import home
+        from retrain.sessions.workspace import home
 
         args.workspace = home()
     module_name, func_name = args.handler.split(":")

@@ -149,7 +149,7 @@ def wait_for_run(run_dir: Path, timeout_s: float = 300.0, poll_s: float = 1.0) -
     """
     import time
 
-    from retrain import jobs
+    from retrain.runs import jobs
 
     deadline = time.time() + timeout_s
     while (status := jobs.read_status(run_dir))["state"] in jobs.ACTIVE_STATES:
@@ -169,13 +169,13 @@ def write_run_dir(
     split: tuple[list[str], list[str]] | None = None,
     progress: dict | None = None,
 ) -> Path:
-    """Write a run directory through `retrain.rundir`, as training and jobs write it.
+    """Write a run directory through `retrain.runs.rundir`, as training and jobs write it.
 
     ``config`` is the flat config.json object (TrainConfig fields and resolved keys),
     ``status`` the status keys (``state`` required), ``metrics`` one row per epoch,
     ``split`` (train paths, val paths), ``progress`` the progress object.
     """
-    from retrain import rundir
+    from retrain.runs import rundir
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def run_dir_factory() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Factory: a run directory as train.py writes it, with a briefly trained tiny model.
+    """Factory: a run directory as `training.train` writes it, with a briefly trained tiny model.
 
     ``make_run(workspace, classes=("cat","dog","owl"), per_class=8, binary=False,
     state="done", epochs=8, base="")`` writes ``workspace/runs/<run_id>/`` (config, status,
@@ -209,7 +209,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """
     import time
 
-    from retrain import rundir
+    from retrain.runs import rundir
 
     def make(
         workspace: Path,
@@ -226,7 +226,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         import keras
 
         from retrain import data
-        from retrain.modelfile import save_model
+        from retrain.models.modelfile import save_model
 
         folder = write_image_folder(
             Path(workspace) / "data" / run_id, classes, per_class, size, splits=splits

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retrain.sample import digit_images
+from retrain.data.sample import digit_images
 
 OLD, NEW = "0-4", "5-9"
 

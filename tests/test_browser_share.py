@@ -35,7 +35,7 @@ from browser_helpers import (
 )
 from PIL import Image
 
-from retrain.workspace import home, is_valid_token
+from retrain.sessions.workspace import home, is_valid_token
 
 pytestmark = BROWSER_MARKS
 

@@ -24,7 +24,7 @@ from browser_helpers import (
     wait_idle,
 )
 
-from retrain.workspace import home, user_session_token
+from retrain.sessions.workspace import home, user_session_token
 
 pytestmark = [
     *BROWSER_MARKS,

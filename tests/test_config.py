@@ -1,4 +1,4 @@
-"""retrain.config: one parser of the freeze text, the demo cap, no Keras."""
+"""retrain.training.config: one parser of the freeze text, the demo cap, no Keras."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from retrain import surgery
-from retrain.config import FreezeSpec, TrainConfig, demo_capped
 from retrain.errors import ConfigError
+from retrain.models import surgery
+from retrain.training.config import FreezeSpec, TrainConfig, demo_capped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,8 @@ def test_demo_cap_holds_for_the_whole_run():
 
 def test_config_and_rundir_import_no_framework():
     code = (
-        "import sys, retrain.config, retrain.rundir, retrain.worker, retrain.procs\n"
+        "import sys, retrain.training.config, retrain.runs.rundir, retrain.runs.worker\n"
+        "import retrain.runs.procs\n"
         "print(','.join(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules))"
     )
     out = subprocess.run(

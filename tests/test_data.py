@@ -1,4 +1,4 @@
-"""retrain/data.py: safe ingestion, layouts, every fatal and warning path, the image cache."""
+"""retrain/data/: safe ingestion, layouts, every fatal and warning path, the image cache."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from retrain.data import (
     stratified_split,
     thumbnails,
 )
+from retrain.data import images as decoding
 from retrain.errors import ConfigError, DatasetError
 from tests.conftest import FLOWERS, needs_flowers
 
@@ -658,12 +659,12 @@ def test_cache_is_a_read_only_memmap_matching_the_files(ws, make_image_folder):
 def test_parallel_cache_equals_serial(ws, make_image_folder, monkeypatch):
     ds = ingest(make_image_folder(per_class=40, size=48), ws)
     serial = np.array(load_images(ds, "train", (16, 16), "center-crop").images)
-    monkeypatch.setattr(data, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(decoding, "_PARALLEL_MIN", 1)
     monkeypatch.setenv("RETRAIN_DECODE_WORKERS", "2")
     parallel = load_images(ds, "train", (16, 16), "squash")
     again = load_images(ds, "train", (16, 16), "center-crop")  # cached: not rebuilt
     assert np.array_equal(np.asarray(again.images), serial)
-    monkeypatch.setattr(data, "_PARALLEL_MIN", 10_000)
+    monkeypatch.setattr(decoding, "_PARALLEL_MIN", 10_000)
     for row in (0, 41, 79):
         expected = load_image_file(ds.root / parallel.paths[row], (16, 16))
         assert np.array_equal(parallel.images[row], expected)
@@ -749,7 +750,7 @@ def test_ingest_upload_names_the_dataset_and_cleans_up(ws, make_image_folder, ma
 
 
 def test_sample_dataset_ingests_cleanly(ws):
-    from retrain.sample import sample_dataset
+    from retrain.data.sample import sample_dataset
 
     ds = ingest(sample_dataset(ws), ws)
     assert ds.class_names == [f"digit {d}" for d in range(5, 10)]

@@ -1,4 +1,5 @@
-"""retrain.devices: backend and device detection, precision, jit, data parallelism, threads.
+"""retrain.training.devices: backend and device detection, precision, jit, data parallelism,
+threads.
 
 Most tests run in this process on the CPU (TensorFlow backend in CI). What depends on hardware
 that CI lacks (an H100, several GPUs) is tested through a faked `_hardware()`; several devices
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from retrain import devices, rundir
-from retrain.devices import _Hardware
 from retrain.errors import ConfigError
+from retrain.runs import rundir
+from retrain.training import devices
+from retrain.training.devices import _Hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +75,7 @@ def restore_policy():
 def test_import_is_cheap_and_backend_needs_no_framework(tmp_path: Path):
     code = """
         import json, sys
-        import retrain.devices as d
+        import retrain.training.devices as d
         print(json.dumps({"backend": d.backend(),
                           "heavy": [m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules]}))
     """
@@ -104,7 +106,7 @@ def test_describe_device_on_tensorflow_imports_no_other_framework():
         import tensorflow
         frameworks = ("keras", "jax", "torch")
         before = {m for m in frameworks if m in sys.modules}
-        from retrain import devices
+        from retrain.training import devices
         info = devices.describe_device()
         info["added"] = [m for m in frameworks if m in sys.modules and m not in before]
         print(json.dumps(info))
@@ -238,7 +240,7 @@ def test_limit_threads_sets_environment_and_pins_cpus():
     result = _run(
         """
         import json, os, sys
-        from retrain import devices
+        from retrain.training import devices
         before = len(os.sched_getaffinity(0))
         n = devices.limit_threads(1)
         print(json.dumps({"n": n, "before": before, "after": len(os.sched_getaffinity(0)),
@@ -261,7 +263,7 @@ TINY_FIT = """
     import json, sys
     import numpy as np
     {setup}
-    from retrain import devices
+    from retrain.training import devices
     info = devices.describe_device()
     scope, global_batch = devices.distribution(4)
     import keras
@@ -272,7 +274,7 @@ TINY_FIT = """
                       jit_compile=devices.jit_compile_default())
         x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
         y = (x[:, 0] > 0).astype("int64")
-    with scope:  # entered again, as retrain.train does for each phase
+    with scope:  # entered again, as retrain.training.train does for each phase
         history = model.fit(x, y, batch_size=global_batch, epochs=2, verbose=0)
     print(json.dumps({{"info": info, "global_batch": global_batch, "extra": {extra},
                       "loss": history.history["loss"]}}))
@@ -328,9 +330,9 @@ TRAIN_TWO_DEVICES = """
     import json
     {setup}
     import keras
-    from retrain.modelfile import save_model
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.models.modelfile import save_model
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
     inp = keras.Input((32, 32, 3), dtype="uint8")
     x = keras.layers.Rescaling(1 / 255)(inp)
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)

@@ -122,7 +122,7 @@ def test_class_folders_the_model_does_not_know_are_a_one_line_error(run_dir, tmp
 
 
 def test_a_model_without_class_names_is_refused(tmp_path, run_dir):
-    from retrain.modelfile import save_model
+    from retrain.models.modelfile import save_model
 
     path = save_model(build_tiny_classifier(4), tmp_path / "anon.keras", {})
     with pytest.raises(ModelError, match="has no class names"):
@@ -194,7 +194,7 @@ def original(workspace: Path) -> dict:
     import keras
 
     from retrain import data
-    from retrain.modelfile import save_model
+    from retrain.models.modelfile import save_model
 
     old = write_image_folder(workspace / "old_task", ("red", "green", "blue"), 8)
     new = write_image_folder(workspace / "new_task", ("yellow", "purple"), 8, label_offset=3)
@@ -220,8 +220,8 @@ def original(workspace: Path) -> dict:
 
 
 def _train(original: dict, workspace: Path, run_id: str, **overrides) -> Path:
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
 
     run_dir = workspace / "runs" / run_id
     settings = {"epochs": 2, "batch_size": 8, "val_split": 0.25, "seed": 0, **overrides}
@@ -375,7 +375,9 @@ def test_scoring_a_run_uses_its_recorded_split_not_a_recomputed_one(
 ):
     """The validation images are the ones the run recorded when it trained, even when
     `data.stratified_split` would now split differently."""
-    from retrain import data, rundir
+    from retrain import data
+    from retrain.data import splits
+    from retrain.runs import rundir
 
     run = _train(original, workspace, "run-split", freeze="all", epochs=1)
     recorded = rundir.read_split(run)
@@ -383,12 +385,12 @@ def test_scoring_a_run_uses_its_recorded_split_not_a_recomputed_one(
     dataset = evaluate.run_dataset(run)
     root = Path(dataset.root)
 
-    made_by_training = data.stratified_split
+    made_by_training = splits.stratified_split
 
     def other_split(labels, val_fraction, seed):  # a split training never made
         return made_by_training(labels, val_fraction, seed + 1)
 
-    monkeypatch.setattr(data, "stratified_split", other_split)
+    monkeypatch.setattr(splits, "stratified_split", other_split)
     labels = np.asarray(data.load_images(dataset, "train", (16, 16), "squash").labels)
     now = evaluate.validation_indices(dataset, rundir.read_config(run), labels)
     cache_paths = data.load_images(dataset, "train", (16, 16), "squash").paths
@@ -401,7 +403,7 @@ def test_scoring_a_run_uses_its_recorded_split_not_a_recomputed_one(
 
 
 def test_runs_without_a_recorded_split_fall_back_to_the_seeded_split(original, workspace):
-    from retrain import rundir
+    from retrain.runs import rundir
 
     run = workspace / "runs" / "run-split"
     if not run.is_dir():

@@ -1,4 +1,5 @@
-"""retrain.export: every format loads in a fresh process and agrees with the trained model."""
+"""retrain.export.export: every format loads in a fresh process and agrees with the trained
+model."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import evaluate, export, rundir
+from retrain import evaluate
 from retrain.errors import ConfigError, RunError
+from retrain.export import export
+from retrain.runs import rundir
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -129,7 +132,7 @@ def test_exported_keras_loads_with_plain_keras_in_a_fresh_process(exported, run_
     fresh = np.load(out)
     assert fresh.shape == (len(images), len(CLASSES))
     np.testing.assert_allclose(fresh, _keras_probs(run_dir / "best.keras", images), atol=1e-5)
-    from retrain.modelfile import read_metadata
+    from retrain.models.modelfile import read_metadata
 
     assert read_metadata(path)["class_names"] == list(CLASSES)
 

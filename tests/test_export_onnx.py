@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from retrain import export, export_onnx
 from retrain.errors import ConfigError
+from retrain.export import export, export_onnx
 
 
 def nested_model(channels: int, size: tuple[int, int], seed: int = 0, classes: int = 4):
@@ -83,7 +83,8 @@ def test_a_grayscale_28x28_run_exports_to_onnx_and_tfjs(make_run, tmp_path):
 
     import keras
 
-    from retrain import modelfile, rundir
+    from retrain.models import modelfile
+    from retrain.runs import rundir
 
     run_dir = make_run(tmp_path, classes=("cat", "dog", "owl"), epochs=1, run_id="run-gray")
     model = nested_model(1, (28, 28), seed=3, classes=3)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import FLOWERS, TM_WATER, needs_flowers, needs_tm_model
 
-from retrain import export, export_tfjs
 from retrain.errors import ConfigError
+from retrain.export import export, export_tfjs
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,11 @@ def test_nested_model_with_batchnorm_and_depthwise_runs_in_tfjs(tmp_path, tfjs_d
 
 @pytest.mark.parametrize("key", ["inside", "raw", "unit", "tf", "torch", "caffe"])
 def test_every_preprocessing_front_runs_in_tfjs(tmp_path, tfjs_dir, key):
-    """The fronts `retrain.preprocessing` builds (Rescaling, Normalization, caffe's BGR map)."""
+    """The fronts `retrain.models.preprocessing` builds (Rescaling, Normalization, caffe's BGR
+    map)."""
     import keras
 
-    from retrain import preprocessing
+    from retrain.models import preprocessing
 
     keras.utils.set_random_seed(0)
     inner = keras.Sequential(

@@ -113,7 +113,7 @@ def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Pa
     """Done when (a): the 28x28x1 model trained on x / 255, old data -> probe -> unit."""
     import json
 
-    from retrain import modelfile
+    from retrain.models import modelfile
     from tests.done_when_models import trained
 
     made = trained("mnist_cnn")
@@ -153,7 +153,8 @@ def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Pa
 def test_surgery_keeps_one_channel_and_a_non_square_size(tmp_path: Path, make_image_folder):
     import keras
 
-    from retrain import models, surgery
+    from retrain import models
+    from retrain.models import surgery
 
     inp = keras.Input((20, 36, 1), name="pixels")
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
@@ -183,7 +184,7 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     from conftest import wait_for_run
     from streamlit.testing.v1 import AppTest
 
-    from retrain import jobs
+    from retrain.runs import jobs
     from tests.done_when_models import trained
 
     made = trained("mnist_cnn")
@@ -227,9 +228,10 @@ def test_a_non_square_grayscale_base_trains_and_exports_at_its_own_size(
 ):
     import keras
 
-    from retrain import export, modelfile
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.export import export
+    from retrain.models import modelfile
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((20, 36, 1), name="pixels")

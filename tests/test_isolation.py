@@ -21,10 +21,10 @@ import pytest
 from conftest import write_run_dir
 from PIL import Image
 
-from retrain import rundir
 from retrain.errors import ConfigError
-from retrain.jobs import session_has_live_run
-from retrain.workspace import (
+from retrain.runs import rundir
+from retrain.runs.jobs import session_has_live_run
+from retrain.sessions.workspace import (
     cleanup_sessions,
     home,
     is_valid_token,
@@ -309,7 +309,7 @@ def _node_text(node) -> str:
 
 
 def test_runs_page_shows_only_this_sessions_runs(two_sessions):
-    pytest.importorskip("retrain.jobs", reason="retrain.jobs is not written yet")
+    pytest.importorskip("retrain.runs.jobs", reason="retrain.runs.jobs is not written yet")
     (token_a, ws_a), (_, ws_b) = two_sessions
     a_run = _fake_run(ws_a, "run-20261126-090000-aaaa", ["digit 5", "digit 6"])
     b_run = _fake_run(ws_b, "run-20261126-091500-bbbb", ["secret-b-1", "secret-b-2"])
@@ -326,7 +326,7 @@ def test_runs_page_shows_only_this_sessions_runs(two_sessions):
 @pytest.mark.parametrize("page", ["train", "evaluate", "export"])
 def test_another_sessions_run_id_in_the_link_shows_nothing_of_it(two_sessions, page):
     """``?run=<B's run id>`` opened in session A must not reach B's run directory."""
-    pytest.importorskip("retrain.jobs", reason="retrain.jobs is not written yet")
+    pytest.importorskip("retrain.runs.jobs", reason="retrain.runs.jobs is not written yet")
     (token_a, _), (_, ws_b) = two_sessions
     b_run = _fake_run(ws_b, "run-20261126-091500-bbbb", ["secret-b-1", "secret-b-2"])
     at = _open_page(page, token_a, run=b_run.name)

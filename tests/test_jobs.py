@@ -1,4 +1,4 @@
-"""retrain.jobs: run directories, status with dead-worker detection, the host-wide queue."""
+"""retrain.runs.jobs: run directories, status with dead-worker detection, the host-wide queue."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from conftest import wait_for_run, write_run_dir
 
-from retrain import jobs, rundir
-from retrain.config import TrainConfig
 from retrain.errors import RunError
-from retrain.rundir import write_status
-from retrain.workspace import write_json
+from retrain.runs import jobs, rundir
+from retrain.runs.rundir import write_status
+from retrain.sessions.workspace import write_json
+from retrain.training.config import TrainConfig
 
 
 def _dead_pid() -> int:
@@ -158,7 +158,7 @@ def test_start_run_writes_config_first_and_a_bad_run_fails_with_one_line(tmp_pat
 
 def test_worker_env_caps_threads_and_keeps_home(monkeypatch, tmp_path):
     env = jobs.worker_env()
-    from retrain import devices
+    from retrain.training import devices
 
     # one owner of the count: the worker applies it with devices.limit_threads
     assert int(env["RETRAIN_WORKER_THREADS"]) == devices.worker_threads() >= 1
@@ -189,14 +189,14 @@ def test_delete_run_removes_a_finished_run_and_refuses_a_live_one(tmp_path):
 
 def test_worker_command_is_the_cli_of_a_new_or_resumed_run(tmp_path):
     from retrain.__main__ import build_parser
-    from retrain.config import config_from_args
+    from retrain.training.config import config_from_args
 
     config = TrainConfig(data="d.zip", base="builtin:digits-cnn", epochs=4, freeze="TOP:2")
     run_dir = tmp_path / "runs" / "run-x"
     command = jobs.worker_command(run_dir, config, tmp_path)
     assert command[:4] == [sys.executable, "-m", "retrain", "train"]
     args = build_parser().parse_args(command[3:])
-    assert args.handler == "retrain.worker:cli_train"
+    assert args.handler == "retrain.runs.worker:cli_train"
     again = config_from_args(args)
     assert again.out == str(run_dir) and again.epochs == 4 and again.freeze == "top:2"
     assert args.workspace == tmp_path

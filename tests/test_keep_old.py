@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import keep, models
+from retrain import models
 from retrain.errors import ModelError
+from retrain.training import keep
 
 OLD = ("ant", "bee", "cat", "dog", "eel")  # sorted, as image_dataset_from_directory labels them
 
@@ -106,15 +107,15 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def test_merged_classes_old_first_and_a_known_name_is_the_same_class():
-    from retrain.surgery import merged_classes
+    from retrain.models.surgery import merged_classes
 
     assert merged_classes(["b", "a"], ["c", "a", "d"]) == ["b", "a", "c", "d"]
 
 
 @pytest.mark.parametrize("which", ["plain", "builtin"])
 def test_extended_head_predicts_the_old_task_exactly_as_before(which, plain_base, keras_cache):
-    from retrain import preprocessing
-    from retrain.surgery import extend_head
+    from retrain.models import preprocessing
+    from retrain.models.surgery import extend_head
 
     base = plain_base if which == "plain" else models.load_base("builtin:digits-cnn")
     old, _ = models.original_class_names(base, list(OLD))
@@ -147,7 +148,7 @@ def test_extended_head_predicts_the_old_task_exactly_as_before(which, plain_base
 
 
 def test_extend_head_refuses_a_model_without_a_classifier_head(tmp_path):
-    from retrain.surgery import extend_head
+    from retrain.models.surgery import extend_head
 
     base = models.load_base(str(save_plain_cnn(tmp_path / "nohead.keras", head=False)))
     with pytest.raises(ModelError, match="has no classifier head to keep") as info:
@@ -160,7 +161,7 @@ def test_extend_head_refuses_a_model_without_a_classifier_head(tmp_path):
 
 
 def test_rehearsal_memory_is_seeded_and_per_class():
-    from retrain.keep import rehearsal_memory
+    from retrain.training.keep import rehearsal_memory
 
     labels = np.repeat(np.arange(3), [50, 30, 4])
     candidates = np.arange(len(labels))[::2]  # only even positions may be remembered
@@ -183,7 +184,7 @@ def _np_distillation(y_true, p, n_old, t, w):
 def test_distillation_loss_is_ce_plus_w_t2_kl_on_the_softened_old_outputs():
     from keras import ops
 
-    from retrain import keep
+    from retrain.training import keep
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 5))
@@ -208,7 +209,7 @@ def test_distillation_loss_is_ce_plus_w_t2_kl_on_the_softened_old_outputs():
 
 
 def test_stacked_rows_read_across_parts_without_copying():
-    from retrain.keep import StackedRows
+    from retrain.training.keep import StackedRows
 
     a = np.arange(12).reshape(6, 2)
     b = 100 + np.arange(6).reshape(3, 2)
@@ -295,7 +296,8 @@ def _cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
 def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     plain_task, tmp_path, capsys, monkeypatch
 ):
-    from retrain import callbacks, rundir
+    from retrain.runs import rundir
+    from retrain.training import callbacks
 
     ws, run = tmp_path / "ws", tmp_path / "ws" / "runs" / "keep-plain"
     # Stop after the first epoch (as a person pressing Stop would), then resume.
@@ -384,7 +386,7 @@ def _digits_subset(root: Path, digits: str, per_class: int) -> Path:
     """``per_class`` sample digits per class as PNG class folders ("digit 5", ...)."""
     from PIL import Image
 
-    from retrain.sample import digit_images
+    from retrain.data.sample import digit_images
 
     images, labels, names = digit_images(digits)
     for label, name in enumerate(names):
@@ -397,7 +399,7 @@ def _digits_subset(root: Path, digits: str, per_class: int) -> Path:
 def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     keras_cache, tmp_path, capsys
 ):
-    from retrain import rundir
+    from retrain.runs import rundir
 
     old = _digits_subset(tmp_path / "old", "0-4", 40)
     new = _digits_subset(tmp_path / "new", "5-9", 40)
@@ -461,7 +463,7 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
 def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path, capsys):
     """No --lr, --epochs or method flags: the rate is found, rehearsal and distillation work
     together, phase 2 fine-tunes within its budget and early stopping keeps the best epoch."""
-    from retrain import rundir
+    from retrain.runs import rundir
 
     ws, run = tmp_path / "ws", tmp_path / "ws" / "runs" / "keep-defaults"
     code, summary, err = _cli(
@@ -637,9 +639,10 @@ def test_bias_layer_undoes_a_known_lean_toward_the_new_classes():
 
 @pytest.mark.parametrize("method", ["bic", "weight-aligning"])
 def test_bias_correction_edits_the_saved_model_and_is_recorded(plain_task, tmp_path, method):
-    from retrain import modelfile, rundir
-    from retrain.config import TrainConfig
-    from retrain.train import train
+    from retrain.models import modelfile
+    from retrain.runs import rundir
+    from retrain.training.config import TrainConfig
+    from retrain.training.train import train
 
     run = tmp_path / "run"
     config = TrainConfig(

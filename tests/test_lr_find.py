@@ -1,5 +1,5 @@
-"""retrain.lr_find (the learning-rate range test) and early stopping with best-epoch restore,
-as units and inside a run with the defaults (``--lr auto``, early stopping on).
+"""retrain.training.lr_find (the learning-rate range test) and early stopping with best-epoch
+restore, as units and inside a run with the defaults (``--lr auto``, early stopping on).
 
 No ``tf.*`` here: the file also runs with ``KERAS_BACKEND=jax``.
 """
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import callbacks, lr_find, rundir
-from retrain import train as train_module
-from retrain.config import TrainConfig
+from retrain.runs import rundir
+from retrain.training import callbacks, lr_find
+from retrain.training import train as train_module
+from retrain.training.config import TrainConfig
 
 
 def _blobs(n: int = 512, dims: int = 32, classes: int = 4, seed: int = 0):

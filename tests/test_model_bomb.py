@@ -20,8 +20,9 @@ import h5py
 import psutil
 import pytest
 
-from retrain import modelfile, models, modelsize
+from retrain import models
 from retrain.errors import ModelError
+from retrain.models import modelfile, modelsize
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHABLE_MACHINE = ROOT.parent / "shared" / "models" / "teachable_machine_water" / "keras_model.h5"

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import modelfile, models
+from retrain import models
 from retrain.errors import ModelError
+from retrain.models import modelfile
 
 ROOT = Path(__file__).resolve().parents[1]
 LFS_POINTER = (

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import models, preprocessing
+from retrain import models
 from retrain.errors import ModelError
+from retrain.models import load, preprocessing
 from tests.conftest import needs_tm_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_builtin_model_is_trained_once_and_cached(keras_cache: Path):
     assert base.model.inputs[0].dtype == "uint8"
     assert base.origin["holdout_accuracy"] >= 0.9
 
-    from retrain.sample import digit_images
+    from retrain.data.sample import digit_images
 
     images, labels, _ = digit_images("0-4")
     pred = base.model.predict(images[:200], verbose=0).argmax(axis=1)
@@ -357,7 +358,7 @@ def test_a_converted_keras2_file_is_kept_and_reused_by_content(tmp_path: Path, m
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "convert_keras2_h5", no_second_conversion)
+    monkeypatch.setattr(load, "convert_keras2_h5", no_second_conversion)  # where load_base calls it
     second = models.load_base(str(copy))
     assert second.origin["conversion_max_abs_diff"] == first.origin["conversion_max_abs_diff"]
     assert float(np.max(np.abs(second.model.predict(x, verbose=0) - expected))) <= 1e-4

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from retrain import evaluate, rundir
-from retrain.workspace import new_session_token, session_workspace
+from retrain import evaluate
+from retrain.runs import rundir
+from retrain.sessions.workspace import new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "run-page-eval"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from retrain.workspace import new_session_token, session_workspace
+from retrain.sessions.workspace import new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "run-page-export"

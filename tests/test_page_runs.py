@@ -10,8 +10,8 @@ import pytest
 from conftest import write_run_dir
 from streamlit.testing.v1 import AppTest
 
-from retrain.rundir import write_status
-from retrain.workspace import new_session_token, session_workspace
+from retrain.runs.rundir import write_status
+from retrain.sessions.workspace import new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_a_run_whose_worker_died_shows_as_interrupted_and_can_be_deleted():
 
 
 def test_share_a_finished_run_then_revoke_it(make_run):
-    from retrain import share
+    from retrain.sessions import share
 
     token = new_session_token()
     workspace = session_workspace(token)

@@ -13,8 +13,8 @@ from streamlit.testing.v1 import AppTest
 from test_share import BAD_SHARE_IDS, REPORT, _fake_model_run
 
 import pages._ui as ui
-from retrain import share
-from retrain.workspace import home, new_session_token, session_workspace
+from retrain.sessions import share
+from retrain.sessions.workspace import home, new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_run_dir
 from streamlit.testing.v1 import AppTest
 
-from retrain import rundir
+from retrain.runs import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -114,7 +114,7 @@ def test_demo_mode_caps_epochs(session, monkeypatch):
 
 
 def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkeypatch):
-    from retrain import jobs
+    from retrain.runs import jobs
 
     monkeypatch.setenv("RETRAIN_DEMO", "1")
     started = {}
@@ -144,7 +144,7 @@ def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
 
 
 def test_start_builds_the_config_and_attaches_to_the_new_run(session, monkeypatch):
-    from retrain import jobs
+    from retrain.runs import jobs
 
     started = {}
 
@@ -183,7 +183,8 @@ def test_finished_run_shows_curves_with_phase_boundary_and_best_accuracy(session
 
 
 def test_a_run_that_found_its_rate_and_stopped_early_says_so(session, monkeypatch):
-    from retrain import jobs, lr_find
+    from retrain.runs import jobs
+    from retrain.training import lr_find
 
     run_dir = _fabricate(
         session["workspace"], "run-auto", "done", 5, best_epoch=5,

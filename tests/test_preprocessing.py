@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import models, preprocessing
+from retrain import models
 from retrain.errors import ModelError
+from retrain.models import preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("inside", "tf", "torch", "unit", "raw", "caffe")
@@ -112,7 +113,7 @@ def _base(key: str):
 def test_evaluation_path_equals_what_the_retrained_model_computes_inside(key: str):
     """evaluate.forgetting scores the original model through `with_preprocessing`; a retrained
     model carries its preprocessing inside (surgery's front). Both give the same numbers."""
-    from retrain.surgery import replace_head
+    from retrain.models.surgery import replace_head
 
     base = _base(key)
     x = _pixels(6)
@@ -129,7 +130,7 @@ def test_evaluation_path_equals_what_the_retrained_model_computes_inside(key: st
 def test_caffe_front_saves_loads_safely_and_never_trains(tmp_path: Path):
     import keras
 
-    from retrain.surgery import FreezeSpec, replace_head
+    from retrain.models.surgery import FreezeSpec, replace_head
 
     surgery = replace_head(_base("caffe"), ["a", "b"], freeze=FreezeSpec("none"))
     front = surgery.features.get_layer("retrain_bgr_mean")
@@ -146,14 +147,14 @@ def test_caffe_front_saves_loads_safely_and_never_trains(tmp_path: Path):
 
 def test_import_is_cheap_and_imports_run_downhill():
     code = (
-        "import sys, retrain.preprocessing\n"
+        "import sys, retrain.models.preprocessing\n"
         "print(','.join(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
-    tree = ast.parse((ROOT / "retrain" / "preprocessing.py").read_text())
+    tree = ast.parse((ROOT / "retrain" / "models" / "preprocessing.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:

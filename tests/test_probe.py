@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrain import models, probe
+from retrain import models
 from retrain.errors import ConfigError, DatasetError, ModelError
+from retrain.models import probe
 from tests.done_when_models import trained
 
 
@@ -98,7 +99,7 @@ def test_a_model_with_preprocessing_inside_is_confirmed(tmp_path: Path):
 
 
 def test_builtin_uint8_model_is_confirmed_inside(keras_cache: Path, tmp_path: Path):
-    from retrain.sample import sample_dataset
+    from retrain.data.sample import sample_dataset
 
     base = models.load_base("builtin:digits-cnn")
     old = sample_dataset(tmp_path, "0-4")
@@ -164,7 +165,7 @@ def test_rgb_minus_one_to_one_model_retrains_through_the_cli(tmp_path: Path):
     """Done when (b): RGB model trained on [-1, 1], no preprocessing layer; probe -> tf."""
     import json
 
-    from retrain import modelfile
+    from retrain.models import modelfile
     from tests.test_grayscale import run_cli
 
     made = trained("rgb_cnn")
@@ -194,8 +195,8 @@ def test_rgb_minus_one_to_one_model_retrains_through_the_cli(tmp_path: Path):
 def test_a_resumed_run_keeps_the_preprocessing_it_used():
     """config.json's ``preprocessing`` is the key training used; as a setting it reproduces
     the run, so --resume does not probe or detect again."""
-    from retrain import rundir
-    from retrain.config import TrainConfig
+    from retrain.runs import rundir
+    from retrain.training.config import TrainConfig
 
     saved = {"base": "m.keras", "data": "d", "preprocessing": "tf", "image_size_used": [32, 32]}
     run_config = rundir.RunConfig.from_dict(saved)

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import write_run_dir
 
-from retrain import jobs, quotas
-from retrain.config import TrainConfig
 from retrain.errors import RetrainError
-from retrain.quotas import QuotaError
-from retrain.uploads import save_upload
-from retrain.workspace import home, new_session_token, session_workspace
+from retrain.runs import jobs
+from retrain.sessions import quotas
+from retrain.sessions.quotas import QuotaError
+from retrain.sessions.uploads import save_upload
+from retrain.sessions.workspace import home, new_session_token, session_workspace
+from retrain.training.config import TrainConfig
 
 
 def _files(root: Path) -> dict[Path, int]:

@@ -76,8 +76,8 @@ def wait_for(predicate, timeout_s: float = 120.0, poll_s: float = 0.5, what: str
 
 
 def test_unreachable_cluster_is_one_clear_line(monkeypatch: pytest.MonkeyPatch):
-    from retrain import ray_runner
     from retrain.errors import RetrainError
+    from retrain.runs import ray_runner
 
     (port,) = free_ports(1)
     monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
@@ -88,8 +88,8 @@ def test_unreachable_cluster_is_one_clear_line(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_ray_address_must_be_the_dashboard(monkeypatch: pytest.MonkeyPatch):
-    from retrain import ray_runner
     from retrain.errors import ConfigError
+    from retrain.runs import ray_runner
 
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     with pytest.raises(ConfigError, match="dashboard's address"):
@@ -105,8 +105,8 @@ def test_ray_address_must_be_the_dashboard(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_gpus_auto_is_the_default_and_numbers_still_count(monkeypatch: pytest.MonkeyPatch):
-    from retrain import ray_runner
     from retrain.errors import ConfigError
+    from retrain.runs import ray_runner
 
     monkeypatch.delenv("RETRAIN_RAY_GPUS", raising=False)
     assert ray_runner.resources() == (None, 1.0)  # None: auto, decided per run
@@ -136,7 +136,7 @@ def test_gpus_auto_is_the_default_and_numbers_still_count(monkeypatch: pytest.Mo
 def test_gpus_auto_asks_for_a_gpu_only_where_one_is_or_can_be_added(
     cluster_gpus, autoscaler_gpus, autoscaler, chosen, why
 ):
-    from retrain import ray_runner
+    from retrain.runs import ray_runner
 
     gpus, reason = ray_runner.gpu_choice(cluster_gpus, autoscaler_gpus, autoscaler)
     assert gpus == chosen and reason.startswith(why)
@@ -146,8 +146,8 @@ def test_a_ray_worker_refuses_a_node_without_the_run_or_a_superseded_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """What the worker checks first when Ray placed it (no cluster needed)."""
-    from retrain import ray_runner
     from retrain.errors import RetrainError
+    from retrain.runs import ray_runner
 
     config = tmp_path / "run" / "config.json"
     with pytest.raises(RetrainError, match=r"does not see .*config.json.*mount the shared"):
@@ -163,8 +163,8 @@ def test_a_ray_worker_refuses_a_node_without_the_run_or_a_superseded_job(
 
 
 def test_storage_probe_reads_what_a_job_wrote_and_remembers_it(ray_env: Cluster):
-    from retrain import ray_runner
-    from retrain.workspace import home
+    from retrain.runs import ray_runner
+    from retrain.sessions.workspace import home
 
     first = ray_runner.check_storage()
     assert first["address"] == ray_env.address and first["session_name"]
@@ -183,8 +183,8 @@ def test_storage_probe_reads_what_a_job_wrote_and_remembers_it(ray_env: Cluster)
 def test_storage_probe_refuses_a_cluster_that_does_not_share_the_home(
     ray_env: Cluster, monkeypatch: pytest.MonkeyPatch
 ):
-    from retrain import ray_runner
     from retrain.errors import RetrainError
+    from retrain.runs import ray_runner
 
     if not ray_env.head.hidden:
         pytest.skip("no private mount namespace here (needs root and unshare)")
@@ -196,7 +196,7 @@ def test_storage_probe_refuses_a_cluster_that_does_not_share_the_home(
 
 def test_code_shipped_as_working_dir_or_installed_on_the_node(ray_env: Cluster, tmp_path: Path):
     """Both ways of getting the code onto the cluster run this checkout's `retrain`."""
-    from retrain import ray_runner
+    from retrain.runs import ray_runner
 
     probe = [
         sys.executable,
@@ -264,7 +264,7 @@ def submit(data: Path, run_dir: Path, *extra: str) -> dict:
 
 
 def epochs_of(run_dir: Path) -> list[int]:
-    from retrain import rundir
+    from retrain.runs import rundir
 
     return [row["epoch"] for row in rundir.read_metrics(run_dir)]
 
@@ -275,7 +275,7 @@ def test_local_default_imports_no_ray(tiny_data: Path, tmp_path: Path):
     submitted, trained = tmp_path / "submitted", tmp_path / "trained"
     script = f"""
 import json, sys, time
-from retrain import jobs, runners, worker  # noqa: F401
+from retrain.runs import jobs, runners, worker  # noqa: F401
 from retrain.__main__ import main
 assert runners.get_runner().name == "local"
 args = ["--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn", "--epochs", "1"]
@@ -308,7 +308,7 @@ print("RAY_IMPORTED" if "ray" in sys.modules else "NO_RAY")
     assert "already exists" in proc.stderr and "choose a new --out" in proc.stderr
     status = json.loads(lines[-3])
     assert status["state"] == "done" and status["runner"] == "local" and "ray" not in status
-    from retrain import jobs
+    from retrain.runs import jobs
 
     assert jobs.read_status(trained)["state"] == "done"
 
@@ -324,7 +324,7 @@ def test_submit_trains_on_ray_and_status_watches_it_to_done(
     assert set(reply) == {"run_dir", "runner", "job_id", "state"}
     assert reply["runner"] == "ray" and reply["run_dir"] == str(run_dir)
     assert reply["state"] == "queued" and reply["job_id"].startswith("retrain-run-ray-")
-    from retrain import rundir
+    from retrain.runs import rundir
 
     record = rundir.read_runner(run_dir)
     assert record["job_id"] == reply["job_id"] and record["address"] == ray_env.address
@@ -358,7 +358,7 @@ def test_submit_trains_on_ray_and_status_watches_it_to_done(
 
 
 def test_stop_a_running_ray_job_then_resume_it(ray_env: Cluster, tiny_data: Path, tmp_path: Path):
-    from retrain import ray_runner, rundir
+    from retrain.runs import ray_runner, rundir
 
     run_dir = tmp_path / "run-long"
     reply = submit(
@@ -401,7 +401,7 @@ def test_a_job_waiting_for_a_gpu_shows_it_and_stops_without_training(
     ray_env: Cluster, tiny_data: Path, tmp_path: Path
 ):
     """The head has no GPU: a run asking for one waits in Ray's queue; stop ends it."""
-    from retrain import jobs, ray_runner, rundir
+    from retrain.runs import jobs, ray_runner, rundir
 
     run_dir = tmp_path / "run-gpu"
     reply = submit(tiny_data, run_dir, "--epochs", "1", "--runner", "ray", "--gpus", "1")
@@ -426,7 +426,7 @@ def test_a_job_that_dies_on_the_cluster_is_failed_with_its_last_log_line(
     ray_env: Cluster, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """E.g. the nodes have no such interpreter: Ray fails the job before any worker runs."""
-    from retrain import ray_runner, runners
+    from retrain.runs import ray_runner, runners
 
     ray_runner.check_storage()  # a good probe first (remembered for this home) ...
     monkeypatch.setenv("RETRAIN_RAY_PYTHON", "/opt/no-such-python")  # ... then a bad node setup
@@ -481,7 +481,7 @@ def page_text(at) -> str:
 
 
 def test_train_page_starts_and_watches_a_ray_run(ray_env: Cluster, page_session: dict):
-    from retrain import rundir
+    from retrain.runs import rundir
 
     at = train_page(page_session).run()
     assert not at.exception
@@ -529,7 +529,7 @@ def test_head_killed_mid_run_shows_interrupted_then_resume_continues(
     """Runs last in this module: it kills the module's head and starts the next one."""
     import psutil
 
-    from retrain import jobs, rundir
+    from retrain.runs import jobs, rundir
 
     run_dir = page_session["workspace"] / "runs" / "run-kill"
     # 400 epochs and no early stopping: the run is certainly still training when the head dies.

@@ -52,7 +52,7 @@ def _set_number(page, key: str, value: str) -> None:
 
 def _kill_leftovers(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replica A's children (the training worker, the model worker) outlive it by design."""
-    from retrain import jobs, rundir
+    from retrain.runs import jobs, rundir
     from retrain.service import pool
 
     monkeypatch.setenv("RETRAIN_HOME", str(home))

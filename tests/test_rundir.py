@@ -1,12 +1,12 @@
-"""retrain.rundir: the run directory's files, read and written in one place."""
+"""retrain.runs.rundir: the run directory's files, read and written in one place."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrain import rundir
 from retrain.errors import RunError
+from retrain.runs import rundir
 
 
 def test_run_config_round_trips_and_tolerates_missing_and_extra_keys(tmp_path):

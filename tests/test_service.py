@@ -13,7 +13,7 @@ import pytest
 from retrain.errors import ConfigError, ModelError
 from retrain.service import WorkerLost, ask, client, kinds, pool
 from retrain.service import queue as requests
-from retrain.workspace import read_json
+from retrain.sessions.workspace import read_json
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import pages._ui as ui
-from retrain.workspace import home, new_session_token, session_workspace, user_session_token
+from retrain.sessions.workspace import (
+    home,
+    new_session_token,
+    session_workspace,
+    user_session_token,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import write_run_dir
 
-from retrain import share
-from retrain.jobs import session_has_live_run
-from retrain.share import ShareError
-from retrain.workspace import cleanup_sessions, home, new_session_token, session_workspace
+from retrain.runs.jobs import session_has_live_run
+from retrain.sessions import share
+from retrain.sessions.share import ShareError
+from retrain.sessions.workspace import cleanup_sessions, home, new_session_token, session_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<img src=x onerror=alert(1)>"

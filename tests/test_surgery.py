@@ -9,7 +9,14 @@ import pytest
 
 from retrain import models
 from retrain.errors import ConfigError, ModelError
-from retrain.surgery import FreezeSpec, HeadSpec, apply_freeze, kept_layers, replace_head, summary
+from retrain.models.surgery import (
+    FreezeSpec,
+    HeadSpec,
+    apply_freeze,
+    kept_layers,
+    replace_head,
+    summary,
+)
 from tests.conftest import needs_tm_model
 
 CLASSES = ["cat", "dog", "owl"]

@@ -1,4 +1,5 @@
-"""retrain.train: the config, the callbacks, the feature cache, and real runs through the CLI.
+"""retrain.training.train: the config, the callbacks, the feature cache, and real runs through
+the CLI.
 
 No ``tf.*`` here: the file also runs with ``KERAS_BACKEND=jax`` (``make test-backends``).
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain import callbacks, rundir
-from retrain import train as train_module
-from retrain.config import TrainConfig, config_from_args, config_to_args
 from retrain.errors import ConfigError
+from retrain.runs import rundir
+from retrain.training import callbacks
+from retrain.training import train as train_module
+from retrain.training.config import TrainConfig, config_from_args, config_to_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +165,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_importing_train_and_jobs_does_not_import_keras():
     code = (
-        "import sys, retrain.train, retrain.jobs\n"
+        "import sys, retrain.training.train, retrain.runs.jobs\n"
         "print(','.join(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules))"
     )
     out = subprocess.run(
@@ -172,10 +174,11 @@ def test_importing_train_and_jobs_does_not_import_keras():
     assert out.stdout.strip() == ""
 
 
-def test_train_source_uses_no_tensorflow_api():
+@pytest.mark.parametrize("name", ["train.py", "features.py"])
+def test_train_source_uses_no_tensorflow_api(name):
     import ast
 
-    tree = ast.parse((ROOT / "retrain" / "train.py").read_text())
+    tree = ast.parse((ROOT / "retrain" / "training" / name).read_text())
     imported = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)
@@ -423,7 +426,7 @@ def test_two_phases_with_augmentation_and_class_weights(make_image_folder, tmp_p
     assert rows[0]["lr"] == pytest.approx(1e-2) and rows[2]["lr"] == pytest.approx(1e-3)
     saved = rundir.read_config(tmp_path / "run")
     assert saved["feature_cache"] is False and saved["label_encoding"] == "index"
-    from retrain.modelfile import load_model
+    from retrain.models.modelfile import load_model
 
     model, meta = load_model(tmp_path / "run" / "best.keras")
     assert not any(layer.name.startswith("augment") for layer in model.layers)
@@ -480,7 +483,7 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
         assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert config["dataset_id"] and config["seed"] == 42
     assert (run_dir / "history.csv").read_text().count("\n") == 3
-    from retrain.modelfile import load_model
+    from retrain.models.modelfile import load_model
 
     model, meta = load_model(run_dir / "model.keras")
     assert meta["class_names"] == ["blue", "green", "red"] and meta["image_size"] == [32, 32]
@@ -494,7 +497,7 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
 def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     make_image_folder, tmp_path, tiny_base
 ):
-    from retrain import jobs
+    from retrain.runs import jobs
 
     folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
     workspace = tmp_path / "ws"
@@ -591,7 +594,7 @@ def test_best_checkpoint_takes_the_best_accuracy_and_breaks_ties_by_loss(tmp_pat
 def test_best_checkpoint_snapshots_only_the_head_yet_saves_the_whole_model(tmp_path):
     import keras
 
-    from retrain.modelfile import load_model
+    from retrain.models.modelfile import load_model
 
     inp = keras.Input((2,))
     base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="base_dense")])
@@ -626,7 +629,7 @@ def _split_images(folder: Path, workspace: Path) -> set[str]:
 def test_a_run_records_its_split_and_a_resume_reads_it_back(
     make_image_folder, tmp_path, tiny_base, monkeypatch, val_split
 ):
-    from retrain import data
+    from retrain.data import splits
 
     folder = make_image_folder(classes=("red", "green"), per_class=6, size=32)
     run_dir = tmp_path / "run"
@@ -643,9 +646,9 @@ def test_a_run_records_its_split_and_a_resume_reads_it_back(
     assert rundir.read_config(run_dir)["num_val"] == len(val_set)
 
     # A resumed run trains on the same images, whatever the split function says now.
-    made_by_training = data.stratified_split
+    made_by_training = splits.stratified_split
     monkeypatch.setattr(
-        data, "stratified_split", lambda labels, f, seed: made_by_training(labels, f, seed + 7)
+        splits, "stratified_split", lambda labels, f, seed: made_by_training(labels, f, seed + 7)
     )
     longer = dataclasses.replace(config, fine_tune_epochs=1)
     summary = train_module.train(longer, run_dir, workspace=tmp_path / "ws", resume=True)
@@ -698,14 +701,14 @@ def test_a_stop_requested_while_the_worker_starts_up_is_honoured(
 ):
     """A click on Stop while the worker loads data and builds the model is not lost; a request
     left from an earlier worker is forgotten as the worker starts."""
-    from retrain import data
+    from retrain.data import store
 
     folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     rundir.write_status(run_dir, "queued")
     rundir.request_stop(run_dir)  # an earlier worker's: forgotten
-    ingest = data.ingest
+    ingest = store.ingest
 
     def ingest_then_click_stop(*args, **kwargs):
         assert not rundir.stop_requested(run_dir)
@@ -713,7 +716,7 @@ def test_a_stop_requested_while_the_worker_starts_up_is_honoured(
         rundir.request_stop(run_dir)  # the person clicks Stop while the worker prepares
         return dataset
 
-    monkeypatch.setattr(data, "ingest", ingest_then_click_stop)
+    monkeypatch.setattr(store, "ingest", ingest_then_click_stop)
     config = TrainConfig(data=str(folder), base=str(tiny_base), epochs=30, batch_size=4, workers=1)
     summary = train_module.train(config, run_dir, workspace=tmp_path / "ws")
     assert summary["stopped"] is True and summary["epochs_done"] <= 1, summary

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from retrain.uploads import MAX_NAME_LENGTH, clean_file_name, save_upload
-from retrain.workspace import is_within
+from retrain.sessions.uploads import MAX_NAME_LENGTH, clean_file_name, save_upload
+from retrain.sessions.workspace import is_within
 
 
 @pytest.mark.parametrize(

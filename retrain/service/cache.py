@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retrain.workspace import file_sha256, home, read_json, write_json
+from retrain.sessions.workspace import file_sha256, home, read_json, write_json
 
 #: Bump when an answer's shape changes: old answers are then never read.
 ANSWER_VERSION = 1
@@ -119,7 +119,7 @@ def prune(now: float | None = None) -> int:
     """
     import time
 
-    from retrain.workspace import env_number
+    from retrain.sessions.workspace import env_number
 
     now = time.time() if now is None else now
     answer_age = env_number("RETRAIN_ANSWER_TTL_DAYS", 7.0) * 86400

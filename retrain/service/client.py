@@ -13,7 +13,7 @@ from typing import Any
 
 from retrain import errors
 from retrain.errors import RetrainError
-from retrain.procs import process_alive
+from retrain.runs.procs import process_alive
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
 
@@ -43,7 +43,7 @@ def backend() -> str:
     """``"inline"`` (0 model workers), ``"ray"`` (``RETRAIN_RUNNER=ray``) or ``"local"``."""
     if pool.pool_size() == 0:
         return "inline"
-    from retrain.runners import runner_name
+    from retrain.runs.runners import runner_name
 
     return "ray" if runner_name() == "ray" else "local"
 

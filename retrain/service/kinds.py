@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrain import rundir, share
 from retrain.errors import ConfigError
+from retrain.runs import rundir
+from retrain.sessions import share
 
 Answer = dict[str, Any]
 
@@ -74,7 +75,7 @@ def _spec_version(spec: str) -> tuple:
 
 def load_base(spec: str, workspace: str | None = None) -> Any:
     """`retrain.models.load_base`, the last few bases kept loaded (surgery never modifies one)."""
-    from retrain.models import load_base as load
+    from retrain.models.load import load_base as load
 
     key = _spec_version(spec)
     if key in _BASES:
@@ -92,7 +93,7 @@ def _base_files(args: dict[str, Any]) -> list[Path]:
     trained), or the ``labels.txt`` next to an uploaded model (it names the classes)."""
     spec = str(args.get("spec") or "")
     if spec.startswith("builtin:"):
-        from retrain.models import builtin_path
+        from retrain.models.builtin import builtin_path
 
         path = builtin_path(spec.split(":", 1)[1] or "digits-cnn")
         return [path] if path.is_file() else []
@@ -113,7 +114,7 @@ def describe(
     original_classes: str | None = None,
 ) -> Answer:
     """The base's layer table and facts: `models.describe_choice`, as ``retrain describe``."""
-    from retrain.models import describe_choice
+    from retrain.models.summary import describe_choice
 
     return describe_choice(
         load_base(spec, workspace),
@@ -138,8 +139,8 @@ def head_preview(
     ``num_classes`` then, and every session with as many classes and the same choices shares
     one answer. Keep mode names the outputs, so it needs ``classes``.
     """
-    from retrain import surgery
-    from retrain.models import resolve_preprocessing
+    from retrain.models import surgery
+    from retrain.models.summary import resolve_preprocessing
 
     if classes is None:
         classes = [f"class {i + 1}" for i in range(int(num_classes or 0))]
@@ -168,11 +169,12 @@ def head_preview(
 def _extension_preview(
     base: Any, classes: list[str], choice: dict, freeze: Any, workspace: str | None
 ) -> Answer:
-    from retrain import models, surgery
+    from retrain import models
+    from retrain.models import surgery
 
     folders = None
     if choice.get("old_data"):
-        from retrain.data import ingest
+        from retrain.data.store import ingest
 
         folders = list(ingest(choice["old_data"], Path(workspace or ".")).class_names)
     old, rule = models.original_class_names(base, folders, choice.get("original_classes"))
@@ -216,7 +218,7 @@ def base_head(spec: str, workspace: str | None = None) -> Answer:
 def _run_files(args: dict[str, Any]) -> list[Path]:
     """A run's answer depends on its model, its config and its recorded split."""
     from retrain.errors import RunError
-    from retrain.evaluate import run_model_path
+    from retrain.evaluate.loading import run_model_path
 
     run_dir = Path(args["run_dir"])
     files = [rundir.config_path(run_dir), run_dir / rundir.SPLIT_FILE]
@@ -279,7 +281,7 @@ def grad_cam(model: str, image: str) -> Answer:
 
 def export(run_dir: str, formats: list[str], progress: Callable | None = None) -> Answer:
     """`export.export_run`: build the chosen files and self-test each in its own runtime."""
-    from retrain import export as exporter
+    from retrain.export import export as exporter
 
     return exporter.export_run(run_dir, list(formats), progress=progress)
 

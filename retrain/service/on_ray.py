@@ -28,7 +28,7 @@ from typing import Any
 from retrain.errors import RunError
 from retrain.service import cache, pool
 from retrain.service import queue as requests
-from retrain.workspace import env_number, home, keras_home
+from retrain.sessions.workspace import env_number, home, keras_home
 
 NAMESPACE = "retrain"
 ACTOR_PREFIX = "retrain-model-worker"

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from retrain.procs import process_alive
+from retrain.runs.procs import process_alive
 from retrain.service.cache import service_dir
 from retrain.service.queue import this_host
-from retrain.workspace import env_number, read_json, write_json
+from retrain.sessions.workspace import env_number, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def _pool_lock() -> Iterator[None]:
 def worker_env() -> dict[str, str]:
     """A training worker's environment (`jobs.worker_env`: same home, capped threads), with
     ``RETRAIN_MODEL_THREADS`` threads when it is set."""
-    from retrain.jobs import worker_env as training_env
+    from retrain.runs.jobs import worker_env as training_env
 
     env = training_env()
     if os.environ.get("RETRAIN_MODEL_THREADS"):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain.service.cache import service_dir
-from retrain.workspace import read_json, write_json
+from retrain.sessions.workspace import read_json, write_json
 
 #: What a page shows when the worker answering its request died.
 WORKER_LOST = (

@@ -18,10 +18,10 @@ import traceback
 from typing import Any
 
 from retrain.errors import RetrainError
-from retrain.procs import own_start_time
+from retrain.runs.procs import own_start_time
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
-from retrain.workspace import env_number, read_json, write_json
+from retrain.sessions.workspace import env_number, read_json, write_json
 
 POLL_S = 0.05
 PRUNE_EVERY_S = 600.0
@@ -69,12 +69,13 @@ def warm() -> None:
     the first request does not pay for them."""
     threads = os.environ.get("RETRAIN_WORKER_THREADS")
     if threads:
-        from retrain import devices
+        from retrain.training import devices
 
         devices.limit_threads(int(threads))
     import keras  # noqa: F401  (imports the backend: the slow part)
 
-    from retrain import evaluate, models, surgery  # noqa: F401
+    from retrain import evaluate, models  # noqa: F401
+    from retrain.models import surgery  # noqa: F401
 
     if importlib.util.find_spec("tf_keras") is not None:
         import tf_keras  # noqa: F401  (Keras 2 / Teachable Machine uploads convert with it)
