@@ -16,7 +16,10 @@ from typing import Any
 import streamlit as st
 
 from retrain.errors import RetrainError
-from retrain.service import WorkerLost, ask, cancel, warm_up
+from retrain.service import WorkerLost, ask, cached, cancel, prefetch, warm_up
+
+#: The base the Model page starts from when the session has not chosen one.
+DEFAULT_BASE = "builtin:digits-cnn"
 
 
 @st.cache_resource(show_spinner=False)
@@ -107,3 +110,44 @@ def model_answer(
     if bar is not None:
         bar.empty()
     return answer
+
+
+def default_head_choice(info: dict[str, Any]) -> dict[str, Any]:
+    """The Model page's choice before anything is touched, for the base ``info`` describes
+    (`models.describe`): replace the classifier after the suggested cut, base frozen, no
+    hidden layer, dropout 0.2, no conv block, softmax."""
+    names = [row["name"] for row in info["layers"]]
+    return {
+        "cut_at": info["suggested_cut"] if info["suggested_cut"] in names else names[-1],
+        "freeze": "all",
+        "hidden_units": 0,
+        "dropout": 0.2,
+        "add_conv": 0,
+        "binary_sigmoid": False,
+    }
+
+
+def prefetch_model_page(num_classes: int, workspace: str) -> bool:
+    """A new dataset of ``num_classes`` classes: queue the Model page's new head now (its
+    layer table, when even that is not known yet), so the page draws at once when the visitor
+    gets there. Never waits; nothing for "add classes, keep the old ones" (asked by names).
+    Returns whether a request was queued."""
+    spec = st.session_state.get("base") or DEFAULT_BASE
+    surgery = st.session_state.get("surgery") if st.session_state.get("base") == spec else None
+    if surgery and surgery.get("keep_old_classes"):
+        return False
+    session = st.session_state.get("token", "")
+    try:
+        info = cached("describe", spec=spec)
+        if info is None:
+            return prefetch("describe", session=session, spec=spec, workspace=workspace)
+        return prefetch(
+            "head_preview",
+            session=session,
+            spec=spec,
+            choice=surgery or default_head_choice(info),
+            workspace=workspace,
+            num_classes=num_classes,
+        )
+    except RetrainError:  # no worker could start: the Model page says why when it asks
+        return False

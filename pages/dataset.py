@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
+from pages._service import prefetch_model_page
 from pages._ui import as_text, dataset_label, ensure_session, link, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
 from retrain.data.sample import sample_dataset
@@ -26,6 +27,8 @@ def _thumbnails(manifest_path: str, per_class: int) -> dict:
 
 def _use(dataset: Dataset) -> None:
     remember(dataset=str(dataset.manifest_path), dataset_label=dataset_label(dataset))
+    # The next step's answer (the new head for these classes) is computed while they look here.
+    prefetch_model_page(len(dataset.class_names), str(workspace))
 
 
 def _ingest_with_progress(run, what: str) -> Dataset | str:

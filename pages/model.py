@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages._service import model_answer
+from pages._service import default_head_choice, model_answer
 from pages._ui import (
     ORIGINAL_NAMES_WORDS,
     as_text,
@@ -244,6 +244,7 @@ info = model_answer(
 if info is None:
     st.stop()
 seed_widgets(spec, [row["name"] for row in info["layers"]])
+defaults = default_head_choice(info)  # the Dataset page asked for this head ahead of time
 
 # --- preprocessing: set by hand, or found by scoring the original task's images ----------
 with st.expander("Preprocessing (how pixels are scaled for this model)"):
@@ -376,7 +377,7 @@ if keep_old:
         )
     old_data = old_data_picker(workspace, spec, "model")
 
-suggested = names.index(info["suggested_cut"]) if info["suggested_cut"] in names else len(names) - 1
+suggested = names.index(defaults["cut_at"])
 cut_index = st.selectbox(
     "Cut after layer (the last layer that is kept)",
     range(len(names)),
@@ -399,7 +400,12 @@ st.caption(
     )
 )
 freeze_mode = st.radio(
-    "What trains", list(FREEZE), format_func=FREEZE.get, key="freeze_mode", horizontal=True
+    "What trains",
+    list(FREEZE),
+    index=list(FREEZE).index(defaults["freeze"]),
+    format_func=FREEZE.get,
+    key="freeze_mode",
+    horizontal=True,
 )
 st.caption(
     "Why frozen first: the base keeps what it already knows and only the new head learns; "
@@ -418,20 +424,36 @@ if freeze_mode == "top":
     freeze = f"top:{k}"
 with st.expander("Head options (Keras: Dense, Dropout)"):
     hidden_units = st.number_input(
-        "Hidden Dense units (0 = none)", 0, 4096, 0, step=32, key="hidden_units", disabled=keep_old
+        "Hidden Dense units (0 = none)",
+        0,
+        4096,
+        defaults["hidden_units"],
+        step=32,
+        key="hidden_units",
+        disabled=keep_old,
     )
     st.caption("Why none: one output layer on pooled features is enough for most transfers.")
-    dropout = st.slider("Dropout", 0.0, 0.8, 0.2, 0.05, key="dropout", disabled=keep_old)
+    dropout = st.slider(
+        "Dropout", 0.0, 0.8, defaults["dropout"], 0.05, key="dropout", disabled=keep_old
+    )
     st.caption("Why 0.2: a little dropout keeps a small head from memorising few images.")
     binary_sigmoid = False
     if classes is not None and len(classes) == 2 and not keep_old:
         binary_sigmoid = st.checkbox(
-            "One sigmoid unit (binary cross-entropy)", False, key="binary_sigmoid"
+            "One sigmoid unit (binary cross-entropy)",
+            defaults["binary_sigmoid"],
+            key="binary_sigmoid",
         )
         st.caption("Why off: softmax over 2 units is equivalent and keeps the same code path.")
 with st.expander("Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)"):
     add_conv = st.number_input(
-        "Filters (0 = no block)", 0, 1024, 0, step=16, key="add_conv", disabled=keep_old
+        "Filters (0 = no block)",
+        0,
+        1024,
+        defaults["add_conv"],
+        step=16,
+        key="add_conv",
+        disabled=keep_old,
     )
     st.caption(
         "Why none: pretrained features are usually enough; a block helps when you cut early "
@@ -533,18 +555,23 @@ st.caption(
 )
 st.plotly_chart(stack_figure(stack), width="stretch", key="layer_stack")
 
-query = st.text_input("Search layers (name or type)", key="layer_search")
-table = pd.DataFrame(stack)
-table["output_shape"] = table["output_shape"].astype(str)
-columns = [c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table]
-if "parent" in table and not table["parent"].notna().any():
-    columns.remove("parent")  # not a nested model: the column would say "None" on every row
-if query:
-    mask = table["name"].str.contains(query, case=False, regex=False) | table["type"].str.contains(
-        query, case=False, regex=False
-    )
-    table = table[mask]
-st.dataframe(table[columns], hide_index=True, width="stretch", key="layer_table")
+# The tables are one click away: the chart above is the picture; drawing two full tables on
+# every visit was most of this page's cost in the browser (docs/benchmarks.md, issue 17).
+with st.expander(f"All {len(stack)} layers (table, search)", icon=":material/table_rows:"):
+    query = st.text_input("Search layers (name or type)", key="layer_search")
+    table = pd.DataFrame(stack)
+    table["output_shape"] = table["output_shape"].astype(str)
+    columns = [
+        c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table
+    ]
+    if "parent" in table and not table["parent"].notna().any():
+        columns.remove("parent")  # not a nested model: the column would say "None" on every row
+    if query:
+        mask = table["name"].str.contains(query, case=False, regex=False) | table[
+            "type"
+        ].str.contains(query, case=False, regex=False)
+        table = table[mask]
+    st.dataframe(table[columns], hide_index=True, width="stretch", key="layer_table")
 if preview is not None:
     with st.expander("New model summary"):
         st.dataframe(pd.DataFrame(preview["rows"]), hide_index=True, width="stretch")

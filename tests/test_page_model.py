@@ -201,3 +201,40 @@ def test_upload_of_a_broken_file_says_what_is_wrong():
     assert not at.exception, at.exception
     errors = texts(at, "error")
     assert len(errors) == 1 and "not a readable HDF5 model" in errors[0]
+
+
+def test_a_new_dataset_asks_ahead_for_exactly_the_head_this_page_then_asks_for(
+    keras_cache: Path, monkeypatch
+):
+    """The Dataset page queues the new head (pages._service.prefetch_model_page) while the
+    visitor looks at their images; this page's first request must be that same request (same
+    answer, same session), or the early answer is wasted and the visitor waits anyway."""
+    import pages._service as service_page
+    from retrain.service import ask, client
+
+    ask("describe", spec=BUILTIN)  # known ahead, as the warm workers make it (describe_ahead)
+    queued, asked = [], []
+    real_ask = service_page.ask
+    monkeypatch.setattr(
+        service_page, "prefetch", lambda kind, **args: queued.append((kind, args)) or True
+    )
+    monkeypatch.setattr(
+        service_page,
+        "ask",
+        lambda kind, **args: asked.append((kind, dict(args))) or real_ask(kind, **args),
+    )
+    data = AppTest.from_file(PAGE.replace("model.py", "dataset.py"), default_timeout=120).run()
+    data.button(key="use_sample").click().run()
+    assert not data.exception, data.exception
+    assert [kind for kind, _ in queued] == ["head_preview"]
+    ahead = dict(queued[0][1])
+    at = page()
+    at.session_state["token"] = data.session_state["token"]
+    at.session_state["dataset"] = data.session_state["dataset"]
+    at.run()
+    assert not at.exception, at.exception
+    asked_args = next(args for kind, args in asked if kind == "head_preview")
+    assert asked_args.pop("session") == ahead.pop("session") == data.session_state["token"]
+    asked_args.pop("on_wait")
+    assert asked_args["num_classes"] == 5 and asked_args["choice"]["freeze"] == "all"
+    assert client.key_of("head_preview", asked_args) == client.key_of("head_preview", ahead)

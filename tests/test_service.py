@@ -68,6 +68,82 @@ def test_position_claim_and_cancel_follow_the_fair_order():
     assert len(list((pool.service_dir() / "queue").glob("*.json"))) == 1
 
 
+def test_a_worker_kept_for_quick_requests_leaves_long_ones_in_their_place():
+    export = requests.request_id("e" * 64, "alice")
+    requests.enqueue(export, "e" * 64, "export", {"run_dir": "/r", "formats": ["keras"]}, "alice")
+    time.sleep(0.01)
+    preview = requests.request_id("p" * 64, "bob")
+    requests.enqueue(preview, "p" * 64, "head_preview", {"spec": "builtin:x"}, "bob")
+    me = {"pid": os.getpid(), "started": None, "host": requests.this_host()}
+    quick = requests.claim(me, pool.skipped_kinds(pool.QUICK))
+    assert quick["id"] == preview  # the export came first, but is not for this worker
+    assert requests.claim(me, pool.skipped_kinds(pool.QUICK)) is None
+    assert requests.position(export) == 1 and requests.state(export) == "queued"
+    assert requests.claim(me, pool.skipped_kinds(pool.ANY))["id"] == export
+
+
+def test_long_kinds_and_the_lanes_of_a_pool():
+    assert pool.skipped_kinds(pool.QUICK) == {"evaluate_run", "forgetting", "export"}
+    assert pool.skipped_kinds(pool.ANY) == frozenset()
+    assert pool.lanes(0) == [] and pool.lanes(1) == [pool.ANY]  # one worker must take anything
+    assert pool.lanes(2) == [pool.ANY, pool.QUICK]
+    assert pool.lanes(4) == [pool.ANY, pool.QUICK, pool.ANY, pool.ANY]
+
+
+def test_the_pool_fills_the_lanes_that_have_no_live_worker(monkeypatch):
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "2")
+    live = [{"pid": 1, "lane": pool.QUICK}]  # the "any" worker died
+    started = []
+    monkeypatch.setattr(pool, "live_workers", lambda: list(live))
+    monkeypatch.setattr(pool, "start_worker", lambda lane: started.append(lane) or {"lane": lane})
+    assert [w["lane"] for w in pool.ensure_workers()] == [pool.QUICK, pool.ANY]
+    assert started == [pool.ANY]
+    live[:] = [{"pid": 1, "lane": pool.ANY}, {"pid": 2, "lane": pool.ANY}]  # full: nothing new
+    assert len(pool.ensure_workers()) == 2 and started == [pool.ANY]
+
+
+def test_model_workers_run_unpinned_at_normal_priority_and_training_yields(monkeypatch):
+    import subprocess
+    import sys
+
+    from retrain.runs import jobs
+
+    monkeypatch.delenv("RETRAIN_TRAIN_NICE", raising=False)
+    assert jobs.worker_env()["RETRAIN_TRAIN_NICE"] == str(jobs.TRAIN_NICE) == "10"
+    env = pool.worker_env(pool.QUICK)
+    assert "RETRAIN_TRAIN_NICE" not in env and env["RETRAIN_MODEL_LANE"] == pool.QUICK
+    code = (
+        "import os; from retrain.training import devices; from retrain.runs.worker import yield_cpu\n"
+        "cpus = os.sched_getaffinity(0); devices.limit_threads(1, pin=False)\n"
+        "assert os.sched_getaffinity(0) == cpus, 'a model worker was pinned'\n"
+        "print(yield_cpu('10'), os.nice(0))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.split() == [str(os.nice(0) + 10)] * 2
+
+
+def test_prefetch_queues_once_and_never_for_a_known_answer(monkeypatch):
+    from retrain.service import cache
+
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "1")
+    monkeypatch.setattr(pool, "ensure_workers", lambda: [])  # no process: only the queue
+    args = {"spec": "builtin:x", "choice": {"freeze": "all"}, "num_classes": 2}
+    assert client.prefetch("head_preview", session="alice", workspace="/w/a", **args) is True
+    assert client.prefetch("head_preview", session="alice", workspace="/w/a", **args) is True
+    queued = list((pool.service_dir() / "queue").glob("*.json"))
+    assert len(queued) == 1  # a rerun does not queue it twice
+    # The page's own request later is the same request: it waits for this one.
+    assert queued[0].stem == client.request_id("head_preview", "alice", workspace="/w/b", **args)
+    cache.write_answer(client.key_of("head_preview", args), "head_preview", {"ok": 1})
+    assert client.prefetch("head_preview", session="bob", **args) is False
+    assert client.prefetch("export", session="bob", run_dir="/r", formats=[]) is False  # uncached
+    monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "0")  # embedded: it would compute it here, now
+    assert client.prefetch("head_preview", session="bob", spec="builtin:y", choice={}) is False
+
+
 def test_request_files_never_carry_the_session_token():
     token = "Secret_session_token_123456"
     rid = requests.request_id("f" * 64, token)
@@ -120,6 +196,8 @@ def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypa
         from retrain.models import builtin_path
 
         assert builtin_path().is_file()  # trained at start, not at the first Model page visit
+        # The Model page's first request on it is answered before anyone asks.
+        assert client.cached("describe", spec="builtin:digits-cnn", workspace="/any")["name"]
         started = time.time()
         assert ask("base_head", spec="builtin:digits-cnn")["has_head"] is True
         assert time.time() - started < 5

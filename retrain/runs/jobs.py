@@ -123,8 +123,15 @@ def training_slot(run_dir: Path, poll_s: float = 0.5) -> Iterator[bool]:
 # The local runner: one worker subprocess per run.
 
 
+#: How much a training worker started by the dashboard yields the CPU (``os.nice``): a
+#: visitor's page or model request runs first, the training takes what is left (all of it on
+#: an idle host). ``RETRAIN_TRAIN_NICE=0`` turns it off.
+TRAIN_NICE = 10
+
+
 def worker_env() -> dict[str, str]:
-    """The environment of a worker: same home, capped CPU threads, unbuffered output."""
+    """The environment of a worker: same home, capped CPU threads, unbuffered output, and the
+    training's lower CPU priority (`TRAIN_NICE`)."""
     from retrain.training.devices import worker_threads
 
     env = dict(os.environ)
@@ -135,6 +142,8 @@ def worker_env() -> dict[str, str]:
             # The worker applies it with devices.limit_threads before importing a framework.
             "RETRAIN_WORKER_THREADS": str(worker_threads()),
             "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            # Training is batch work: on a shared host the pages and model requests go first.
+            "RETRAIN_TRAIN_NICE": env.get("RETRAIN_TRAIN_NICE", str(TRAIN_NICE)),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
         }

@@ -10,6 +10,7 @@ queue of training slots (`retrain.runs.jobs.training_slot`) and the training its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -36,6 +37,7 @@ def cli_train(args: argparse.Namespace) -> dict[str, Any]:
         from retrain.training import devices
 
         devices.limit_threads(int(threads))
+    yield_cpu(os.environ.get("RETRAIN_TRAIN_NICE"))
     resume = bool(getattr(args, "resume", None))
     if ray_runner.in_ray_job():  # Ray placed this worker; the dashboard wrote its run directory
         target = Path(args.resume if resume else (args.out or "."))
@@ -54,6 +56,19 @@ def cli_train(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_in_slot(config, run_dir, workspace=getattr(args, "workspace", None), resume=resume)
+
+
+def yield_cpu(nice: str | None) -> int:
+    """Lower this process's CPU priority by ``nice`` (``RETRAIN_TRAIN_NICE``, set by the
+    dashboard's `jobs.worker_env`; unset in a terminal); return the niceness now."""
+    try:
+        step = int(nice or 0)
+    except ValueError:
+        step = 0
+    if step > 0:
+        with contextlib.suppress(OSError):
+            return os.nice(step)
+    return os.nice(0)
 
 
 def run_in_slot(

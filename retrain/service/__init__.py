@@ -14,9 +14,10 @@ it and returns the JSON answer:
 - ``pool``     the bounded pool of warm worker processes (``RETRAIN_MODEL_WORKERS``)
 - ``worker``   the worker process (``python -m retrain.service.worker``)
 - ``on_ray``   the same requests as tasks of Ray actors (``RETRAIN_RUNNER=ray``)
-- ``client``   `ask`: cache, then inline / local pool / Ray
+- ``client``   `ask`: cache, then inline / local pool / Ray; `prefetch`: queue a request
+               whose answer a page will soon want, without waiting
 """
 
-from retrain.service.client import WorkerLost, ask, cancel, warm_up
+from retrain.service.client import WorkerLost, ask, cached, cancel, prefetch, warm_up
 
-__all__ = ["WorkerLost", "ask", "cancel", "warm_up"]
+__all__ = ["WorkerLost", "ask", "cached", "cancel", "prefetch", "warm_up"]

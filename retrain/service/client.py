@@ -117,6 +117,30 @@ def ask(
     return _ask_local(kind, args, key, session, limit, on_wait)
 
 
+def cached(kind: str, **args: Any) -> dict[str, Any] | None:
+    """The answer to ``kind(**args)`` when it is already known (on disk), else None: never
+    asks a worker."""
+    spec = kinds.get(kind)
+    return cache.read_answer(key_of(kind, args)) if spec.cache else None
+
+
+def prefetch(kind: str, *, session: str = "", **args: Any) -> bool:
+    """Queue ``kind(**args)`` now so that its answer is ready when a page asks for it; never
+    waits. Used where the next request is easy to guess (a new dataset: the Model page's new
+    head). Only with the local pool: in the embedded mode it would be computed here, now; on
+    Ray it is asked when needed. Returns whether a request was queued.
+    """
+    spec = kinds.get(kind)
+    if not spec.cache or backend() != "local":
+        return False
+    key = key_of(kind, args)
+    if cache.read_answer(key) is not None:
+        return False
+    requests.enqueue(requests.request_id(key, session), key, kind, args, session)
+    pool.ensure_workers()
+    return True
+
+
 def _inline_progress(on_wait: Waiting | None) -> Callable[[str, float], None]:
     def report(text: str, fraction: float) -> None:
         if on_wait is not None:

@@ -45,6 +45,9 @@ class Kind:
             export, is not).
         timeout_s: how long a page waits for the answer.
         reports_progress: ``run`` takes ``progress(text, fraction)``.
+        long: may take minutes (a whole split through the model, an export): a worker kept
+            for quick requests never takes it (`retrain.service.pool`), so it never holds up
+            a Model page.
     """
 
     run: Callable[..., Answer]
@@ -53,6 +56,7 @@ class Kind:
     cache: bool = True
     timeout_s: float = 600.0
     reports_progress: bool = False
+    long: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -290,11 +294,11 @@ KINDS: dict[str, Kind] = {
     "describe": Kind(describe, files=_base_files, context=("workspace",)),
     "head_preview": Kind(head_preview, files=_base_files, context=("workspace",)),
     "base_head": Kind(base_head, files=_base_files, context=("workspace",)),
-    "evaluate_run": Kind(evaluate_run, files=_run_files),
-    "forgetting": Kind(forgetting, files=_run_files, context=("workspace",)),
+    "evaluate_run": Kind(evaluate_run, files=_run_files, long=True),
+    "forgetting": Kind(forgetting, files=_run_files, context=("workspace",), long=True),
     "predict": Kind(predict, files=_model_files),
     "grad_cam": Kind(grad_cam, files=_model_files),
-    "export": Kind(export, cache=False, timeout_s=3600.0, reports_progress=True),
+    "export": Kind(export, cache=False, timeout_s=3600.0, reports_progress=True, long=True),
     "share_card": Kind(share.card_answer, files=_run_files),  # a share's model card
 }
 

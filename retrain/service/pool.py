@@ -1,8 +1,10 @@
 """The bounded pool of warm model workers on this host.
 
-``RETRAIN_MODEL_WORKERS`` processes at most (default 1 on up to 4 cores, else 2), started with
-the first page view or on first need, each keeping TensorFlow imported and its recent models
-loaded. Each is recorded in ``$RETRAIN_HOME/service/workers/<host>-<pid>.json``; a worker
+``RETRAIN_MODEL_WORKERS`` processes at most (default 2 on up to 8 cores, else one per 4
+cores), started with the first page view or on first need, each keeping TensorFlow imported
+and its recent models loaded. With two or more, one worker is kept for quick requests (its
+lane is "quick": describe, previews, predict, Grad-CAM; never an evaluation or an export), so a
+visitor's minute-long export never holds up everyone's Model page; the others take anything. Each is recorded in ``$RETRAIN_HOME/service/workers/<host>-<pid>.json``; a worker
 whose record is removed exits (that is how `stop_workers` asks). Workers run in their own
 process group, so they outlive a web replica that is killed: another replica on the same home
 finds them and keeps using them. ``RETRAIN_MODEL_WORKERS=0`` answers requests inside the
@@ -31,9 +33,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pool_size() -> int:
-    """``RETRAIN_MODEL_WORKERS``, or 1 on hosts of up to 4 cores (the rest train), else 2."""
-    default = 1 if (os.cpu_count() or 1) <= 4 else 2
+    """``RETRAIN_MODEL_WORKERS``, or 2 on hosts of up to 8 cores (one of them for quick
+    requests), else one per 4 cores."""
+    default = max(2, (os.cpu_count() or 1) // 4)
     return int(env_number("RETRAIN_MODEL_WORKERS", default, allow_zero=True))
+
+
+#: The lane of a worker that takes any request, and of one kept for quick requests.
+ANY, QUICK = "any", "quick"
+
+
+def lanes(size: int) -> list[str]:
+    """The lanes of a pool of ``size`` workers: the second is kept for quick requests (a pool
+    of one takes anything: it must)."""
+    return [QUICK if index == 1 else ANY for index in range(size)]
+
+
+def skipped_kinds(lane: str) -> frozenset[str]:
+    """The request kinds a worker of ``lane`` leaves to the others (the long ones, for QUICK)."""
+    from retrain.service.kinds import KINDS
+
+    if lane != QUICK:
+        return frozenset()
+    return frozenset(name for name, kind in KINDS.items() if kind.long)
 
 
 def workers_dir() -> Path:
@@ -73,19 +95,21 @@ def _pool_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(lane: str = ANY) -> dict[str, str]:
     """A training worker's environment (`jobs.worker_env`: same home, capped threads), with
-    ``RETRAIN_MODEL_THREADS`` threads when it is set."""
+    ``RETRAIN_MODEL_THREADS`` threads when it is set, and the worker's lane."""
     from retrain.runs.jobs import worker_env as training_env
 
     env = training_env()
+    env.pop("RETRAIN_TRAIN_NICE", None)  # model requests are interactive: normal priority
     if os.environ.get("RETRAIN_MODEL_THREADS"):
         env["RETRAIN_WORKER_THREADS"] = os.environ["RETRAIN_MODEL_THREADS"]
+    env["RETRAIN_MODEL_LANE"] = lane
     return env
 
 
-def start_worker() -> dict[str, Any]:
-    """Start one worker process (in its own process group) and record it."""
+def start_worker(lane: str = ANY) -> dict[str, Any]:
+    """Start one worker process of ``lane`` (in its own process group) and record it."""
     import psutil
 
     log = open(workers_dir() / "workers.log", "ab")  # noqa: SIM115 (the child keeps it)
@@ -93,7 +117,7 @@ def start_worker() -> dict[str, Any]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "retrain.service.worker"],
             cwd=ROOT,
-            env=worker_env(),
+            env=worker_env(lane),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -103,7 +127,13 @@ def start_worker() -> dict[str, Any]:
         started = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         started = time.time()
-    record = {"pid": proc.pid, "started": started, "host": this_host(), "since": time.time()}
+    record = {
+        "pid": proc.pid,
+        "started": started,
+        "host": this_host(),
+        "since": time.time(),
+        "lane": lane,
+    }
     write_json(record_path(proc.pid), record)
     return record
 
@@ -118,8 +148,13 @@ def ensure_workers() -> list[dict[str, Any]]:
         return alive
     with _pool_lock():
         alive = live_workers()
-        while len(alive) < size:
-            alive.append(start_worker())
+        missing = lanes(size)
+        for record in alive:  # what runs already fills its lane (a worker by hand: "any")
+            lane = record.get("lane", ANY)
+            missing.remove(lane if lane in missing else missing[0])
+            if not missing:
+                break
+        alive += [start_worker(lane) for lane in missing]
     return alive
 
 

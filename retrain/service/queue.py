@@ -138,10 +138,17 @@ def running_count() -> int:
     return sum(1 for _ in _dir("running").glob("*.json"))
 
 
-def claim(worker: dict[str, Any]) -> dict[str, Any] | None:
-    """Take the next request for ``worker`` ({pid, started, host}); None when none waits."""
+def claim(worker: dict[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    """Take the next request for ``worker`` ({pid, started, host}); None when none waits.
+
+    Args:
+        skip: request kinds this worker does not take (a worker kept for quick requests skips
+            the long ones); they stay in the queue, in their place, for another worker.
+    """
     order, requests = _order()
     for rid in order:
+        if requests[rid].get("kind") in skip:
+            continue
         source = _dir("queue") / f"{rid}.json"
         target = _dir("running") / f"{rid}.json"
         try:

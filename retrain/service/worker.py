@@ -71,7 +71,7 @@ def warm() -> None:
     if threads:
         from retrain.training import devices
 
-        devices.limit_threads(int(threads))
+        devices.limit_threads(int(threads), pin=False)
     import keras  # noqa: F401  (imports the backend: the slow part)
 
     from retrain import evaluate, models  # noqa: F401
@@ -83,16 +83,28 @@ def warm() -> None:
     for spec in filter(None, os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")):
         try:  # the starter model trains once on a fresh host: before anyone waits for it
             kinds.load_base(spec.strip())
+            describe_ahead(spec.strip())
         except RetrainError as err:
             print(f"preload of {spec} skipped: {err}", flush=True)
+
+
+def describe_ahead(spec: str) -> None:
+    """Cache the answer to the Model page's first request on ``spec`` (its layer table) before
+    anyone asks: every visitor who starts from that model then gets it at once."""
+    kind = kinds.get("describe")
+    key = cache.request_key("describe", {"spec": spec}, kind.context, kind.files)
+    if cache.read_answer(key) is None:
+        cache.write_answer(key, "describe", kinds.run("describe", {"spec": spec}))
 
 
 def main() -> None:
     pid = os.getpid()
     record = pool.record_path(pid)
     me = {"pid": pid, "started": own_start_time(), "host": requests.this_host()}
+    lane = os.environ.get("RETRAIN_MODEL_LANE", pool.ANY)
+    skip = pool.skipped_kinds(lane)
     if not record.exists():  # started by hand, not by the pool
-        write_json(record, {**me, "since": time.time()})
+        write_json(record, {**me, "since": time.time(), "lane": lane})
     warm()
     if record.exists():  # say it is warm (benchmarks and status wait for this)
         write_json(record, {**(read_json(record) or me), "ready": time.time()})
@@ -101,7 +113,7 @@ def main() -> None:
     while True:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
-        request = requests.claim(me)
+        request = requests.claim(me, skip)
         if request is None:
             if time.time() - last_prune > PRUNE_EVERY_S:
                 cache.prune()

@@ -395,7 +395,7 @@ def worker_threads() -> int:
     return max(1, len(_allowed_cpus()) - 1)
 
 
-def limit_threads(n: int | None = None) -> int:
+def limit_threads(n: int | None = None, *, pin: bool = True) -> int:
     """Cap the CPU threads a training process uses, so the dashboard beside it stays responsive.
 
     Safe to call before any framework is imported (the usual case: first thing in the worker).
@@ -411,6 +411,9 @@ def limit_threads(n: int | None = None) -> int:
     Args:
         n: threads for the process; None = all cores but one (at least 1), which leaves a core
             for the Streamlit server.
+        pin: also pin the process to ``n`` CPUs (training workers). Model workers cap their
+            threads only: pinned, two of them and a training run would share one core while
+            the other sat idle.
 
     Returns:
         The thread count applied.
@@ -428,7 +431,7 @@ def limit_threads(n: int | None = None) -> int:
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
     # Inter-op runs independent ops side by side; two are plenty for a feed-forward CNN.
     os.environ["TF_NUM_INTEROP_THREADS"] = str(min(n, 2))
-    if hasattr(os, "sched_setaffinity") and n < len(allowed):
+    if pin and hasattr(os, "sched_setaffinity") and n < len(allowed):
         # The highest-numbered CPUs: the server and the shell usually start on CPU 0.
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, set(allowed[-n:]))
