@@ -749,6 +749,29 @@ def test_ingest_upload_names_the_dataset_and_cleans_up(ws, make_image_folder, ma
     assert list((ws / "uploads").iterdir()) == []
 
 
+def test_two_processes_writing_the_sample_at_once_leave_one_whole_copy(tmp_path: Path):
+    """Two visitors clicking "Use sample dataset" on a fresh host (or a model worker warming
+    while one does): each writes its own folder and renames it into place."""
+    import threading
+
+    from retrain.sample import sample_dataset
+
+    found: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: found.append(sample_dataset(tmp_path))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found[0] == found[1]
+    counts = {d.name: len(list(d.glob("*.png"))) for d in found[0].iterdir()}
+    assert sorted(counts) == [f"digit {d}" for d in range(5, 10)]
+    marker = found[0].with_name(found[0].name + ".complete")
+    assert counts == json.loads(marker.read_text()) and sum(counts.values()) == 896
+    assert [p.name for p in found[0].parent.iterdir() if p.name.startswith(".")] == []
+
+
 def test_sample_dataset_ingests_cleanly(ws):
     from retrain.data.sample import sample_dataset
 

@@ -8,6 +8,9 @@ trained on; digits 5-9 are the "new target data" the offline demo retrains it fo
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +69,10 @@ def digit_images(digits: str = NEW_TASK) -> tuple[np.ndarray, np.ndarray, list[s
 def sample_dataset(workspace: Path, digits: str = NEW_TASK) -> Path:
     """Write the sample as PNG class folders under ``workspace/samples`` (once); return the folder.
 
-    Ingest the returned folder like any upload.
+    Ingest the returned folder like any upload. The warm model workers write the host's copy
+    when they start (`retrain.service.worker.warm`), so no visitor's click waits for it. Two
+    processes writing it at once are safe: each writes a folder of its own and renames it
+    into place; the first rename wins and the pixels are the same.
     """
     wanted = parse_digits(digits)
     folder = Path(workspace) / "samples" / f"digits-{'-'.join(map(str, wanted))}"
@@ -77,11 +83,19 @@ def sample_dataset(workspace: Path, digits: str = NEW_TASK) -> Path:
     from PIL import Image
 
     images, labels, names = digit_images(digits)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     counters = dict.fromkeys(names, 0)
     for image, label in zip(images, labels, strict=True):
         name = names[label]
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / name / f"{counters[name]:04d}.png")
+        (staging / name).mkdir(exist_ok=True)
+        Image.fromarray(image).save(staging / name / f"{counters[name]:04d}.png")
         counters[name] += 1
+    if folder.exists() and not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # left half-written by an older version
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another process put its copy in place first
+        shutil.rmtree(staging, ignore_errors=True)
     done.write_text(json.dumps(counters))
     return folder

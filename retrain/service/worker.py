@@ -11,6 +11,7 @@ seconds without work (default an hour; the next request starts a fresh one).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
@@ -66,7 +67,9 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
 def warm() -> None:
     """Import what every request needs and load the models most visitors start with
     (``RETRAIN_PRELOAD``, comma-separated BASE specs; default the built-in starter model), so
-    the first request does not pay for them."""
+    the first request does not pay for them. With a built-in model it also writes the host's
+    sample digits (`sample.sample_dataset`), so the first "Use sample dataset" click in the web
+    server only reads them."""
     threads = os.environ.get("RETRAIN_WORKER_THREADS")
     if threads:
         from retrain.training import devices
@@ -80,7 +83,14 @@ def warm() -> None:
     if importlib.util.find_spec("tf_keras") is not None:
         import tf_keras  # noqa: F401  (Keras 2 / Teachable Machine uploads convert with it)
 
-    for spec in filter(None, os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")):
+    specs = [s.strip() for s in os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")]
+    if any(spec.startswith("builtin:") for spec in specs):
+        with contextlib.suppress(OSError):  # the offline demo's "Use sample dataset" images
+            from retrain.sample import sample_dataset
+            from retrain.workspace import home
+
+            sample_dataset(home())
+    for spec in filter(None, specs):
         try:  # the starter model trains once on a fresh host: before anyone waits for it
             kinds.load_base(spec.strip())
             describe_ahead(spec.strip())
