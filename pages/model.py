@@ -335,6 +335,21 @@ if info["origin"].get("converted"):
 if info["class_names"]:
     st.caption("Original classes: " + ", ".join(info["class_names"][:20]))
 
+# --- the architecture, drawn as soon as it is known (the new head colours it below) ----------
+st.subheader("Layer stack")
+st.caption(
+    "One bar per block of layers, input at the top; length = parameters, colour = what happens."
+)
+with st.container(key="layer_stack"):
+    stack_slot = st.empty()
+
+
+def draw_stack(rows: list[dict]) -> None:
+    stack_slot.plotly_chart(stack_figure(rows), width="stretch")
+
+
+draw_stack(layer_stack(info["layers"]))
+
 # --- head replacement controls -------------------------------------------------------------
 classes = dataset_classes()
 names = [row["name"] for row in info["layers"]]
@@ -546,14 +561,9 @@ if preview is not None:
         )
         st.dataframe(preview["outputs"], hide_index=True, key="model_outputs_table")
     stack = layer_stack(info["layers"], preview["rows"])
+    draw_stack(stack)  # now coloured by what the new head keeps, freezes and adds
 else:
     stack = layer_stack(info["layers"])
-
-st.subheader("Layer stack")
-st.caption(
-    "One bar per block of layers, input at the top; length = parameters, colour = what happens."
-)
-st.plotly_chart(stack_figure(stack), width="stretch", key="layer_stack")
 
 # The tables are one click away: the chart above is the picture; drawing two full tables on
 # every visit was most of this page's cost in the browser (docs/benchmarks.md, issue 17).
