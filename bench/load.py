@@ -89,6 +89,7 @@ class Stats:
         self.training: dict[str, Any] = {}
         self.train_window: tuple[float, float] | None = None  # monotonic start, end
         self.rss: dict[str, float] = {"server_peak_mb": 0.0, "workers_peak_mb": 0.0}
+        self.cpu: dict[str, float] = {}  # CPU seconds per group of processes
 
     def load(self, session: int, page: str, seconds: float) -> None:
         end = time.monotonic()
@@ -317,27 +318,43 @@ def start_model_workers(home: Path) -> None:
     )
 
 
-async def sample_memory(server_pid: int, stats: Stats, stop: asyncio.Event) -> None:
+async def sample_processes(server_pid: int, stats: Stats, stop: asyncio.Event) -> None:
     """Peak RSS of the Streamlit server and, separately, of the workers (the processes it
-    started, and the model workers started before it)."""
+    started, and the model workers started before it); and the CPU seconds each group used
+    (the browsers too: on this one host they take their share of the same cores)."""
     import psutil
 
     from retrain.service import pool
 
     server = psutil.Process(server_pid)
+    me = psutil.Process()
+    seen: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds at last look)
+
+    def look(group: str, process: psutil.Process) -> float:
+        times = process.cpu_times()
+        seen[process.pid] = (group, times.user + times.system)
+        return process.memory_info().rss / 2**20
+
     while not stop.is_set():
         with contextlib.suppress(psutil.Error):
-            own = server.memory_info().rss / 2**20
+            own = look("server", server)
             workers = 0.0
-            processes = {child.pid: child for child in server.children(recursive=True)}
+            processes = {c.pid: ("training", c) for c in server.children(recursive=True)}
             for record in pool.live_workers():
                 with contextlib.suppress(psutil.Error):
-                    processes.setdefault(record["pid"], psutil.Process(record["pid"]))
-            for child in processes.values():
+                    processes[record["pid"]] = ("model workers", psutil.Process(record["pid"]))
+            for group, child in processes.values():
                 with contextlib.suppress(psutil.Error):
-                    workers += child.memory_info().rss / 2**20
+                    workers += look(group, child)
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if child.pid not in processes and child.pid != server_pid:
+                        look("browsers (Chromium + Playwright)", child)
             stats.rss["server_peak_mb"] = max(stats.rss["server_peak_mb"], own)
             stats.rss["workers_peak_mb"] = max(stats.rss["workers_peak_mb"], workers)
+        stats.cpu = {}
+        for group, used in seen.values():
+            stats.cpu[group] = round(stats.cpu.get(group, 0.0) + used, 1)
         await asyncio.sleep(0.5)
 
 
@@ -351,7 +368,7 @@ async def drive(url: str, server_pid: int, args: argparse.Namespace, stats: Stat
     }
     done, stop_sampling = asyncio.Event(), asyncio.Event()
     deadline = time.monotonic() + args.timeout - 30
-    sampler = asyncio.create_task(sample_memory(server_pid, stats, stop_sampling))
+    sampler = asyncio.create_task(sample_processes(server_pid, stats, stop_sampling))
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
@@ -499,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         **summarize(stats),
         "training": stats.training,
         "memory": {k: round(v) for k, v in stats.rss.items()},
+        # Model workers started before the server count their start (TensorFlow, the starter
+        # model) too; everything else is the test's own.
+        "cpu_seconds": stats.cpu,
         "failures": stats.failures,
         "leaks": leaked,
         "loads": stats.loads,
