@@ -140,7 +140,10 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     wait_idle(page, timeout=120)  # the starter model trains itself on first use (seconds)
     # The architecture: the layer stack figure and the searchable layer table.
     keyed(page, "layer_stack", "stPlotlyChart").wait_for(timeout=120_000)
-    page.locator('[data-testid="stMain"] [data-testid="stDataFrame"]').first.wait_for()
+    # The table is one click away (an expander under the stack): open it, as a user would.
+    tables = page.locator('[data-testid="stExpander"]', has_text=re.compile(r"All \d+ layers"))
+    tables.locator("summary").first.click()
+    tables.locator('[data-testid="stDataFrame"]').first.wait_for()
     stack = [t for t in plotly_traces(page) if t["type"] == "bar"]
     assert stack, "the layer stack figure has no bars"
     wait_for_text(page, r"Parameters", timeout=30)
