@@ -1,6 +1,6 @@
 """Share links from a page: the Share button (Train, Evaluate, Runs) and the owner's list.
 
-The link is a read-only snapshot of one finished run (`retrain.share`); the evaluation it
+The link is a read-only snapshot of one finished run (`retrain.sessions.share`); the evaluation it
 shows is computed by the model workers (`model_answer("evaluate_run", ...)`, the same request
 the Evaluate page sends, so it is usually answered from the cache).
 """

@@ -268,7 +268,7 @@ show_cam = st.toggle(
 if uploads:
     try:
         paths = [save_upload(workspace / "uploads", u.name, u.getvalue()) for u in uploads]
-    except RetrainError as err:  # the session's upload or disk quota (retrain.quotas)
+    except RetrainError as err:  # the session's upload or disk quota (retrain.sessions.quotas)
         st.error(str(err))
         st.stop()
     answer = model_answer(

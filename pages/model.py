@@ -125,7 +125,7 @@ def save_model_upload(files: list[Any], workspace: Path) -> str | None:
         target = save_upload(
             workspace / "models", model.name, model.getvalue(), default_name="model.h5"
         )
-    except RetrainError as err:  # the session's upload or disk quota (retrain.quotas)
+    except RetrainError as err:  # the session's upload or disk quota (retrain.sessions.quotas)
         st.error(str(err))
         return None
     labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]

@@ -3,7 +3,7 @@
 Shows what the owner shared (classes, curves, accuracy, per class, confusion matrix, model
 card), lets the visitor try the model on their own image, and copies the model into the
 visitor's own workspace. Nothing here reads or writes the owner's workspace: the page reads
-only the share's snapshot (`retrain.share`); uploads and copies go to the visitor's session.
+only the share's snapshot (`retrain.sessions.share`); uploads and copies go to the visitor's session.
 Every name on it (classes, models) was typed by someone else and is shown as text.
 """
 

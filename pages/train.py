@@ -1,8 +1,8 @@
 """The Train step: settings (built from TrainConfig), Start/Stop, and the live view of a run.
 
-Training runs in a worker process (``retrain.jobs``); this page only reads the run directory.
+Training runs in a worker process (``retrain.runs.jobs``); this page only reads the run directory.
 The live view is a fragment that reruns every second while the run is active: it reads the
-new metrics lines and the progress (``retrain.rundir``) into ``st.session_state["_train_live"]``
+new metrics lines and the progress (``retrain.runs.rundir``) into ``st.session_state["_train_live"]``
 and redraws the curves. A reload reattaches through ``?run=<run_id>`` (and the remembered
 ``run_id``).
 """

@@ -754,7 +754,7 @@ def test_two_processes_writing_the_sample_at_once_leave_one_whole_copy(tmp_path:
     while one does): each writes its own folder and renames it into place."""
     import threading
 
-    from retrain.sample import sample_dataset
+    from retrain.data.sample import sample_dataset
 
     found: list[Path] = []
     threads = [

@@ -196,7 +196,7 @@ def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypa
         from retrain.models import builtin_path
 
         assert builtin_path().is_file()  # trained at start, not at the first Model page visit
-        from retrain.workspace import home
+        from retrain.sessions.workspace import home
 
         # The sample's images too: the first "Use sample dataset" click only reads them.
         assert (home() / "samples" / "digits-5-6-7-8-9.complete").is_file()

@@ -86,8 +86,8 @@ def warm() -> None:
     specs = [s.strip() for s in os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")]
     if any(spec.startswith("builtin:") for spec in specs):
         with contextlib.suppress(OSError):  # the offline demo's "Use sample dataset" images
-            from retrain.sample import sample_dataset
-            from retrain.workspace import home
+            from retrain.data.sample import sample_dataset
+            from retrain.sessions.workspace import home
 
             sample_dataset(home())
     for spec in filter(None, specs):
