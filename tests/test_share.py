@@ -115,6 +115,8 @@ def test_share_ids_are_unguessable():
     ids = {share.new_share_id() for _ in range(200)}
     assert len(ids) == 200
     assert all(share.is_valid_share_id(i) and len(i) == 32 for i in ids)  # 192 bits
+    # None reads as a command-line option (`retrain unshare <id>`): about 3 in 200 would.
+    assert not any(i.startswith("-") for i in ids)
 
 
 def test_share_snapshot_holds_results_but_no_image_paths(owner_session):

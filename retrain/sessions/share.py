@@ -90,8 +90,12 @@ def shares_root() -> Path:
 
 
 def new_share_id() -> str:
-    """A fresh unguessable share id: 192 random bits, 32 URL-safe characters."""
-    return secrets.token_urlsafe(24)
+    """A fresh unguessable share id: 192 random bits, 32 URL-safe characters, never starting
+    with "-" (``retrain unshare -Xy...`` would read it as an option; 1 id in 64 did)."""
+    while True:
+        share_id = secrets.token_urlsafe(24)
+        if not share_id.startswith("-"):
+            return share_id
 
 
 def is_valid_share_id(share_id: Any) -> bool:
