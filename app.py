@@ -7,6 +7,7 @@ workspace"), and nothing of the owner's.
 """
 
 import threading
+import time
 
 import streamlit as st
 
@@ -16,6 +17,7 @@ from pages._ui import (
     demo_mode,
     ensure_session,
     keep_session_cookie,
+    log_page_time,
     preselect_demo,
     render_account,
     render_sidebar,
@@ -26,6 +28,7 @@ from retrain.runs.jobs import session_has_live_run
 from retrain.sessions.share import prune_shares
 from retrain.sessions.workspace import cleanup_sessions
 
+STARTED = time.perf_counter()  # this script run's start: the server's time for the page view
 st.set_page_config(
     page_title="Retrain Studio", page_icon=":material/model_training:", layout="wide"
 )
@@ -86,12 +89,15 @@ if demo_mode() and not shared_view:
         "run it locally for your own data and bigger models.",
         icon=":material/info:",
     )
-if shared_view:
-    page.run()
-else:
-    shown = render_sidebar()
-    page.run()
-    if sidebar_choices() != shown:
-        # The page just chose something (a dataset, a model, a run): draw the sidebar again so
-        # it never lags a page behind. Pages cache their heavy work, so the rerun is cheap.
-        st.rerun()
+try:
+    if shared_view:
+        page.run()
+    else:
+        shown = render_sidebar()
+        page.run()
+        if sidebar_choices() != shown:
+            # The page just chose something (a dataset, a model, a run): draw the sidebar again
+            # so it never lags a page behind. Pages cache their heavy work: the rerun is cheap.
+            st.rerun()
+finally:  # st.stop and st.rerun end a run by raising: they are page views too
+    log_page_time(page.title, time.perf_counter() - STARTED)

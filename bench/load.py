@@ -16,7 +16,8 @@ once (asyncio):
   there), timed from the upload to its architecture drawn ("Model (TM upload)").
 
 Every page load (click in the sidebar -> the new page's title shown and the app idle) is
-timed. The script reports p50/p95/max per page, failures, the training time and the server's
+timed, and the server logs its own time per page view (``RETRAIN_PAGE_LOG``, "server_side":
+the script runs, without the browser's drawing). The script reports p50/p95/max per page, failures, the training time and the server's
 peak memory, writes ``bench/results/load.json``, and checks on disk that no session saw
 another session's run ids or class names. It only ever talks to 127.0.0.1, and stops itself
 after ``--timeout`` seconds (the server and its workers are stopped in every case).
@@ -464,6 +465,32 @@ def summarize(stats: Stats) -> dict[str, Any]:
     }
 
 
+def server_side(page_log: Path) -> dict[str, Any]:
+    """p50/p95 of the server's own time per page view (a script run, from ``RETRAIN_PAGE_LOG``):
+    what a visitor on another machine waits for besides the network and their own browser."""
+    by_page: dict[str, list[float]] = {}
+    with contextlib.suppress(OSError):
+        for line in page_log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                row = json.loads(line)
+                by_page.setdefault(row["page"], []).append(float(row["seconds"]))
+
+    def pct(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 3)
+
+    every = [v for values in by_page.values() for v in values]
+    return {
+        "script_runs": len(every),
+        "p50_s": pct(every, 0.5) if every else None,
+        "p95_s": pct(every, 0.95) if every else None,
+        "per_page": {
+            page: {"n": len(v), "p50_s": pct(v, 0.5), "p95_s": pct(v, 0.95), "max_s": max(v)}
+            for page, v in sorted(by_page.items())
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=5, help="browser sessions (>= 2)")
@@ -482,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="retrain-load-home-"))
-    extra = {"RETRAIN_DEMO": "1"} if args.demo else {}
+    # The server logs its own time per page view (app.py): the server's share of a page load.
+    page_log = home / "page-times.jsonl"
+    extra = {"RETRAIN_PAGE_LOG": str(page_log), **({"RETRAIN_DEMO": "1"} if args.demo else {})}
     os.environ["RETRAIN_HOME"] = str(home)  # this script's view of the server's home
     if not args.cold:
         start_model_workers(home)
@@ -514,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         # Other work on the host inflates every timing; the 1-minute load average says how much.
         "host_load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
         **summarize(stats),
+        "server_side": server_side(page_log),
         "training": stats.training,
         "memory": {k: round(v) for k, v in stats.rss.items()},
         # Model workers started before the server count their start (TensorFlow, the starter

@@ -32,6 +32,7 @@ the first run to attach the session to that workspace; a browser cannot set sess
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -466,6 +467,18 @@ def sidebar_choices() -> tuple[tuple[str, str | None], ...]:
         ("Base model", st.session_state.get("base_label")),
         ("Run", st.session_state.get("run_id")),
     )
+
+
+def log_page_time(page: str, seconds: float) -> None:
+    """Append ``{"t", "page", "seconds"}`` to the file ``RETRAIN_PAGE_LOG`` names, when set: the
+    server's time for one page view (the script run), to find slow pages on a live host and to
+    tell the server's share of a page load from the browser's (`bench/load.py` reads it)."""
+    path = os.environ.get("RETRAIN_PAGE_LOG")
+    if not path:
+        return
+    line = json.dumps({"t": round(time.time(), 3), "page": page, "seconds": round(seconds, 4)})
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as log:
+        log.write(line + "\n")
 
 
 def render_sidebar() -> tuple[tuple[str, str | None], ...]:

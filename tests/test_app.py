@@ -42,3 +42,18 @@ def test_demo_mode_preselects_the_sample_and_the_starter_model(monkeypatch):
     text = _sidebar_text(at)
     assert "Digits CNN (built-in, digits 0-4)" in text and "5 classes" in text
     assert any("Demo" in info.value for info in at.info)
+
+
+def test_each_page_view_is_logged_with_the_servers_time_when_asked(monkeypatch, tmp_path):
+    import json
+
+    log = tmp_path / "pages.jsonl"
+    monkeypatch.setenv("RETRAIN_PAGE_LOG", str(log))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["page"] for row in rows] == ["1 · Dataset"]
+    assert 0 < rows[0]["seconds"] < 60 and rows[0]["t"] > 0
+    monkeypatch.delenv("RETRAIN_PAGE_LOG")
+    AppTest.from_file(APP, default_timeout=60).run()
+    assert len(log.read_text().splitlines()) == 1  # unset: nothing is written
