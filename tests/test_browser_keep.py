@@ -95,9 +95,9 @@ def run_flow(page, url: str, notes: list[str]) -> None:
     wait_idle(page, timeout=120)
     text = wait_for_text(page, r"Outputs before → after", timeout=120)
     assert re.search(r"Output\W+10 units", text), "the widened head should have 10 outputs"
-    # The outputs table (a canvas grid: its cells are not DOM text) beside the layer table.
-    frames = page.locator('[data-testid="stMain"] [data-testid="stDataFrame"]')
-    frames.nth(1).wait_for()
+    # The outputs table (a canvas grid: its cells are not DOM text); the layer table is in its
+    # expander, closed.
+    page.locator('[data-testid="stMain"] [data-testid="stDataFrame"]:visible').first.wait_for()
     shot(page, "01-model-keep")
     note("model page: keep mode, outputs before -> after shown (10 units)")
 
