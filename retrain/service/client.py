@@ -16,6 +16,7 @@ from retrain.errors import RetrainError
 from retrain.runs.procs import process_alive
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
+from retrain.service.kinds import key_of
 
 Waiting = Callable[[dict[str, Any]], None]
 
@@ -31,12 +32,6 @@ class WorkerLost(ServiceError):
 WORKER_LOST = requests.WORKER_LOST
 #: How often a waiting page looks at the queue and the workers (the answer is polled faster).
 LOOK_EVERY_S = 0.5
-
-
-def key_of(kind: str, args: dict[str, Any]) -> str:
-    """The content address of ``kind(**args)``'s answer."""
-    spec = kinds.get(kind)
-    return cache.request_key(kind, args, spec.context, spec.files)
 
 
 def backend() -> str:
@@ -136,8 +131,7 @@ def prefetch(kind: str, *, session: str = "", **args: Any) -> bool:
     key = key_of(kind, args)
     if cache.read_answer(key) is not None:
         return False
-    requests.enqueue(requests.request_id(key, session), key, kind, args, session)
-    pool.ensure_workers()
+    _send(kind, args, key, session)
     return True
 
 
@@ -160,6 +154,16 @@ def cancel(kind: str, session: str = "", **args: Any) -> bool:
     return requests.cancel(request_id(kind, session, **args))
 
 
+def _send(
+    kind: str, args: dict[str, Any], key: str, session: str
+) -> tuple[str, list[dict[str, Any]]]:
+    """Queue ``kind(**args)`` for the local pool (once: a rerun finds it queued) and make sure
+    workers are there to take it; return its request id and the live workers."""
+    rid = requests.request_id(key, session)
+    requests.enqueue(rid, key, kind, args, session)
+    return rid, pool.ensure_workers()
+
+
 def _ask_local(
     kind: str,
     args: dict[str, Any],
@@ -168,9 +172,7 @@ def _ask_local(
     limit: float,
     on_wait: Waiting | None,
 ) -> dict[str, Any]:
-    rid = requests.request_id(key, session)
-    requests.enqueue(rid, key, kind, args, session)
-    workers = pool.ensure_workers()
+    rid, workers = _send(kind, args, key, session)
     deadline = time.time() + limit
     next_look, pause = 0.0, 0.02
     while True:

@@ -22,6 +22,7 @@ from typing import Any
 
 from retrain.errors import ConfigError
 from retrain.runs import rundir
+from retrain.service import cache
 from retrain.sessions import share
 
 Answer = dict[str, Any]
@@ -301,6 +302,13 @@ KINDS: dict[str, Kind] = {
     "export": Kind(export, cache=False, timeout_s=3600.0, reports_progress=True, long=True),
     "share_card": Kind(share.card_answer, files=_run_files),  # a share's model card
 }
+
+
+def key_of(kind: str, args: dict[str, Any]) -> str:
+    """The content address of ``kind(**args)``'s answer (`cache.request_key` with the kind's
+    files and context): what the web side looks up and a worker writes under."""
+    spec = get(kind)
+    return cache.request_key(kind, args, spec.context, spec.files)
 
 
 def get(kind: str) -> Kind:

@@ -83,17 +83,18 @@ def warm() -> None:
     if importlib.util.find_spec("tf_keras") is not None:
         import tf_keras  # noqa: F401  (Keras 2 / Teachable Machine uploads convert with it)
 
-    specs = [s.strip() for s in os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")]
+    preload = os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")
+    specs = [spec.strip() for spec in preload if spec.strip()]
     if any(spec.startswith("builtin:") for spec in specs):
         with contextlib.suppress(OSError):  # the offline demo's "Use sample dataset" images
             from retrain.data.sample import sample_dataset
             from retrain.sessions.workspace import home
 
             sample_dataset(home())
-    for spec in filter(None, specs):
+    for spec in specs:
         try:  # the starter model trains once on a fresh host: before anyone waits for it
-            kinds.load_base(spec.strip())
-            describe_ahead(spec.strip())
+            kinds.load_base(spec)
+            describe_ahead(spec)
         except RetrainError as err:
             print(f"preload of {spec} skipped: {err}", flush=True)
 
@@ -101,8 +102,7 @@ def warm() -> None:
 def describe_ahead(spec: str) -> None:
     """Cache the answer to the Model page's first request on ``spec`` (its layer table) before
     anyone asks: every visitor who starts from that model then gets it at once."""
-    kind = kinds.get("describe")
-    key = cache.request_key("describe", {"spec": spec}, kind.context, kind.files)
+    key = kinds.key_of("describe", {"spec": spec})  # the address the page's request has
     if cache.read_answer(key) is None:
         cache.write_answer(key, "describe", kinds.run("describe", {"spec": spec}))
 
