@@ -91,12 +91,13 @@ class Stats:
         self.train_window: tuple[float, float] | None = None  # monotonic start, end
         self.rss: dict[str, float] = {"server_peak_mb": 0.0, "workers_peak_mb": 0.0}
         self.cpu: dict[str, float] = {}  # CPU seconds per group of processes
+        self.cpu_timeline: list[dict[str, float]] = []  # the same, every half second
 
     def load(self, session: int, page: str, seconds: float) -> None:
         end = time.monotonic()
         self.loads.append(
             {"session": session, "page": page, "seconds": round(seconds, 3),
-             "start": end - seconds, "end": end}
+             "start": end - seconds, "end": end, "wall_end": round(time.time(), 3)}
         )  # fmt: skip
 
 
@@ -199,7 +200,7 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
         load = page.locator(".st-key-model_load button")
         if await load.count():
             await load.first.click()
-        await page.locator('.st-key-layer_stack [data-testid="stPlotlyChart"]').wait_for(
+        await page.locator('.st-key-layer_stack [data-testid="stHtml"] .rs-row').first.wait_for(
             timeout=120_000
         )
         await wait_text(page, r"Before → after", 60)  # the new head is built
@@ -297,7 +298,7 @@ async def upload_teachable_machine(page) -> float:
     await files.set_input_files(
         [str(TEACHABLE_MACHINE / "keras_model.h5"), str(TEACHABLE_MACHINE / "labels.txt")]
     )
-    await page.locator('.st-key-layer_stack [data-testid="stPlotlyChart"]').wait_for(
+    await page.locator('.st-key-layer_stack [data-testid="stHtml"] .rs-row').first.wait_for(
         timeout=180_000
     )
     return time.monotonic() - t0
@@ -356,6 +357,7 @@ async def sample_processes(server_pid: int, stats: Stats, stop: asyncio.Event) -
         stats.cpu = {}
         for group, used in seen.values():
             stats.cpu[group] = round(stats.cpu.get(group, 0.0) + used, 1)
+        stats.cpu_timeline.append({"t": round(time.time(), 2), **stats.cpu})
         await asyncio.sleep(0.5)
 
 
@@ -552,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         "failures": stats.failures,
         "leaks": leaked,
         "loads": stats.loads,
+        "cpu_timeline": stats.cpu_timeline,
     }
     (RESULTS / "load.json").write_text(json.dumps(report, indent=2))
+    with contextlib.suppress(OSError):  # each script run, with its time: to line up with loads
+        (RESULTS / "load-page-times.jsonl").write_text(page_log.read_text())
     print(json.dumps({k: v for k, v in report.items() if k != "loads"}, indent=2))
     ok = not stats.failures and not leaked and bool(stats.training)
     print(("PASS" if ok else "FAIL") + f": details in {RESULTS / 'load.json'}")

@@ -64,7 +64,7 @@ def upload_and_time(browser, url: str) -> float:
         files = page.locator('.st-key-model_upload [data-testid="stFileUploaderDropzoneInput"]')
         t0 = time.monotonic()
         files.set_input_files([str(TM / "keras_model.h5"), str(TM / "labels.txt")])
-        page.locator('.st-key-layer_stack [data-testid="stPlotlyChart"]').wait_for()
+        page.locator('.st-key-layer_stack [data-testid="stHtml"] .rs-row').first.wait_for()
         return time.monotonic() - t0
     finally:
         context.close()

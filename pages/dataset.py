@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 
+from pages._bars import Row, Segment, bars_html, linear_percent
 from pages._service import prefetch_model_page
 from pages._ui import as_text, dataset_label, ensure_session, link, load_dataset_cached, remember
 from retrain.data import Dataset, ingest, ingest_upload, load_dataset, thumbnails
@@ -29,6 +29,36 @@ def _use(dataset: Dataset) -> None:
     remember(dataset=str(dataset.manifest_path), dataset_label=dataset_label(dataset))
     # The next step's answer (the new head for these classes) is computed while they look here.
     prefetch_model_page(len(dataset.class_names), str(workspace))
+
+
+def counts_html(counts: dict[str, dict[str, int]]) -> str:
+    """Images per class: one bar per class, a coloured part per split (train, val, test)."""
+    totals = {
+        name: sum(per[name] for per in counts.values() if name in per)
+        for name in dict.fromkeys(n for per in counts.values() for n in per)
+    }
+    largest = max(totals.values(), default=0)
+    rows = [
+        Row(
+            label=name,
+            segments=[
+                Segment(split, per[name], linear_percent(per[name], largest))
+                for split, per in counts.items()
+                if per.get(name)
+            ],
+            value_text=f"{total:,}",
+            hover=f"{name}: "
+            + ", ".join(f"{per.get(name, 0):,} {split}" for split, per in counts.items()),
+        )
+        for name, total in totals.items()
+    ]
+    return bars_html(
+        rows,
+        SPLIT_COLOURS,
+        name=f"Images per class, {len(rows)} classes",
+        title="Images per class",
+        max_height_px=420,
+    )
 
 
 def _ingest_with_progress(run, what: str) -> Dataset | str:
@@ -70,24 +100,8 @@ def _render(dataset: Dataset) -> None:
             "No split folders: part of each class is held out for validation when you train."
         )
 
-    fig = go.Figure()
-    for split, per_class in counts.items():
-        fig.add_bar(
-            name=split,
-            x=list(per_class),
-            y=list(per_class.values()),
-            marker_color=SPLIT_COLOURS.get(split),
-            hovertemplate="%{x}: %{y} images<extra>" + split + "</extra>",
-        )
-    fig.update_layout(
-        title="Images per class",
-        barmode="group",
-        height=340,
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        legend={"orientation": "h", "y": 1.12, "x": 1, "xanchor": "right"},
-        yaxis_title="images",
-    )
-    st.plotly_chart(fig, key="class_counts")
+    with st.container(key="class_counts"):
+        st.html(counts_html(counts))
 
     if dataset.warnings:
         st.markdown("**Things to check**")

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from pages._service import default_head_choice, model_answer
+from pages._stack import stack_html
 from pages._ui import (
     ORIGINAL_NAMES_WORDS,
     as_text,
@@ -26,7 +26,6 @@ from retrain.models import (
     MODEL_EXTENSIONS,
     PREPROCESSING_CHOICES,
     ZOO,
-    group_layers,
     layer_stack,
 )
 from retrain.models.preprocessing import PREPROCESSING
@@ -39,13 +38,6 @@ FREEZE = {
     "top": "Fine-tune the top K layers",
     "none": "Train everything",
 }
-STATUS_COLOURS = {
-    "frozen": "#8aa4c8",
-    "trainable": "#f29e4c",
-    "new": "#3bb273",
-    "removed": "#d3d3d3",
-}
-MAX_BARS = 48
 
 
 # On this page the preprocessing flags are the Preprocessing section's widgets.
@@ -135,36 +127,21 @@ def save_model_upload(files: list[Any], workspace: Path) -> str | None:
     return str(target)
 
 
-def stack_figure(rows: list[dict]) -> go.Figure:
-    """Horizontal bars, one per block of layers, top to bottom; colour = status, length = params."""
-    groups = group_layers(rows, MAX_BARS)
-    labels = [f"{i:02d} {g['block']}" for i, g in enumerate(groups)]
-    fig = go.Figure()
-    for status, colour in STATUS_COLOURS.items():
-        chosen = [i for i, g in enumerate(groups) if g["status"] == status]
-        if not chosen:
-            continue
-        fig.add_bar(
-            y=[labels[i] for i in chosen],
-            x=[max(groups[i]["params"], 1) for i in chosen],
-            orientation="h",
-            name=status,
-            marker_color=colour,
-            customdata=[
-                [len(groups[i]["layers"]), ", ".join(groups[i]["layers"][:6])] for i in chosen
-            ],
-            hovertemplate="%{y}<br>%{x:,} params, %{customdata[0]} layers<br>%{customdata[1]}"
-            "<extra>" + status + "</extra>",
-        )
-    fig.update_layout(
-        barmode="overlay",
-        height=max(260, 18 * len(groups) + 80),
-        margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        xaxis={"title": "parameters (log scale; 1 = no weights)", "type": "log"},
-        yaxis={"categoryorder": "array", "categoryarray": labels[::-1], "title": None},
-        legend={"orientation": "h", "y": 1.05},
-    )
-    return fig
+def layer_table(stack: list[dict], query: str = "") -> pd.DataFrame:
+    """The layer table under the bars: one row per layer, filtered by name or type."""
+    table = pd.DataFrame(stack)
+    table["output_shape"] = table["output_shape"].astype(str)
+    columns = [
+        c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table
+    ]
+    if "parent" in table and not table["parent"].notna().any():
+        columns.remove("parent")  # not a nested model: the column would say "None" on every row
+    if query:
+        mask = table["name"].str.contains(query, case=False, regex=False) | table[
+            "type"
+        ].str.contains(query, case=False, regex=False)
+        table = table[mask]
+    return table[columns]
 
 
 def spec_from_widgets(source: str, workspace: Path) -> tuple[str | None, bool]:
@@ -345,7 +322,7 @@ with st.container(key="layer_stack"):
 
 
 def draw_stack(rows: list[dict]) -> None:
-    stack_slot.plotly_chart(stack_figure(rows), width="stretch")
+    stack_slot.html(stack_html(rows))
 
 
 draw_stack(layer_stack(info["layers"]))
@@ -393,14 +370,19 @@ if keep_old:
     old_data = old_data_picker(workspace, spec, "model")
 
 suggested = names.index(defaults["cut_at"])
+cut_key = f"cut_at::{spec}"
 cut_index = st.selectbox(
     "Cut after layer (the last layer that is kept)",
     range(len(names)),
-    index=suggested,
+    # A remembered choice (seed_widgets) is the widget's value already: a default beside it
+    # made Streamlit warn on every visit.
+    index=None if cut_key in st.session_state else suggested,
     format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
-    key=f"cut_at::{spec}",
+    key=cut_key,
     disabled=keep_old,
 )
+if cut_index is None:  # never chosen (a state without a value): the suggested cut
+    cut_index = suggested
 removed = names[cut_index + 1 :]
 st.caption(
     f"Keeps the original head ({', '.join(removed[:8])}) and widens its output layer."
@@ -565,24 +547,22 @@ if preview is not None:
 else:
     stack = layer_stack(info["layers"])
 
-# The tables are one click away: the chart above is the picture; drawing two full tables on
-# every visit was most of this page's cost in the browser (docs/benchmarks.md, issue 17).
-with st.expander(f"All {len(stack)} layers (table, search)", icon=":material/table_rows:"):
-    query = st.text_input("Search layers (name or type)", key="layer_search")
-    table = pd.DataFrame(stack)
-    table["output_shape"] = table["output_shape"].astype(str)
-    columns = [
-        c for c in ("name", "type", "output_shape", "params", "status", "parent") if c in table
-    ]
-    if "parent" in table and not table["parent"].notna().any():
-        columns.remove("parent")  # not a nested model: the column would say "None" on every row
-    if query:
-        mask = table["name"].str.contains(query, case=False, regex=False) | table[
-            "type"
-        ].str.contains(query, case=False, regex=False)
-        table = table[mask]
-    st.dataframe(table[columns], hide_index=True, width="stretch", key="layer_table")
+# The tables are one click away, and built only when opened (a lazy expander): the bars above
+# are the picture. Drawing two full tables on every visit was most of this page's cost in the
+# browser, and sending them was the server's (docs/benchmarks.md, issue 17).
+layer_tables = st.expander(
+    f"All {len(stack)} layers (table, search)",
+    icon=":material/table_rows:",
+    key="layer_tables",
+    on_change="rerun",
+)
+if layer_tables.open:
+    with layer_tables:
+        query = st.text_input("Search layers (name or type)", key="layer_search")
+        st.dataframe(layer_table(stack, query), hide_index=True, width="stretch", key="layer_table")
 if preview is not None:
-    with st.expander("New model summary"):
-        st.dataframe(pd.DataFrame(preview["rows"]), hide_index=True, width="stretch")
+    summary = st.expander("New model summary", key="new_model_summary", on_change="rerun")
+    if summary.open:
+        with summary:
+            st.dataframe(pd.DataFrame(preview["rows"]), hide_index=True, width="stretch")
     link("train", "Next: train")

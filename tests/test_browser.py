@@ -29,7 +29,6 @@ from tests.browser_helpers import (
     assert_no_exception,
     browser_page,
     go_to,
-    keyed,
     main_text,
     max_epochs_drawn,
     plotly_traces,
@@ -124,7 +123,9 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     n_images = len(CLASSES) * IMAGES_PER_CLASS
     assert re.search(rf"\b{n_images}\b", text), f"the summary should count {n_images} images"
     assert re.search(r"\b3\b", text), "the summary should count 3 classes"
-    page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+    counts = page.locator('.st-key-class_counts [data-testid="stHtml"] .rs-row')
+    counts.first.wait_for()
+    assert counts.count() == len(CLASSES), "one bar per class in the images-per-class chart"
     screenshot(page, "02-dataset")
     note(f"dataset uploaded; summary shows 3 classes, {n_images} images")
 
@@ -138,14 +139,19 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     if load.count():
         load.first.click()
     wait_idle(page, timeout=120)  # the starter model trains itself on first use (seconds)
-    # The architecture: the layer stack figure and the searchable layer table.
-    keyed(page, "layer_stack", "stPlotlyChart").wait_for(timeout=120_000)
-    # The table is one click away (an expander under the stack): open it, as a user would.
+    # The architecture: the layer stack's bars and the searchable layer table.
+    bars = page.locator('.st-key-layer_stack [data-testid="stHtml"] .rs-row')
+    bars.first.wait_for(timeout=120_000)
+    # Coloured by the new head once its preview is in: a frozen base, new layers on top.
+    bars.and_(page.locator('[data-status="new"]')).first.wait_for(timeout=60_000)
+    statuses = {bars.nth(i).get_attribute("data-status") for i in range(bars.count())}
+    assert "frozen" in statuses, f"the base should show as frozen: {statuses}"
+    assert "params" in (bars.first.get_attribute("title") or ""), "a bar's hover names its size"
+    # The table is one click away (a lazy expander under the stack): open it, as a user would.
     tables = page.locator('[data-testid="stExpander"]', has_text=re.compile(r"All \d+ layers"))
+    assert not tables.locator('[data-testid="stDataFrame"]').count(), "built only when opened"
     tables.locator("summary").first.click()
     tables.locator('[data-testid="stDataFrame"]').first.wait_for()
-    stack = [t for t in plotly_traces(page) if t["type"] == "bar"]
-    assert stack, "the layer stack figure has no bars"
     wait_for_text(page, r"Parameters", timeout=30)
     screenshot(page, "03-model-architecture")
     note("starter model loaded; layer stack and layer table visible")

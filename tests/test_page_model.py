@@ -42,9 +42,13 @@ def test_builtin_model_without_a_dataset_shows_the_architecture(keras_cache: Pat
     assert shown["Input (RGB)"] == "32×32" and shown["Original classes"] == "5"
     assert any("No dataset yet" in text for text in texts(at, "info"))
     assert at.session_state["base"] == BUILTIN
-    assert len(at.get("plotly_chart")) == 1
+    stack = [el.proto.body for el in at.get("html") if "Layer stack" in el.proto.body]
+    assert len(stack) == 1 and stack[0].count('data-status="frozen"') >= 5
     assert "Before → after" not in texts(at, "subheader")
-    # The layer search filters the table.
+    # The layer table is built only when its expander is opened; its search filters it.
+    assert not at.dataframe
+    at.session_state["layer_tables"] = True  # what opening the expander sets
+    at.run()
     at.text_input(key="layer_search").input("conv").run()
     table = at.dataframe[0].value
     assert list(table["name"]) == ["conv1", "conv2", "conv3"]
