@@ -82,6 +82,44 @@ def test_a_worker_kept_for_quick_requests_leaves_long_ones_in_their_place():
     assert requests.claim(me, pool.skipped_kinds(pool.ANY))["id"] == export
 
 
+def test_a_model_request_waits_briefly_for_the_worker_that_has_its_model_loaded(monkeypatch):
+    from retrain.service import worker
+
+    me = {"pid": os.getpid(), "started": None, "host": requests.this_host()}
+    other = {"pid": os.getppid(), "started": None, "host": requests.this_host()}
+    monkeypatch.setattr(pool, "live_workers", lambda: [me, other])
+    pool.write_holds(other["pid"], ["upload/keras_model.h5"])
+    assert pool.held_elsewhere(me["pid"]) == {"upload/keras_model.h5"}
+    preview = requests.request_id("h" * 64, "alice")
+    requests.enqueue(preview, "h" * 64, "head_preview", {"spec": "upload/keras_model.h5"}, "alice")
+    time.sleep(0.01)
+    starter = requests.request_id("s" * 64, "bob")
+    requests.enqueue(starter, "s" * 64, "describe", {"spec": "builtin:digits-cnn"}, "bob")
+    # This worker does not hold the upload, the other does: it takes bob's request instead.
+    assert requests.claim(me, leave=worker._holder_wanted(me["pid"]))["id"] == starter
+    assert requests.claim(me, leave=worker._holder_wanted(me["pid"])) is None
+    assert requests.claim(other, leave=worker._holder_wanted(other["pid"]))["id"] == preview
+    # Nobody else holds it, or it waited longer than AFFINITY_S: anyone takes it.
+    late = requests.request_id("l" * 64, "carol")
+    requests.enqueue(late, "l" * 64, "head_preview", {"spec": "upload/keras_model.h5"}, "carol")
+    monkeypatch.setattr(worker, "AFFINITY_S", 0.0)
+    time.sleep(0.01)
+    assert requests.claim(me, leave=worker._holder_wanted(me["pid"]))["id"] == late
+
+
+def test_the_checked_copy_of_a_converted_model_is_written_after_the_answer():
+    from retrain.models import load
+
+    done: list[str] = []
+    load._later(lambda: done.append("now"))  # outside a worker's answer: at once
+    with load.writes_after() as writes:
+        load._later(lambda: done.append("later"))
+        assert done == ["now"]
+    assert done == ["now"] and len(writes) == 1
+    writes[0]()
+    assert done == ["now", "later"] and load._AFTER is None
+
+
 def test_long_kinds_and_the_lanes_of_a_pool():
     assert pool.skipped_kinds(pool.QUICK) == {"evaluate_run", "forgetting", "export"}
     assert pool.skipped_kinds(pool.ANY) == frozenset()
@@ -123,6 +161,33 @@ def test_model_workers_run_unpinned_at_normal_priority_and_training_yields(monke
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.split() == [str(os.nice(0) + 10)] * 2
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/autogroup").exists(), reason="no session autogroups on this kernel"
+)
+def test_a_training_run_in_its_own_session_lowers_its_session_group():
+    """With autogroups a nice value only counts inside a session: the run's session yields."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from retrain.runs.worker import yield_cpu\n"
+        "yield_cpu('10'); print(open('/proc/self/autogroup').read().split('nice')[-1].strip())"
+    )
+    root = Path(__file__).resolve().parents[1]
+    mine = Path("/proc/self/autogroup").read_text()
+
+    def group_nice(new_session: bool) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+            start_new_session=new_session,
+        ).stdout.strip()  # fmt: skip
+
+    assert group_nice(True) == "10"  # as the dashboard starts a run (jobs._spawn)
+    before = mine.split("nice")[-1].strip()
+    assert group_nice(False) == before  # not a session leader: the shared group is untouched
+    assert Path("/proc/self/autogroup").read_text() == mine
 
 
 def test_prefetch_queues_once_and_never_for_a_known_answer(monkeypatch):

@@ -93,6 +93,11 @@ def load_base(spec: str, workspace: str | None = None) -> Any:
     return base
 
 
+def held_specs() -> list[str]:
+    """The BASE specs this process keeps loaded (`load_base`), the latest last."""
+    return list(dict.fromkeys(key[0] for key in _BASES))
+
+
 def _base_files(args: dict[str, Any]) -> list[Path]:
     """Files beside the spec that change the answer: the built-in starter model's file (when
     trained), or the ``labels.txt`` next to an uploaded model (it names the classes)."""

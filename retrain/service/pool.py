@@ -68,6 +68,26 @@ def record_path(pid: int, host: str | None = None) -> Path:
     return workers_dir() / f"{host or this_host()}-{pid}.json"
 
 
+def holds_path(pid: int) -> Path:
+    """Which bases worker ``pid`` keeps loaded (a list of BASE specs; not a ``.json``, so
+    `live_workers` never reads it as a worker)."""
+    return workers_dir() / f"{this_host()}-{pid}.holds"
+
+
+def write_holds(pid: int, specs: list[str]) -> None:
+    write_json(holds_path(pid), sorted(specs))
+
+
+def held_elsewhere(me: int) -> set[str]:
+    """The bases the other live workers of this host keep loaded."""
+    held: set[str] = set()
+    for record in live_workers():
+        if record.get("pid") != me:
+            found = read_json(holds_path(record["pid"]))
+            held.update(s for s in found or [] if isinstance(s, str))
+    return held
+
+
 def live_workers() -> list[dict[str, Any]]:
     """This host's workers that still run; records of dead ones are removed."""
     alive = []
@@ -81,6 +101,8 @@ def live_workers() -> list[dict[str, Any]]:
         else:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                path.with_suffix(".holds").unlink()
     return alive
 
 

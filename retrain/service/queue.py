@@ -21,6 +21,7 @@ import hashlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +139,24 @@ def running_count() -> int:
     return sum(1 for _ in _dir("running").glob("*.json"))
 
 
-def claim(worker: dict[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+def claim(
+    worker: dict[str, Any],
+    skip: frozenset[str] = frozenset(),
+    leave: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any] | None:
     """Take the next request for ``worker`` ({pid, started, host}); None when none waits.
 
     Args:
         skip: request kinds this worker does not take (a worker kept for quick requests skips
             the long ones); they stay in the queue, in their place, for another worker.
+        leave: true for a waiting request this worker should leave to another one for now
+            (one that has its model loaded); asked only about requests it would otherwise take.
     """
     order, requests = _order()
     for rid in order:
         if requests[rid].get("kind") in skip:
+            continue
+        if leave is not None and leave(requests[rid]):
             continue
         source = _dir("queue") / f"{rid}.json"
         target = _dir("running") / f"{rid}.json"

@@ -16,15 +16,19 @@ import importlib.util
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from retrain.errors import RetrainError
+from retrain.models.load import writes_after
 from retrain.runs.procs import own_start_time
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
 from retrain.sessions.workspace import env_number, read_json, write_json
 
 POLL_S = 0.05
+#: How long a request waits for the worker that has its model loaded (`_holder_wanted`).
+AFFINITY_S = 2.0
 PRUNE_EVERY_S = 600.0
 
 
@@ -107,6 +111,29 @@ def describe_ahead(spec: str) -> None:
         cache.write_answer(key, "describe", kinds.run("describe", {"spec": spec}))
 
 
+def _holder_wanted(me: int) -> Callable[[dict[str, Any]], bool]:
+    """Whether to leave a waiting request to the worker that has its model loaded: a Model
+    page request on a base another worker holds and this one does not, for `AFFINITY_S` after
+    it was queued. With two workers, the "Before → after" that follows a new model's layer
+    table went to the idle worker half the time, which loaded the model again (1.6 s for a
+    Teachable Machine export, more for an ImageNet backbone); the holder answers it at once.
+    After `AFFINITY_S` anyone takes it (the holder may be busy with a long request)."""
+    elsewhere: set[str] | None = None  # read once per claim, and only when a request waits
+
+    def leave(request: dict[str, Any]) -> bool:
+        nonlocal elsewhere
+        spec = (request.get("args") or {}).get("spec")
+        if not spec or spec in kinds.held_specs():
+            return False
+        if time.time() - float(request.get("enqueued") or 0) > AFFINITY_S:
+            return False
+        if elsewhere is None:
+            elsewhere = pool.held_elsewhere(me)
+        return spec in elsewhere
+
+    return leave
+
+
 def main() -> None:
     pid = os.getpid()
     record = pool.record_path(pid)
@@ -119,11 +146,13 @@ def main() -> None:
     if record.exists():  # say it is warm (benchmarks and status wait for this)
         write_json(record, {**(read_json(record) or me), "ready": time.time()})
     idle_limit = env_number("RETRAIN_MODEL_WORKER_IDLE_S", 3600.0)
+    holds = kinds.held_specs()
+    pool.write_holds(pid, holds)
     last_work = last_prune = time.time()
     while True:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
-        request = requests.claim(me, skip)
+        request = requests.claim(me, skip, leave=_holder_wanted(pid))
         if request is None:
             if time.time() - last_prune > PRUNE_EVERY_S:
                 cache.prune()
@@ -133,8 +162,15 @@ def main() -> None:
                 return
             time.sleep(POLL_S)
             continue
-        outcome = answer(request)
+        with writes_after() as writes:  # the page gets its answer before the cache writes
+            outcome = answer(request)
+        held = kinds.held_specs()
+        if held != holds:  # said before the answer: the page's next request is for this one
+            pool.write_holds(pid, held)
+            holds = held
         requests.finish(request["id"], outcome)
+        for write in writes:
+            write()
         last_work = time.time()
 
 
