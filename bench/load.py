@@ -505,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         help="do not start the model workers before the server (as the Docker image and "
         "`make run` do): the first page view starts them, and the first visitors wait",
     )
+    parser.add_argument(
+        "--train-nice",
+        type=int,
+        default=None,
+        help="RETRAIN_TRAIN_NICE for the server's training runs (default: the app's own, 10)",
+    )
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
         print(f"{CHROMIUM} is missing: apt-get install chromium", file=sys.stderr)
@@ -514,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     # The server logs its own time per page view (app.py): the server's share of a page load.
     page_log = home / "page-times.jsonl"
     extra = {"RETRAIN_PAGE_LOG": str(page_log), **({"RETRAIN_DEMO": "1"} if args.demo else {})}
+    if args.train_nice is not None:
+        extra["RETRAIN_TRAIN_NICE"] = str(args.train_nice)
     os.environ["RETRAIN_HOME"] = str(home)  # this script's view of the server's home
     if not args.cold:
         start_model_workers(home)
@@ -539,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "sessions": args.sessions,
         "demo": args.demo,
+        "train_nice": args.train_nice,
         "model_workers_started_before_the_server": not args.cold,
         "wall_s": round(time.monotonic() - started, 1),
         "cpus": os.cpu_count(),
