@@ -219,7 +219,7 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
         while time.monotonic() - t0 < 180:
             drawn = await page.evaluate(
                 """() => Math.max(0, ...Array.from(document.querySelectorAll(
-                    '[data-testid="stPlotlyChart"] .js-plotly-plot'))
+                    '.st-key-train_loss_chart [data-testid="stPlotlyChart"] .js-plotly-plot'))
                     .flatMap(p => (p._fullData || p.data || [])
                         .map(t => t.x && t.x.length !== undefined ? t.x.length : 0)))"""
             )

@@ -220,14 +220,15 @@ def keyed(page, key: str, testid: str):
     ).first
 
 
-def plotly_traces(page) -> list[dict]:
-    """Type, name and sizes of every trace of every Plotly chart on the page.
+def plotly_traces(page, within: str = "") -> list[dict]:
+    """Type, name and sizes of every trace of every Plotly chart on the page (or inside the
+    CSS selector ``within``, e.g. ``.st-key-train_loss_chart``).
 
     Reads Plotly's ``_fullData`` (typed arrays decoded) where it exists.
     """
     return page.evaluate(
-        """() => Array.from(document.querySelectorAll(
-                '[data-testid="stPlotlyChart"] .js-plotly-plot'))
+        """(within) => Array.from(document.querySelectorAll(
+                within + ' [data-testid="stPlotlyChart"] .js-plotly-plot'))
             .flatMap((plot, i) => (plot._fullData || plot.data || []).map(t => ({
                 chart: i,
                 type: t.type || 'scatter',
@@ -236,13 +237,16 @@ def plotly_traces(page) -> list[dict]:
                     : (t.y && t.y.length !== undefined ? t.y.length : 0),
                 x: t.x && t.x.length !== undefined ? Array.from(t.x).slice(0, 50) : [],
                 z: t.z && t.z.length !== undefined ? t.z.length : 0,
-            })))"""
+            })))""",
+        within,
     )
 
 
 def max_epochs_drawn(page) -> int:
-    """The largest number of epochs any line chart on the page shows."""
-    lines = [t for t in plotly_traces(page) if t["type"] in ("scatter", "scattergl")]
+    """The epochs the Train page's loss chart shows (its longest line). Only that chart: the
+    learning-rate range test's curve beside it has one point per step, not per epoch."""
+    traces = plotly_traces(page, ".st-key-train_loss_chart")
+    lines = [t for t in traces if t["type"] in ("scatter", "scattergl")]
     return max((t["n"] for t in lines), default=0)
 
 

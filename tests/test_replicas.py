@@ -109,6 +109,10 @@ def test_a_session_goes_on_in_replica_b_after_replica_a_is_killed(
             go_to(page, "3 · Train")
             text = wait_for_text(page, r"\bRun run-", timeout=60)
             assert "digits-5" in page.locator('[data-testid="stSidebar"]').inner_text(), text
+            # A fresh tab loads the chart's script first: wait for B to show what A showed.
+            deadline = time.monotonic() + 60
+            while max_epochs_drawn(page) < on_a and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
             first_on_b = max_epochs_drawn(page)
             deadline = time.monotonic() + 120
             while max_epochs_drawn(page) <= first_on_b and time.monotonic() < deadline:
