@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _STYLE = """<style>
 .rs-bars{font-size:0.8rem;line-height:1.15;}
@@ -60,7 +60,6 @@ class Row:
     value_text: str
     hover: str
     status: str = ""
-    attrs: dict[str, str] = field(default_factory=dict)
 
 
 def log_percent(value: float, largest: float) -> float:
@@ -89,7 +88,7 @@ def _segment(segment: Segment, colours: dict[str, str]) -> str:
 def _row(row: Row, colours: dict[str, str]) -> str:
     attrs = "".join(
         f' data-{name}="{html.escape(value)}"'
-        for name, value in {"label": row.label, "status": row.status, **row.attrs}.items()
+        for name, value in (("label", row.label), ("status", row.status))
         if value
     )
     segments = "".join(_segment(s, colours) for s in row.segments)
@@ -115,7 +114,7 @@ def bars_html(
     bottom, and a note under them. ``name`` says what the chart is (for screen readers);
     ``max_height_px`` scrolls the rows beyond that height; ``mono_labels`` sets the labels in
     a fixed-width font (layer names)."""
-    present = {s.series for row in rows for s in row.segments} | {r.status for r in rows}
+    present = {s.series for row in rows for s in row.segments}
     legend = "".join(
         f'<span><i style="background:{colour}"></i>{html.escape(series)}</span>'
         for series, colour in colours.items()

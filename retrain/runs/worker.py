@@ -84,18 +84,15 @@ def yield_cpu(nice: str | None) -> int:
     return os.nice(0)
 
 
-def _yield_session(niceness: int) -> bool:
+def _yield_session(niceness: int) -> None:
     """Give this process's autogroup the niceness ``niceness`` when this process leads its own
-    session (a group shared with the dashboard is never touched); return whether it did."""
+    session (a group shared with the dashboard is never touched)."""
     if not AUTOGROUP.exists() or os.getsid(0) != os.getpid():
-        return False
-    try:
+        return
+    with contextlib.suppress(OSError, ValueError):
         current = int(AUTOGROUP.read_text().split("nice")[-1])
         if niceness > current:  # only ever lower the priority (raising it needs privileges)
-            AUTOGROUP.write_text(str(min(niceness, 19)))
-    except (OSError, ValueError):
-        return False
-    return True
+            AUTOGROUP.write_text(str(niceness))
 
 
 def run_in_slot(
