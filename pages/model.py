@@ -55,6 +55,20 @@ def model_page_words(text: str) -> str:
     return page_words(text, CLI_WORDS)
 
 
+def conversion_words(origin: dict) -> str:
+    """What the page says about a converted Keras 2 model: how close it is to the original,
+    or that the comparison is running (a model worker checks it after its first answer)."""
+    if origin.get("conversion_max_abs_diff") is None:
+        return (
+            f"{origin['converted']}; its outputs are being compared with the original's "
+            "(read with tf_keras). If they differ, the next step says so."
+        )
+    return (
+        f"{origin['converted']}; outputs match the original's (read with tf_keras) within "
+        f"{origin['conversion_max_abs_diff']:.1e}."
+    )
+
+
 def seed_widgets(spec: str, names: list[str]) -> None:
     """Start this page's widgets from the remembered choice (``surgery``) for this model.
 
@@ -305,10 +319,7 @@ if info.get("preprocessing_probe"):
     if probe_info.get("warning"):
         st.warning(model_page_words(probe_info["warning"]))
 if info["origin"].get("converted"):
-    st.caption(
-        f"{info['origin']['converted']}; outputs match the original within "
-        f"{info['origin']['conversion_max_abs_diff']:.1e}."
-    )
+    st.caption(conversion_words(info["origin"]))
 if info["class_names"]:
     st.caption("Original classes: " + ", ".join(info["class_names"][:20]))
 

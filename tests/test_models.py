@@ -358,11 +358,77 @@ def test_a_converted_keras2_file_is_kept_and_reused_by_content(tmp_path: Path, m
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(load, "convert_keras2_h5", no_second_conversion)  # where load_base calls it
+    for step in ("rebuild_keras2_h5", "check_conversion", "convert_keras2_h5"):
+        monkeypatch.setattr(load.keras2, step, no_second_conversion)
     second = models.load_base(str(copy))
     assert second.origin["conversion_max_abs_diff"] == first.origin["conversion_max_abs_diff"]
     assert float(np.max(np.abs(second.model.predict(x, verbose=0) - expected))) <= 1e-4
     assert models.describe(second)["layers"] == models.describe(first)["layers"]
+
+
+def test_a_model_worker_answers_on_a_conversion_first_and_checks_it_after(tmp_path: Path):
+    path = tmp_path / "keras_model.h5"
+    _legacy, expected, x = keras2_nested_h5(path)
+    with load.writes_after() as later:
+        base = models.load_base(str(path))
+        assert load.unchecked_answer()  # the answer is sent, not cached
+    assert not load.unchecked_answer()
+    assert base.origin["conversion_check"] == "after this answer"
+    assert "conversion_max_abs_diff" not in base.origin
+    # Rebuilt from the file's config and weights alone: already the original's outputs.
+    assert float(np.max(np.abs(base.model.predict(x, verbose=0) - expected))) <= 1e-4
+    assert not list((load._converted_path(path)).parent.glob("*.keras"))
+    for write in later:
+        write()
+    assert base.origin["conversion_max_abs_diff"] <= 1e-4  # the kept base now says so
+    assert "conversion_check" not in base.origin
+    assert load._converted_path(path).is_file()  # checked, so kept for every session
+    with load.writes_after():
+        again = models.load_base(str(path))
+        assert not load.unchecked_answer()
+    assert again.origin["conversion_max_abs_diff"] == base.origin["conversion_max_abs_diff"]
+
+
+def test_a_conversion_that_fails_its_check_is_refused_for_good(tmp_path: Path, monkeypatch):
+    path = tmp_path / "keras_model.h5"
+    keras2_nested_h5(path)
+    real_rebuild = load.keras2.rebuild_keras2_h5
+
+    def off_by_one(p):  # a rebuild that gets one weight wrong
+        model = real_rebuild(p)
+        dense = model.get_layer("sequential_3").get_layer("dense_Dense1")
+        dense.set_weights([w + 1.0 for w in dense.get_weights()])
+        return model
+
+    monkeypatch.setattr(load.keras2, "rebuild_keras2_h5", off_by_one)
+    with load.writes_after() as later:
+        base = models.load_base(str(path))  # answered before the check
+    assert base.origin["conversion_check"] == "after this answer"
+    with pytest.raises(ModelError, match=r"could not be converted faithfully \(outputs differ"):
+        later[0]()
+    monkeypatch.setattr(load.keras2, "rebuild_keras2_h5", real_rebuild)
+    for _ in range(2):  # in a worker or not: refused at once, with the same line
+        with pytest.raises(ModelError, match=r"could not be converted faithfully"):
+            models.load_base(str(path))
+    assert not load._converted_path(path).is_file()
+
+
+def test_weights_that_cannot_be_matched_by_name_are_copied_from_tf_keras(tmp_path: Path):
+    import tf_keras
+
+    layers = tf_keras.layers
+    branch = [  # two nested models whose layers share names: names alone are ambiguous
+        tf_keras.Sequential([layers.Dense(4, name="dense", input_shape=(n,))], name=f"s{n}")
+        for n in (12, 4)
+    ]
+    inp = layers.Input((2, 2, 3), name="image")
+    flat = layers.Flatten(name="flat")(inp)
+    out = branch[1](branch[0](flat))
+    path = tmp_path / "twins.h5"
+    tf_keras.Model(inp, out).save(path, save_format="h5")
+    assert load.keras2.rebuild_keras2_h5(path) is None
+    model, diff = load.keras2.convert_keras2_h5(path)
+    assert diff <= 1e-4 and model.get_layer("s4").get_layer("dense").kernel.shape == (4, 4)
 
 
 @needs_tm_model

@@ -167,6 +167,41 @@ def test_uploaded_keras_model_with_labels(tmp_path: Path, dataset_manifest):
     assert metrics(at)["Layers"] == "3"
 
 
+def test_a_keras2_upload_says_how_its_conversion_was_checked(tmp_path: Path, monkeypatch):
+    import pages._service as service_page
+    from retrain.models import load
+    from retrain.service import client
+    from tests.test_models import keras2_nested_h5
+
+    path = tmp_path / "keras_model.h5"
+    keras2_nested_h5(path)
+    at = page()
+    at.run()
+    at.radio(key="model_source").set_value("Upload .keras/.h5").run()
+    upload = [("keras_model.h5", path.read_bytes(), "application/octet-stream")]
+    at.file_uploader(key="model_upload").set_value(upload).run()
+    assert not at.exception, at.exception
+    checked = [t for t in texts(at, "caption") if t.startswith("Keras 2 file rebuilt as Keras 3")]
+    assert (
+        len(checked) == 1
+        and "outputs match the original's (read with tf_keras) within" in (checked[0])
+    )
+
+    def as_a_worker(kind, session="", on_wait=None, **args):  # answers first, checks after
+        with load.writes_after():
+            return client.kinds.run(kind, args)
+
+    monkeypatch.setattr(service_page, "ask", as_a_worker)
+    load._converted_path(path).unlink()  # nothing kept for this file: converted again
+    at = page()
+    at.session_state["base"] = str(path)
+    at.run()
+    assert not at.exception, at.exception
+    pending = [t for t in texts(at, "caption") if t.startswith("Keras 2 file rebuilt as Keras 3")]
+    assert pending and "its outputs are being compared with the original's" in pending[0]
+    assert at.get("html")  # the layer stack is drawn meanwhile
+
+
 def test_keep_mode_on_a_model_without_class_names_asks_for_them_in_page_words(
     tmp_path: Path, dataset_manifest
 ):

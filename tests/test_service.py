@@ -120,6 +120,48 @@ def test_the_checked_copy_of_a_converted_model_is_written_after_the_answer():
     assert done == ["now", "later"] and load._AFTER is None
 
 
+def test_an_answer_on_an_unchecked_conversion_is_sent_not_cached_and_a_failed_check_drops_it(
+    tmp_path: Path, monkeypatch
+):
+    import shutil
+
+    from retrain.models import load
+    from retrain.service import cache, worker
+    from tests.test_models import keras2_nested_h5
+
+    path = tmp_path / "keras_model.h5"
+    keras2_nested_h5(path)
+    args = {"spec": str(path)}
+    request = {"id": "r1", "key": kinds.key_of("describe", args), "kind": "describe", "args": args}
+    with load.writes_after() as later:
+        outcome = worker.answer(request)
+    assert outcome["answer"]["origin"]["conversion_check"] == "after this answer"
+    assert cache.read_answer(request["key"]) is None  # sent to the page only
+    assert worker.after_answer(later, request) is True
+    with load.writes_after():
+        outcome = worker.answer(request)  # the base it keeps loaded, checked now: cached
+    assert "answer" not in outcome
+    assert cache.read_answer(request["key"])["origin"]["conversion_max_abs_diff"] <= 1e-4
+
+    # The same file converted again, and its check fails this time.
+    kinds.forget_base(str(path))
+    shutil.rmtree(load._converted_path(path).parent)
+    cache.prune(now=time.time() + 30 * 86400)  # forget the cached answer
+
+    def differs(p, model):
+        raise ModelError(f"'{Path(p).name}' could not be converted faithfully (outputs differ).")
+
+    monkeypatch.setattr(load.keras2, "check_conversion", differs)
+    with load.writes_after() as later:
+        assert worker.answer(request)["ok"] is True
+    assert str(path) in kinds.held_specs()
+    assert worker.after_answer(later, request) is False
+    assert str(path) not in kinds.held_specs()  # dropped: the next request loads it again
+    with load.writes_after():
+        outcome = worker.answer(request)
+    assert outcome["ok"] is False and "converted faithfully" in outcome["message"]
+
+
 def test_long_kinds_and_the_lanes_of_a_pool():
     assert pool.skipped_kinds(pool.QUICK) == {"evaluate_run", "forgetting", "export"}
     assert pool.skipped_kinds(pool.ANY) == frozenset()

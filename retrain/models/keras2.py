@@ -1,9 +1,15 @@
-"""Keras 2 conversion: a Keras 2 ``.h5`` (Teachable Machine exports included), read with
-``tf_keras`` and rebuilt as an equivalent Keras 3 model whose outputs are checked against it.
+"""Keras 2 conversion: a Keras 2 ``.h5`` (Teachable Machine exports included) rebuilt as an
+equivalent Keras 3 model, whose outputs are checked against ``tf_keras``'s reading of the file.
+
+The rebuild reads the file's JSON config and weights with h5py (`rebuild_keras2_h5`: about
+0.4 s for a Teachable Machine export). The check (`check_conversion`) loads the file with
+``tf_keras`` (about 1.5 s more), so a model worker can do it after its answer
+(`retrain.models.load`); everything else does it at once (`convert_keras2_h5`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -11,65 +17,162 @@ from typing import Any
 from retrain.errors import ModelError
 from retrain.models.keras_helpers import _keras
 
+#: The largest output difference a faithful conversion may show on random input.
+MAX_DIFF = 1e-4
+_CONTAINERS = ("Sequential", "Functional", "Model")
+
 
 def convert_keras2_h5(path: str | Path) -> tuple[Any, float]:
-    """Read a Keras 2 .h5 with ``tf_keras`` and rebuild it as an equivalent Keras 3 model.
+    """Rebuild a Keras 2 .h5 as an equivalent Keras 3 model and check it against ``tf_keras``.
 
     The nesting (Sequential of Sequentials of a Functional, as Teachable Machine writes) and
-    every layer name are kept; weights are copied layer by layer.
+    every layer name are kept.
 
     Returns:
         ``(keras3_model, max_abs_diff)``: the largest absolute difference of the two models'
         outputs on random input.
 
     Raises:
-        ModelError: tf_keras is missing, or the rebuilt model's outputs differ by > 1e-4.
+        ModelError: tf_keras is missing, a layer has no Keras 3 equivalent, or the rebuilt
+            model's outputs differ by more than `MAX_DIFF`.
     """
-    import numpy as np
+    require_tf_keras(path)
+    model = rebuild_keras2_h5(path)
+    if model is not None:
+        return model, check_conversion(path, model)
+    legacy = _read_with_tf_keras(path)  # weights not matched by name: copied layer by layer
+    model = _rebuild(json.loads(legacy.to_json()), None)
+    _copy_weights(legacy, model)
+    return model, _compare(legacy, model, path)
 
+
+def warm_up(folder: str | Path) -> None:
+    """Convert and check a tiny Keras 2 model shaped like a Teachable Machine export, written
+    in ``folder``: a model worker does this while warming, so the first upload it converts
+    does not pay for the first calls of both readers (0.8 of 3 s, measured)."""
+    import tf_keras
+
+    layers = tf_keras.layers
+    inp = layers.Input((16, 16, 3), name="input_1")
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)), name="Conv1_pad")(inp)
+    x = layers.Conv2D(4, 3, strides=2, use_bias=False, name="Conv1")(x)
+    x = layers.BatchNormalization(name="bn_Conv1")(x)
+    x = layers.ReLU(6.0, name="Conv1_relu")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="block_1_depthwise")(x)
+    y = layers.BatchNormalization(name="block_1_depthwise_BN")(y)
+    x = layers.Add(name="block_1_add")([x, layers.ReLU(6.0, name="block_1_relu")(y)])
+    features = tf_keras.Sequential(
+        [tf_keras.Model(inp, x, name="model1"), layers.GlobalAveragePooling2D(name="pool")],
+        name="sequential_1",
+    )
+    head = tf_keras.Sequential(
+        [layers.Dense(3, activation="relu", input_shape=(4,), name="dense_Dense1"),
+         layers.Dense(2, activation="softmax", use_bias=False, name="dense_Dense2")],
+        name="sequential_3",
+    )  # fmt: skip
+    path = Path(folder) / "warm_up.h5"
+    tf_keras.Sequential([layers.Input((16, 16, 3)), features, head]).save(path, save_format="h5")
     try:
-        import tf_keras
-    except ImportError:
+        convert_keras2_h5(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def require_tf_keras(path: str | Path) -> None:
+    """Refuse to convert without ``tf_keras``: the conversion is never used unchecked."""
+    if importlib.util.find_spec("tf_keras") is None:
         raise ModelError(
             f"'{Path(path).name}' is a Keras 2 file and tf_keras is not installed to read it. "
             "pip install tf_keras, or re-save the model as .keras."
-        ) from None
+        )
+
+
+def rebuild_keras2_h5(path: str | Path) -> Any | None:
+    """The Keras 3 model of a Keras 2 .h5, built from its config and weights read with h5py.
+
+    Returns:
+        The model, unchecked (`check_conversion`), or None when its weights cannot all be
+        matched by layer and variable name (`convert_keras2_h5` then copies them from
+        ``tf_keras``'s reading).
+
+    Raises:
+        ModelError: a layer has no Keras 3 equivalent, or the graph cannot be rebuilt.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        raw = f.attrs["model_config"]
+        config = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        weights = _h5_weights(f["model_weights"]) if "model_weights" in f else None
+    model = _rebuild(config, None)
+    if weights is None or not _set_weights_by_name(model, weights):
+        return None
+    return model
+
+
+def check_conversion(path: str | Path, model: Any) -> float:
+    """Compare ``model`` with ``tf_keras``'s reading of ``path`` on random input.
+
+    Returns:
+        The largest absolute difference of their outputs.
+
+    Raises:
+        ModelError: it is above `MAX_DIFF` (the conversion is not faithful), or tf_keras
+            cannot read the file.
+    """
+    return _compare(_read_with_tf_keras(path), model, path)
+
+
+def _read_with_tf_keras(path: str | Path) -> Any:
+    require_tf_keras(path)
+    import tf_keras
 
     class DepthwiseConv2D(tf_keras.layers.DepthwiseConv2D):
         # Teachable Machine configs carry `groups`, which DepthwiseConv2D never accepted.
         def __init__(self, *args: Any, groups: Any = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
 
-    legacy = tf_keras.models.load_model(
+    return tf_keras.models.load_model(
         str(path), compile=False, custom_objects={"DepthwiseConv2D": DepthwiseConv2D}
     )
-    model = _rebuild(legacy, tf_keras)
-    _copy_weights(legacy, model, tf_keras)
+
+
+def _compare(legacy: Any, model: Any, path: str | Path) -> float:
+    import numpy as np
+
     shape = [d or 224 for d in legacy.input_shape[1:]]
     x = np.random.default_rng(0).uniform(-1, 1, size=(2, *shape)).astype("float32")
     expected = np.asarray(legacy(x, training=False))
     got = np.asarray(model(x, training=False))
     diff = float(np.max(np.abs(expected - got)))
-    if diff > 1e-4:
+    if not diff <= MAX_DIFF:  # NaN fails too
         raise ModelError(
             f"'{Path(path).name}' could not be converted faithfully (outputs differ by {diff:.2g}). "
             "Re-save it with Keras 3 as .keras."
         )
-    return model, diff
+    return diff
 
 
-def _rebuild(layer: Any, tf_keras: Any) -> Any:
-    """Rebuild one tf_keras layer/model as a Keras 3 one (same names, nesting kept)."""
+# --------------------------------------------------------------------------------------
+# Rebuilding from the Keras 2 JSON config
+
+
+def _rebuild(entry: dict[str, Any], input_shape: tuple | None) -> Any:
+    """Rebuild one Keras 2 config entry (a layer, a Sequential or a Functional model) as
+    Keras 3; ``input_shape`` (batch dimension left out) is what a nested Sequential that
+    declares none receives."""
+    cls = entry.get("class_name")
+    if cls == "Sequential":
+        return _rebuild_sequential(entry, input_shape)
+    if cls in _CONTAINERS:
+        return _rebuild_functional(entry)
+    return _layer(entry)
+
+
+def _layer(entry: dict[str, Any]) -> Any:
     keras = _keras()
-    if isinstance(layer, tf_keras.Sequential):
-        children = [_rebuild(child, tf_keras) for child in layer.layers]
-        inp = keras.Input(shape=tuple(layer.input_shape[1:]), name=f"{layer.name}_input")
-        return keras.Sequential([inp, *children], name=layer.name)
-    if isinstance(layer, tf_keras.Model):
-        return _rebuild_functional(layer, tf_keras)
-    cls = type(layer).__name__
-    # tf_keras wraps lists (ListWrapper); a JSON round trip gives plain Python values.
-    config = json.loads(json.dumps(layer.get_config(), default=_plain))
+    cls = entry.get("class_name")
+    config = dict(entry.get("config") or {})
     for key in ("batch_input_shape", "batch_shape", "ragged"):
         config.pop(key, None)
     if cls == "DepthwiseConv2D":
@@ -81,52 +184,92 @@ def _rebuild(layer: Any, tf_keras: Any) -> Any:
         and len(axis) == 1
     ):
         config["axis"] = axis[0]
-    target = getattr(keras.layers, cls, None)
+    target = getattr(keras.layers, str(cls), None)
     if target is None:
-        raise ModelError(f"Layer '{layer.name}' of type {cls} has no Keras 3 equivalent.")
+        raise ModelError(f"Layer '{config.get('name')}' of type {cls} has no Keras 3 equivalent.")
     return target.from_config(config)
 
 
-def _rebuild_functional(model: Any, tf_keras: Any) -> Any:
+def _declared_shape(entry: dict[str, Any]) -> tuple | None:
+    shape = (entry.get("config") or {}).get("batch_input_shape")
+    return tuple(shape[1:]) if isinstance(shape, list) else None
+
+
+def _rebuild_sequential(entry: dict[str, Any], input_shape: tuple | None) -> Any:
     keras = _keras()
-    config = model.get_config()
-    by_name = {layer.name: layer for layer in model.layers}
+    config = entry["config"]
+    name = config["name"]
+    layers = [e for e in config.get("layers") or [] if isinstance(e, dict)]
+    first = next((e for e in layers if e.get("class_name") == "InputLayer"), None)
+    layers = [e for e in layers if e.get("class_name") != "InputLayer"]
+    shape = (first and _declared_shape(first)) or (layers and _declared_shape(layers[0]))
+    shape = shape or input_shape
+    if shape is None:
+        raise ModelError(f"Could not rebuild '{name}': it declares no input shape.")
+    input_name = (first or {}).get("config", {}).get("name") or f"{name}_input"
+    model = keras.Sequential([keras.Input(shape=tuple(shape), name=input_name)], name=name)
+    for child in layers:
+        model.add(_rebuild(child, tuple(model.outputs[0].shape[1:]) if model.layers else shape))
+    return model
+
+
+def _rebuild_functional(entry: dict[str, Any]) -> Any:
+    keras = _keras()
+    config = entry["config"]
+    entries = {e["config"]["name"]: e for e in config["layers"]}
     produced: dict[tuple[str, int], list[Any]] = {}
     for name, _node, _tensor in config["input_layers"]:
-        shape = tuple(by_name[name].get_config()["batch_input_shape"][1:])
+        shape = _declared_shape(entries[name])
+        if shape is None:
+            raise ModelError(f"Could not rebuild '{config['name']}': input '{name}' has no shape.")
         produced[(name, 0)] = [keras.Input(shape=shape, name=name)]
     pending = [e for e in config["layers"] if e["class_name"] != "InputLayer"]
     rebuilt: dict[str, Any] = {}
     while pending:
         progress = False
-        for entry in list(pending):
-            nodes = entry.get("inbound_nodes") or []
+        for layer_entry in list(pending):
+            nodes = layer_entry.get("inbound_nodes") or []
             if not all(
                 (src, idx) in produced for node in nodes for src, idx, *_ in _node_inputs(node)
             ):
                 continue
-            name = entry["config"]["name"]
-            layer = rebuilt.setdefault(name, _rebuild(by_name[name], tf_keras))
-            for n, node in enumerate(nodes):
+            name = layer_entry["config"]["name"]
+            first = _first_node(layer_entry)
+            for n, node in enumerate(nodes, start=first):
                 args = [produced[(src, idx)][t] for src, idx, t, *_ in _node_inputs(node)]
-                out = layer(args[0] if len(args) == 1 else args)
+                if name not in rebuilt:
+                    shape = tuple(args[0].shape[1:]) if len(args) == 1 else None
+                    rebuilt[name] = _rebuild(layer_entry, shape)
+                out = rebuilt[name](args[0] if len(args) == 1 else args)
                 produced[(name, n)] = out if isinstance(out, list | tuple) else [out]
-            pending.remove(entry)
+            pending.remove(layer_entry)
             progress = True
         if not progress:
-            raise ModelError(f"Could not rebuild the graph of '{model.name}' (unsupported wiring).")
+            raise ModelError(
+                f"Could not rebuild the graph of '{config['name']}' (unsupported wiring)."
+            )
     outputs = [produced[(name, idx)][t] for name, idx, t in config["output_layers"]]
     inputs = [produced[(name, 0)][0] for name, _n, _t in config["input_layers"]]
     return keras.Model(
         inputs[0] if len(inputs) == 1 else inputs,
         outputs[0] if len(outputs) == 1 else outputs,
-        name=model.name,
+        name=config["name"],
     )
 
 
-def _plain(value: Any) -> Any:
-    """JSON fallback for tf_keras configs: numpy scalars/arrays and ListWrapper."""
-    return value.tolist() if hasattr(value, "tolist") else list(value)
+def _first_node(entry: dict[str, Any]) -> int:
+    """The index Keras 2 gives a layer's first call in a model config: 1 for a nested model
+    built on its own input (its node 0 links that input to its output, and is not saved),
+    else 0."""
+    if entry.get("class_name") in ("Functional", "Model"):
+        return 1
+    if entry.get("class_name") == "Sequential":
+        layers = [e for e in (entry.get("config") or {}).get("layers") or [] if isinstance(e, dict)]
+        declared = layers and (
+            layers[0].get("class_name") == "InputLayer" or _declared_shape(layers[0]) is not None
+        )
+        return 1 if declared else 0
+    return 0
 
 
 def _node_inputs(node: Any) -> list[list[Any]]:
@@ -136,8 +279,66 @@ def _node_inputs(node: Any) -> list[list[Any]]:
     return [list(item) for item in node]
 
 
-def _copy_weights(source: Any, target: Any, tf_keras: Any) -> None:
-    """Copy weights leaf by leaf, matching the two models' nested layer paths."""
+# --------------------------------------------------------------------------------------
+# Weights
+
+
+def _h5_weights(group: Any) -> dict[str, list[Any]] | None:
+    """The weights of a Keras 2 ``model_weights`` group by layer name, each layer's in the
+    file's order (its creation order: kernel then bias; gamma, beta, moving mean, variance).
+    None when one layer name holds one variable twice (nested models that reuse names)."""
+    import numpy as np
+
+    found: dict[str, list[Any]] = {}
+    seen: set[tuple[str, str]] = set()
+    for top in group.attrs.get("layer_names", []):
+        layer_group = group[_text(top)]
+        for weight in layer_group.attrs.get("weight_names", []):
+            name = _text(weight)
+            layer, _, variable = name.rpartition("/")
+            layer = layer.rpartition("/")[2]
+            if (layer, variable) in seen:
+                return None
+            seen.add((layer, variable))
+            found.setdefault(layer, []).append(np.asarray(layer_group[name]))
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _leaves(model: Any, nested: Any) -> list[Any]:
+    out: list[Any] = []
+    for layer in model.layers:
+        if isinstance(layer, nested):
+            out += _leaves(layer, nested)
+        elif layer.weights:
+            out.append(layer)
+    return out
+
+
+def _set_weights_by_name(model: Any, weights: dict[str, list[Any]]) -> bool:
+    """Set every layer's weights from the file's weights of the layer of the same name, in
+    order; False (nothing set) unless every layer of the model and of the file is matched,
+    with as many weights of the same shapes. (Keras 3 names some variables differently, e.g.
+    DepthwiseConv2D's ``kernel``: the order and shapes match, and the check compares outputs.)"""
+    keras = _keras()
+    leaves = _leaves(model, keras.Model)
+    if sorted(layer.name for layer in leaves) != sorted(weights):
+        return False
+    for layer in leaves:
+        values = weights[layer.name]
+        if [tuple(v.shape) for v in layer.weights] != [tuple(v.shape) for v in values]:
+            return False
+    for layer in leaves:
+        layer.set_weights(weights[layer.name])
+    return True
+
+
+def _copy_weights(source: Any, target: Any) -> None:
+    """Copy weights leaf by leaf from tf_keras's reading, matching the nested layer paths."""
+    import tf_keras
 
     def leaves(model: Any, prefix: str, nested: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -149,9 +350,8 @@ def _copy_weights(source: Any, target: Any, tf_keras: Any) -> None:
                 out[key] = layer
         return out
 
-    keras = _keras()
     src = leaves(source, "", tf_keras.Model)
-    dst = leaves(target, "", keras.Model)
+    dst = leaves(target, "", _keras().Model)
     if set(src) != set(dst):
         missing = sorted(set(src) ^ set(dst))[:3]
         raise ModelError(f"Converted model does not match the original (layers {missing}).")

@@ -11,8 +11,9 @@ BASE specs (the same strings on the CLI and in the dashboard)::
 
 Loading is safe: `.keras` files load with ``safe_mode=True`` and a model that holds a Lambda
 layer or unknown custom classes is refused before anything is deserialized. Keras 2 files
-(Teachable Machine exports included) are read with ``tf_keras`` and rebuilt as an equivalent
-Keras 3 model whose outputs are checked against the original (`retrain.models.keras2`).
+(Teachable Machine exports included) are rebuilt as an equivalent Keras 3 model whose outputs
+are checked against ``tf_keras``'s reading of the file (`retrain.models.keras2`); a model
+worker answers first and checks after (`writes_after`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ModelError
+from retrain.models import keras2
 from retrain.models.builtin import _load_builtin
-from retrain.models.keras2 import convert_keras2_h5
 from retrain.models.keras_helpers import (
     BaseModel,
     _cut_before,
@@ -286,8 +287,7 @@ def _load_file(path: Path, spec: str) -> BaseModel:
         model, labels = _load_keras_file(path)
         origin["format"] = "Keras 3 (.keras)"
     else:
-        model, info = _load_h5_file(path)
-        origin.update(info)
+        model = _load_h5_file(path, origin)
     input_size = check_image_model(model, path.name)
     labels = _read_labels(path.parent, labels)
     cut, has_head = suggest_cut(model)
@@ -438,7 +438,8 @@ def _load_keras_file(path: Path) -> tuple[Any, list[str] | None]:
     return model, labels
 
 
-def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
+def _load_h5_file(path: Path, origin: dict[str, Any]) -> Any:
+    """Load a .h5 model; ``origin`` gets its format and, for a converted Keras 2 file, how."""
     import h5py
 
     try:
@@ -464,38 +465,75 @@ def _load_h5_file(path: Path) -> tuple[Any, dict[str, Any]]:
     except ValueError:
         raise ModelError(f"'{path.name}' has an unreadable model config.") from None
     _check_config(config, path.name, _known_legacy)
-    info: dict[str, Any] = {"format": f"HDF5 (Keras {version or '?'})"}
+    origin["format"] = f"HDF5 (Keras {version or '?'})"
     keras = _keras()
-    info["teachable_machine"] = _looks_like_teachable_machine(config)
+    origin["teachable_machine"] = _looks_like_teachable_machine(config)
     first_error: Exception | None = None
-    if not info["teachable_machine"]:  # Keras 3 never reads those: straight to conversion
+    if not origin["teachable_machine"]:  # Keras 3 never reads those: straight to conversion
         try:
-            return keras.saving.load_model(path, compile=False, safe_mode=True), info
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as err:  # Keras 2 files Keras 3 cannot read: convert below
             first_error = err
-    cached = _converted_copy(path)
-    if cached is not None:  # converted before (any session): the checked Keras 3 copy
-        model, diff = cached
-    else:
+    try:
+        return _converted(path, origin)
+    except ModelError:
+        raise
+    except Exception as err:  # report the first failure; conversion was the fallback
+        reason = err if "tf_keras" in str(err) or first_error is None else first_error
+        raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
+
+
+def _converted(path: Path, origin: dict[str, Any]) -> Any:
+    """The checked Keras 3 model of a Keras 2 file: kept from an earlier conversion (any
+    session), else rebuilt now and checked against tf_keras's reading (`keras2`).
+
+    In a model worker (`writes_after`) the check runs after the answer: the answer says
+    ``conversion_check: "after this answer"``, is not cached (`unchecked_answer`), and the
+    check then fills ``origin`` in (the worker keeps this base loaded) or refuses the file
+    for good (a ``.refused`` file beside the kept copies), which the worker then drops."""
+    target = _converted_path(path)
+    refused = target.with_suffix(".refused")
+    if refused.is_file():
+        raise ModelError(refused.read_text(encoding="utf-8", errors="replace").strip())
+    origin["converted"] = "Keras 2 file rebuilt as Keras 3"
+    cached = _converted_copy(target)
+    if cached is not None:
+        model, origin["conversion_max_abs_diff"] = cached
+        return model
+    keras2.require_tf_keras(path)
+    model = keras2.rebuild_keras2_h5(path)
+    if model is None:  # weights not matched by name: copied from tf_keras's reading, checked
+        model, diff = keras2.convert_keras2_h5(path)
+        origin["conversion_max_abs_diff"] = diff
+        _later(lambda: _keep_converted_copy(target, model, diff))
+        return model
+
+    def check() -> None:
         try:
-            model, diff = convert_keras2_h5(path)
-        except ModelError:
-            raise
-        except Exception as err:  # report the first failure; conversion was the fallback
-            reason = err if "tf_keras" in str(err) or first_error is None else first_error
-            raise ModelError(f"Could not load '{path.name}': {_first_line(reason)}") from None
-        _later(lambda: _keep_converted_copy(path, model, diff))
-    info.update(
-        converted="Keras 2 file rebuilt as Keras 3 (read with tf_keras)",
-        conversion_max_abs_diff=diff,
-    )
-    return model, info
+            diff = keras2.check_conversion(path, model)
+        except Exception as err:  # not faithful, or tf_keras cannot read it: refused for good
+            if not isinstance(err, ModelError):
+                err = ModelError(f"Could not load '{path.name}': {_first_line(err)}")
+            with contextlib.suppress(OSError):
+                refused.parent.mkdir(parents=True, exist_ok=True)
+                refused.write_text(str(err), encoding="utf-8")
+            raise err from None
+        origin.pop("conversion_check", None)
+        origin["conversion_max_abs_diff"] = diff
+        _keep_converted_copy(target, model, diff)
+
+    if _AFTER is not None:
+        origin["conversion_check"] = "after this answer"
+        _UNCHECKED[0] = True
+    _later(check)
+    return model
 
 
 # Best-effort cache writes that a model worker runs once its answer is out (`writes_after`):
 # saving the checked Keras 3 copy of a Teachable Machine model is 0.5 s of the 4 s the first
 # answer on it takes. None outside `writes_after`: then they run at once.
 _AFTER: list[Callable[[], None]] | None = None
+_UNCHECKED = [False]  # a load inside the current `writes_after` left its check for later
 
 
 def _later(write: Callable[[], None]) -> None:
@@ -512,10 +550,17 @@ def writes_after() -> Iterator[list[Callable[[], None]]]:
     global _AFTER
     collected: list[Callable[[], None]] = []
     _AFTER = collected
+    _UNCHECKED[0] = False
     try:
         yield collected
     finally:
         _AFTER = None
+
+
+def unchecked_answer() -> bool:
+    """Whether the answer being made inside `writes_after` rests on a converted model whose
+    check runs after it: such an answer is sent, not cached (it says the check is pending)."""
+    return _AFTER is not None and _UNCHECKED[0]
 
 
 def _converted_path(path: Path) -> Path:
@@ -526,9 +571,9 @@ def _converted_path(path: Path) -> Path:
     return keras_home() / "converted" / f"{file_sha256(path)}.keras"
 
 
-def _converted_copy(path: Path) -> tuple[Any, float] | None:
-    """The kept Keras 3 copy of ``path`` and its recorded conversion difference, or None."""
-    target = _converted_path(path)
+def _converted_copy(target: Path) -> tuple[Any, float] | None:
+    """The kept Keras 3 copy at ``target`` (`_converted_path`) and its recorded conversion
+    difference, or None."""
     record = target.with_suffix(".json")
     if not (target.is_file() and record.is_file()):
         return None
@@ -540,9 +585,9 @@ def _converted_copy(path: Path) -> tuple[Any, float] | None:
     return model, diff
 
 
-def _keep_converted_copy(path: Path, model: Any, diff: float) -> None:
-    """Save the checked conversion (best effort: a read-only cache only costs time)."""
-    target = _converted_path(path)
+def _keep_converted_copy(target: Path, model: Any, diff: float) -> None:
+    """Save the checked conversion at ``target`` (`_converted_path`; best effort: a read-only
+    cache only costs time)."""
     with contextlib.suppress(OSError, ValueError):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.stem}.{os.getpid()}.keras")

@@ -93,6 +93,12 @@ def load_base(spec: str, workspace: str | None = None) -> Any:
     return base
 
 
+def forget_base(spec: str) -> None:
+    """Stop keeping ``spec``'s base loaded (its conversion check failed after an answer)."""
+    for key in [key for key in _BASES if key[0] == spec]:
+        del _BASES[key]
+
+
 def held_specs() -> list[str]:
     """The BASE specs this process keeps loaded (`load_base`), the latest last."""
     return list(dict.fromkeys(key[0] for key in _BASES))

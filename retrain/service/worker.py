@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from retrain.errors import RetrainError
-from retrain.models.load import writes_after
+from retrain.models.load import unchecked_answer, writes_after
 from retrain.runs.procs import own_start_time
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
@@ -62,10 +62,25 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
             "error": "WorkerError",
             "message": f"The model worker failed: {type(err).__name__}: {str(err)[:300]}",
         }
-    if spec.cache:
+    if spec.cache and not unchecked_answer():  # an unchecked conversion's answer is sent only
         cache.write_answer(key, kind, result)
         return {"ok": True, "key": key}
     return {"ok": True, "key": key, "answer": result}
+
+
+def after_answer(writes: list[Callable[[], None]], request: dict[str, Any]) -> bool:
+    """Run what the answer to ``request`` left for later (`writes_after`): cache writes, and
+    the check of a Keras 2 model converted for it. Returns False when one failed: then the
+    request's base is no longer kept loaded, and the next request on it is refused with the
+    check's one line (or converts it again, when the failure was not the model's)."""
+    for write in writes:
+        try:
+            write()
+        except Exception as err:  # one line in the log; the worker goes on
+            print(f"after answering {request['kind']}: {type(err).__name__}: {err}", flush=True)
+            kinds.forget_base(str((request.get("args") or {}).get("spec") or ""))
+            return False
+    return True
 
 
 def warm() -> None:
@@ -84,8 +99,13 @@ def warm() -> None:
     from retrain import evaluate, models  # noqa: F401
     from retrain.models import surgery  # noqa: F401
 
-    if importlib.util.find_spec("tf_keras") is not None:
-        import tf_keras  # noqa: F401  (Keras 2 / Teachable Machine uploads convert with it)
+    if importlib.util.find_spec("tf_keras") is not None:  # checks Keras 2 / TM conversions
+        import tempfile
+
+        from retrain.models import keras2
+
+        with tempfile.TemporaryDirectory() as folder, contextlib.suppress(Exception):
+            keras2.warm_up(folder)  # best effort: only the first conversion's speed
 
     preload = os.environ.get("RETRAIN_PRELOAD", "builtin:digits-cnn").split(",")
     specs = [spec.strip() for spec in preload if spec.strip()]
@@ -169,8 +189,9 @@ def main() -> None:
             pool.write_holds(pid, held)
             holds = held
         requests.finish(request["id"], outcome)
-        for write in writes:
-            write()
+        if not after_answer(writes, request):
+            holds = kinds.held_specs()
+            pool.write_holds(pid, holds)
         last_work = time.time()
 
 
