@@ -89,7 +89,7 @@ def test_a_model_request_waits_briefly_for_the_worker_that_has_its_model_loaded(
     other = {"pid": os.getppid(), "started": None, "host": requests.this_host()}
     monkeypatch.setattr(pool, "live_workers", lambda: [me, other])
     pool.write_holds(other["pid"], ["upload/keras_model.h5"])
-    assert pool.held_elsewhere(me["pid"]) == {"upload/keras_model.h5"}
+    assert pool.held_elsewhere(me["pid"]) == ({"upload/keras_model.h5"}, set())
     preview = requests.request_id("h" * 64, "alice")
     requests.enqueue(preview, "h" * 64, "head_preview", {"spec": "upload/keras_model.h5"}, "alice")
     time.sleep(0.01)
@@ -105,6 +105,14 @@ def test_a_model_request_waits_briefly_for_the_worker_that_has_its_model_loaded(
     monkeypatch.setattr(worker, "AFFINITY_S", 0.0)
     time.sleep(0.01)
     assert requests.claim(me, leave=worker._holder_wanted(me["pid"]))["id"] == late
+    # While the holder checks the upload's conversion, requests on it wait for it longer.
+    pool.write_holds(other["pid"], ["upload/keras_model.h5"], ["upload/keras_model.h5"])
+    checked = requests.request_id("c" * 64, "carol")
+    requests.enqueue(checked, "c" * 64, "describe", {"spec": "upload/keras_model.h5"}, "carol")
+    time.sleep(0.01)
+    assert requests.claim(me, leave=worker._holder_wanted(me["pid"])) is None
+    monkeypatch.setattr(worker, "CHECKING_S", 0.0)
+    assert requests.claim(me, leave=worker._holder_wanted(me["pid"]))["id"] == checked
 
 
 def test_the_checked_copy_of_a_converted_model_is_written_after_the_answer():
@@ -120,7 +128,7 @@ def test_the_checked_copy_of_a_converted_model_is_written_after_the_answer():
     assert done == ["now", "later"] and load._AFTER is None
 
 
-def test_an_answer_on_an_unchecked_conversion_is_sent_not_cached_and_a_failed_check_drops_it(
+def test_an_answer_on_an_unchecked_conversion_is_answered_again_once_checked_or_dropped(
     tmp_path: Path, monkeypatch
 ):
     import shutil
@@ -134,19 +142,17 @@ def test_an_answer_on_an_unchecked_conversion_is_sent_not_cached_and_a_failed_ch
     args = {"spec": str(path)}
     request = {"id": "r1", "key": kinds.key_of("describe", args), "kind": "describe", "args": args}
     with load.writes_after() as later:
-        outcome = worker.answer(request)
-    assert outcome["answer"]["origin"]["conversion_check"] == "after this answer"
-    assert cache.read_answer(request["key"]) is None  # sent to the page only
-    assert worker.after_answer(later, request) is True
-    with load.writes_after():
-        outcome = worker.answer(request)  # the base it keeps loaded, checked now: cached
-    assert "answer" not in outcome
-    assert cache.read_answer(request["key"])["origin"]["conversion_max_abs_diff"] <= 1e-4
+        assert worker.answer(request) == {"ok": True, "key": request["key"]}
+        assert load.unchecked_answer()
+    assert cache.read_answer(request["key"])["origin"]["conversion_check"] == "after this answer"
+    assert worker.after_answer(later, request, checked=True) is True
+    origin = cache.read_answer(request["key"])["origin"]  # answered again, from the checked base
+    assert origin["conversion_max_abs_diff"] <= 1e-4 and "conversion_check" not in origin
 
     # The same file converted again, and its check fails this time.
     kinds.forget_base(str(path))
     shutil.rmtree(load._converted_path(path).parent)
-    cache.prune(now=time.time() + 30 * 86400)  # forget the cached answer
+    cache.drop_answer(request["key"])
 
     def differs(p, model):
         raise ModelError(f"'{Path(p).name}' could not be converted faithfully (outputs differ).")
@@ -155,8 +161,9 @@ def test_an_answer_on_an_unchecked_conversion_is_sent_not_cached_and_a_failed_ch
     with load.writes_after() as later:
         assert worker.answer(request)["ok"] is True
     assert str(path) in kinds.held_specs()
-    assert worker.after_answer(later, request) is False
+    assert worker.after_answer(later, request, checked=True) is False
     assert str(path) not in kinds.held_specs()  # dropped: the next request loads it again
+    assert cache.read_answer(request["key"]) is None
     with load.writes_after():
         outcome = worker.answer(request)
     assert outcome["ok"] is False and "converted faithfully" in outcome["message"]

@@ -488,9 +488,9 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
     session), else rebuilt now and checked against tf_keras's reading (`keras2`).
 
     In a model worker (`writes_after`) the check runs after the answer: the answer says
-    ``conversion_check: "after this answer"``, is not cached (`unchecked_answer`), and the
-    check then fills ``origin`` in (the worker keeps this base loaded) or refuses the file
-    for good (a ``.refused`` file beside the kept copies), which the worker then drops."""
+    ``conversion_check: "after this answer"`` (`unchecked_answer`), and the check then fills
+    ``origin`` in (the worker keeps this base loaded) or refuses the file for good (a
+    ``.refused`` file beside the kept copies), and the worker drops the base."""
     target = _converted_path(path)
     refused = target.with_suffix(".refused")
     if refused.is_file():
@@ -559,7 +559,8 @@ def writes_after() -> Iterator[list[Callable[[], None]]]:
 
 def unchecked_answer() -> bool:
     """Whether the answer being made inside `writes_after` rests on a converted model whose
-    check runs after it: such an answer is sent, not cached (it says the check is pending)."""
+    check runs after it (the answer says ``conversion_check``; the worker answers again once
+    the check is done, or drops the answer when it fails)."""
     return _AFTER is not None and _UNCHECKED[0]
 
 

@@ -106,6 +106,11 @@ def write_answer(key: str, kind: str, answer: dict[str, Any]) -> None:
     write_json(path, {"kind": kind, "answer": answer})
 
 
+def drop_answer(key: str) -> None:
+    """Forget the answer of ``key`` (it rested on a model that failed its check)."""
+    answer_path(key).unlink(missing_ok=True)
+
+
 def files_dir() -> Path:
     """Where kinds that answer with files (Grad-CAM pictures) write them."""
     path = service_dir() / "files"

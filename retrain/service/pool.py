@@ -74,18 +74,23 @@ def holds_path(pid: int) -> Path:
     return workers_dir() / f"{this_host()}-{pid}.holds"
 
 
-def write_holds(pid: int, specs: list[str]) -> None:
-    write_json(holds_path(pid), sorted(specs))
+def write_holds(pid: int, specs: list[str], checking: list[str] | None = None) -> None:
+    """Say which bases worker ``pid`` keeps loaded, and which of them it is checking (a
+    converted Keras 2 file, after the answer that loaded it)."""
+    write_json(holds_path(pid), {"held": sorted(specs), "checking": sorted(checking or [])})
 
 
-def held_elsewhere(me: int) -> set[str]:
-    """The bases the other live workers of this host keep loaded."""
+def held_elsewhere(me: int) -> tuple[set[str], set[str]]:
+    """The bases the other live workers of this host keep loaded, and those they are checking."""
     held: set[str] = set()
+    checking: set[str] = set()
     for record in live_workers():
         if record.get("pid") != me:
             found = read_json(holds_path(record["pid"]))
-            held.update(s for s in found or [] if isinstance(s, str))
-    return held
+            if isinstance(found, dict):
+                held.update(s for s in found.get("held") or [] if isinstance(s, str))
+                checking.update(s for s in found.get("checking") or [] if isinstance(s, str))
+    return held, checking
 
 
 def live_workers() -> list[dict[str, Any]]:

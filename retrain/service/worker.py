@@ -29,6 +29,8 @@ from retrain.sessions.workspace import env_number, read_json, write_json
 POLL_S = 0.05
 #: How long a request waits for the worker that has its model loaded (`_holder_wanted`).
 AFFINITY_S = 2.0
+#: ... and for the worker that is checking its converted Keras 2 model (else both would).
+CHECKING_S = 60.0
 PRUNE_EVERY_S = 600.0
 
 
@@ -62,25 +64,38 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
             "error": "WorkerError",
             "message": f"The model worker failed: {type(err).__name__}: {str(err)[:300]}",
         }
-    if spec.cache and not unchecked_answer():  # an unchecked conversion's answer is sent only
+    if spec.cache:
         cache.write_answer(key, kind, result)
         return {"ok": True, "key": key}
     return {"ok": True, "key": key, "answer": result}
 
 
-def after_answer(writes: list[Callable[[], None]], request: dict[str, Any]) -> bool:
-    """Run what the answer to ``request`` left for later (`writes_after`): cache writes, and
-    the check of a Keras 2 model converted for it. Returns False when one failed: then the
-    request's base is no longer kept loaded, and the next request on it is refused with the
-    check's one line (or converts it again, when the failure was not the model's)."""
+def after_answer(
+    writes: list[Callable[[], None]], request: dict[str, Any], checked: bool = False
+) -> bool:
+    """Run what the answer to ``request`` left for later (`writes_after`): cache writes and,
+    when ``checked``, the check of the Keras 2 model converted for it. Its answer, cached
+    meanwhile, is then answered again from the checked model (it says how close), or dropped
+    with the model when the check failed: the next request on it gets the check's one line.
+    Returns whether everything succeeded."""
     for write in writes:
         try:
             write()
         except Exception as err:  # one line in the log; the worker goes on
             print(f"after answering {request['kind']}: {type(err).__name__}: {err}", flush=True)
-            kinds.forget_base(str((request.get("args") or {}).get("spec") or ""))
+            kinds.forget_base(_spec(request))
+            cache.drop_answer(request["key"])
             return False
+    if checked and kinds.get(request["kind"]).cache:
+        with contextlib.suppress(RetrainError):
+            cache.write_answer(
+                request["key"], request["kind"], kinds.run(request["kind"], request["args"])
+            )
     return True
+
+
+def _spec(request: dict[str, Any]) -> str:
+    return str((request.get("args") or {}).get("spec") or "")
 
 
 def warm() -> None:
@@ -134,22 +149,25 @@ def describe_ahead(spec: str) -> None:
 def _holder_wanted(me: int) -> Callable[[dict[str, Any]], bool]:
     """Whether to leave a waiting request to the worker that has its model loaded: a Model
     page request on a base another worker holds and this one does not, for `AFFINITY_S` after
-    it was queued. With two workers, the "Before → after" that follows a new model's layer
-    table went to the idle worker half the time, which loaded the model again (1.6 s for a
-    Teachable Machine export, more for an ImageNet backbone); the holder answers it at once.
-    After `AFFINITY_S` anyone takes it (the holder may be busy with a long request)."""
-    elsewhere: set[str] | None = None  # read once per claim, and only when a request waits
+    it was queued (`CHECKING_S` while that worker checks the base's conversion). With two
+    workers, the "Before → after" that follows a new model's layer table went to the idle
+    worker half the time, which loaded the model again (1.6 s for a Teachable Machine export,
+    more for an ImageNet backbone); the holder answers it at once. After that anyone takes it
+    (the holder may be busy with a long request)."""
+    elsewhere: tuple[set[str], set[str]] | None = None  # read once per claim, when one waits
 
     def leave(request: dict[str, Any]) -> bool:
         nonlocal elsewhere
         spec = (request.get("args") or {}).get("spec")
         if not spec or spec in kinds.held_specs():
             return False
-        if time.time() - float(request.get("enqueued") or 0) > AFFINITY_S:
+        age = time.time() - float(request.get("enqueued") or 0)
+        if age > max(AFFINITY_S, CHECKING_S):
             return False
         if elsewhere is None:
             elsewhere = pool.held_elsewhere(me)
-        return spec in elsewhere
+        held, checking = elsewhere
+        return spec in checking or (age <= AFFINITY_S and spec in held)
 
     return leave
 
@@ -184,12 +202,14 @@ def main() -> None:
             continue
         with writes_after() as writes:  # the page gets its answer before the cache writes
             outcome = answer(request)
+            checking = [_spec(request)] if unchecked_answer() else []
         held = kinds.held_specs()
-        if held != holds:  # said before the answer: the page's next request is for this one
-            pool.write_holds(pid, held)
+        if held != holds or checking:  # said before the answer: the page's next request
+            pool.write_holds(pid, held, checking)  # is for this one
             holds = held
         requests.finish(request["id"], outcome)
-        if not after_answer(writes, request):
+        after_answer(writes, request, checked=bool(checking))
+        if checking or kinds.held_specs() != holds:
             holds = kinds.held_specs()
             pool.write_holds(pid, holds)
         last_work = time.time()
