@@ -430,43 +430,58 @@ if freeze_mode == "top":
         key="freeze_k",
     )
     freeze = f"top:{k}"
-with st.expander("Head options (Keras: Dense, Dropout)"):
-    hidden_units = st.number_input(
-        "Hidden Dense units (0 = none)",
-        0,
-        4096,
-        defaults["hidden_units"],
-        step=32,
-        key="hidden_units",
-        disabled=keep_old,
-    )
-    st.caption("Why none: one output layer on pooled features is enough for most transfers.")
-    dropout = st.slider(
-        "Dropout", 0.0, 0.8, defaults["dropout"], 0.05, key="dropout", disabled=keep_old
-    )
-    st.caption("Why 0.2: a little dropout keeps a small head from memorising few images.")
-    binary_sigmoid = False
-    if classes is not None and len(classes) == 2 and not keep_old:
-        binary_sigmoid = st.checkbox(
-            "One sigmoid unit (binary cross-entropy)",
-            defaults["binary_sigmoid"],
-            key="binary_sigmoid",
+# The head's options sit in lazy expanders (built only when opened: their number inputs and
+# slider were a third of this page's first draw in a browser). Closed, the values are the ones
+# remembered for this model (`seed_widgets`), else the defaults.
+head_options = st.expander(
+    "Head options (Keras: Dense, Dropout)", key="head_options", on_change="rerun"
+)
+hidden_units = st.session_state.get("hidden_units", defaults["hidden_units"])
+dropout = st.session_state.get("dropout", defaults["dropout"])
+two_classes = classes is not None and len(classes) == 2 and not keep_old
+binary_sigmoid = two_classes and st.session_state.get("binary_sigmoid", defaults["binary_sigmoid"])
+if head_options.open:
+    with head_options:
+        hidden_units = st.number_input(
+            "Hidden Dense units (0 = none)",
+            0,
+            4096,
+            defaults["hidden_units"],
+            step=32,
+            key="hidden_units",
+            disabled=keep_old,
         )
-        st.caption("Why off: softmax over 2 units is equivalent and keeps the same code path.")
-with st.expander("Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)"):
-    add_conv = st.number_input(
-        "Filters (0 = no block)",
-        0,
-        1024,
-        defaults["add_conv"],
-        step=16,
-        key="add_conv",
-        disabled=keep_old,
-    )
-    st.caption(
-        "Why none: pretrained features are usually enough; a block helps when you cut early "
-        "(a 4-D cut output) and the new images differ a lot."
-    )
+        st.caption("Why none: one output layer on pooled features is enough for most transfers.")
+        dropout = st.slider(
+            "Dropout", 0.0, 0.8, defaults["dropout"], 0.05, key="dropout", disabled=keep_old
+        )
+        st.caption("Why 0.2: a little dropout keeps a small head from memorising few images.")
+        if two_classes:
+            binary_sigmoid = st.checkbox(
+                "One sigmoid unit (binary cross-entropy)",
+                defaults["binary_sigmoid"],
+                key="binary_sigmoid",
+            )
+            st.caption("Why off: softmax over 2 units is equivalent and keeps the same code path.")
+conv_block = st.expander(
+    "Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)", key="conv_block", on_change="rerun"
+)
+add_conv = st.session_state.get("add_conv", defaults["add_conv"])
+if conv_block.open:
+    with conv_block:
+        add_conv = st.number_input(
+            "Filters (0 = no block)",
+            0,
+            1024,
+            defaults["add_conv"],
+            step=16,
+            key="add_conv",
+            disabled=keep_old,
+        )
+        st.caption(
+            "Why none: pretrained features are usually enough; a block helps when you cut early "
+            "(a 4-D cut output) and the new images differ a lot."
+        )
 
 choice = {
     "cut_at": names[cut_index],

@@ -72,12 +72,22 @@ def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, d
     assert shown["Trainable base layers"] == "0" and shown["Frozen layers"] == "4"
     assert any("3 units" in text for text in texts(at, "markdown"))
 
+    # The head options are lazy expanders: built only once opened.
+    assert not [w for w in at.number_input if w.key in ("hidden_units", "add_conv")]
+    assert not [w for w in at.slider if w.key == "dropout"]
+    at.session_state["head_options"] = True
+    at.session_state["conv_block"] = True
     at.radio(key="freeze_mode").set_value("top").run()
+    assert at.slider(key="dropout").value == 0.2 and at.number_input(key="add_conv").value == 0
     at.slider(key="freeze_k").set_value(3).run()
     at.number_input(key="hidden_units").set_value(32).run()
     assert not at.exception, at.exception
     assert at.session_state["surgery"]["freeze"] == "top:3"
     assert at.session_state["surgery"]["hidden_units"] == 32
+    for _ in range(2):  # closed again, and after Streamlit dropped the widget: still 32
+        at.session_state["head_options"] = False
+        at.run()
+        assert at.session_state["surgery"]["hidden_units"] == 32
     assert metrics(at)["Trainable base layers"] == "1"  # conv3 (relu2/pool2 have no weights)
     saved = json.loads((Path(at.session_state["workspace"]) / "session.json").read_text())
     assert saved["surgery"]["freeze"] == "top:3" and saved["base"] == BUILTIN
@@ -109,6 +119,9 @@ def test_coming_back_or_reloading_keeps_the_remembered_choices(keras_cache: Path
     assert not at.exception, at.exception
     assert at.radio(key="head_mode").value == "keep"
     assert at.radio(key="freeze_mode").value == "top" and at.slider(key="freeze_k").value == 2
+    assert at.session_state["surgery"] == remembered  # the closed head options kept theirs
+    at.session_state["head_options"] = True
+    at.run()
     assert at.slider(key="dropout").value == 0.3
     assert at.session_state["surgery"] == remembered
 
