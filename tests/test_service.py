@@ -141,13 +141,28 @@ def test_an_answer_on_an_unchecked_conversion_is_answered_again_once_checked_or_
     keras2_nested_h5(path)
     args = {"spec": str(path)}
     request = {"id": "r1", "key": kinds.key_of("describe", args), "kind": "describe", "args": args}
+    checks = worker.Checks()
     with load.writes_after() as later:
         assert worker.answer(request) == {"ok": True, "key": request["key"]}
         assert load.unchecked_answer()
+    checks.add(request, later)
     assert cache.read_answer(request["key"])["origin"]["conversion_check"] == "after this answer"
-    assert worker.after_answer(later, request, checked=True) is True
-    origin = cache.read_answer(request["key"])["origin"]  # answered again, from the checked base
-    assert origin["conversion_max_abs_diff"] <= 1e-4 and "conversion_check" not in origin
+    # Before the check: the next request on that base is answered from it as it is.
+    probe = {**request, "id": "r2", "args": {**args, "preprocessing": "tf"}}
+    probe["key"] = kinds.key_of("describe", probe["args"])
+    with load.writes_after() as later:
+        assert worker.answer(probe)["ok"] is True
+        assert load.unchecked_answer()  # it rests on the unchecked base too
+    checks.add(probe, later)
+    assert list(checks.pending) == [str(path)]
+    assert not checks.due(idle=False) and checks.due(idle=True)
+    monkeypatch.setattr(worker, "CHECK_DEFER_S", 0.0)
+    assert checks.due(idle=False)  # a busy worker checks it after CHECK_DEFER_S all the same
+    checks.run()
+    assert not checks.pending
+    for key in (request["key"], probe["key"]):  # both answered again, from the checked base
+        origin = cache.read_answer(key)["origin"]
+        assert origin["conversion_max_abs_diff"] <= 1e-4 and "conversion_check" not in origin
 
     # The same file converted again, and its check fails this time.
     kinds.forget_base(str(path))
@@ -161,7 +176,7 @@ def test_an_answer_on_an_unchecked_conversion_is_answered_again_once_checked_or_
     with load.writes_after() as later:
         assert worker.answer(request)["ok"] is True
     assert str(path) in kinds.held_specs()
-    assert worker.after_answer(later, request, checked=True) is False
+    assert worker.after_answer(later, [request], checked=True) is False
     assert str(path) not in kinds.held_specs()  # dropped: the next request loads it again
     assert cache.read_answer(request["key"]) is None
     with load.writes_after():
@@ -415,6 +430,21 @@ def test_a_warm_worker_answers_and_the_web_side_never_imports_keras(workers, tmp
     assert float(cached_s) < 1.0  # the second answer comes from the cache
     assert heavy == ""
     assert len(pool.live_workers()) == 1
+
+    # A Keras 2 file: the layer table first, the "Before → after" next, the check when idle.
+    from tests.test_models import keras2_nested_h5
+
+    keras2_nested_h5(tmp_path / "keras_model.h5")
+    spec = str(tmp_path / "keras_model.h5")
+    info = ask("describe", spec=spec)
+    assert info["origin"]["conversion_check"] == "after this answer"
+    choice = {"cut_at": info["suggested_cut"], "freeze": "all"}
+    assert ask("head_preview", spec=spec, choice=choice, num_classes=3)["diff"]
+    deadline = time.time() + 60
+    while "conversion_check" in (info := ask("describe", spec=spec))["origin"]:
+        assert time.time() < deadline, "the conversion was never checked"
+        time.sleep(0.2)
+    assert info["origin"]["conversion_max_abs_diff"] <= 1e-4
 
 
 def test_a_worker_killed_mid_request_gives_one_line_and_the_next_request_a_fresh_worker(

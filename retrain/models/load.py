@@ -524,7 +524,7 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
 
     if _AFTER is not None:
         origin["conversion_check"] = "after this answer"
-        _UNCHECKED[0] = True
+        note_unchecked()
     _later(check)
     return model
 
@@ -555,6 +555,13 @@ def writes_after() -> Iterator[list[Callable[[], None]]]:
         yield collected
     finally:
         _AFTER = None
+
+
+def note_unchecked() -> None:
+    """Say that the answer being made rests on a converted model whose check is still to come
+    (a model worker answering from a base it keeps loaded; `unchecked_answer`)."""
+    if _AFTER is not None:
+        _UNCHECKED[0] = True
 
 
 def unchecked_answer() -> bool:

@@ -81,10 +81,13 @@ def _spec_version(spec: str) -> tuple:
 def load_base(spec: str, workspace: str | None = None) -> Any:
     """`retrain.models.load_base`, the last few bases kept loaded (surgery never modifies one)."""
     from retrain.models.load import load_base as load
+    from retrain.models.load import note_unchecked
 
     key = _spec_version(spec)
     if key in _BASES:
         _BASES.move_to_end(key)
+        if _BASES[key].origin.get("conversion_check"):  # converted, its check still to come
+            note_unchecked()
         return _BASES[key]
     base = load(spec, workspace=Path(workspace) if workspace else None)
     _BASES[key] = base

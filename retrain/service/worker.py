@@ -31,6 +31,8 @@ POLL_S = 0.05
 AFFINITY_S = 2.0
 #: ... and for the worker that is checking its converted Keras 2 model (else both would).
 CHECKING_S = 60.0
+#: How long a worker may answer other requests before it checks a conversion it answered on.
+CHECK_DEFER_S = 10.0
 PRUNE_EVERY_S = 600.0
 
 
@@ -71,27 +73,55 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def after_answer(
-    writes: list[Callable[[], None]], request: dict[str, Any], checked: bool = False
+    writes: list[Callable[[], None]], answered: list[dict[str, Any]], checked: bool = False
 ) -> bool:
-    """Run what the answer to ``request`` left for later (`writes_after`): cache writes and,
-    when ``checked``, the check of the Keras 2 model converted for it. Its answer, cached
-    meanwhile, is then answered again from the checked model (it says how close), or dropped
-    with the model when the check failed: the next request on it gets the check's one line.
-    Returns whether everything succeeded."""
+    """Run what the answers to ``answered`` (requests on one base) left for later
+    (`writes_after`): cache writes and, when ``checked``, the check of the Keras 2 model
+    converted for the first of them. Their answers, cached meanwhile, are then answered again
+    from the checked model (they say how close), or dropped with the model when the check
+    failed: the next request on it gets the check's one line. Returns whether all succeeded."""
     for write in writes:
         try:
             write()
         except Exception as err:  # one line in the log; the worker goes on
-            print(f"after answering {request['kind']}: {type(err).__name__}: {err}", flush=True)
-            kinds.forget_base(_spec(request))
-            cache.drop_answer(request["key"])
+            print(f"after answering {answered[0]['kind']}: {type(err).__name__}: {err}", flush=True)
+            kinds.forget_base(_spec(answered[0]))
+            for request in answered:
+                cache.drop_answer(request["key"])
             return False
-    if checked and kinds.get(request["kind"]).cache:
-        with contextlib.suppress(RetrainError):
-            cache.write_answer(
-                request["key"], request["kind"], kinds.run(request["kind"], request["args"])
-            )
+    for request in answered if checked else []:
+        if kinds.get(request["kind"]).cache:
+            with contextlib.suppress(RetrainError):
+                result = kinds.run(request["kind"], request["args"])
+                cache.write_answer(request["key"], request["kind"], result)
     return True
+
+
+class Checks:
+    """Conversions this worker answered on before checking them (`writes_after`), by BASE spec:
+    checked when no request waits for the worker, or once the oldest has waited
+    `CHECK_DEFER_S`. Meanwhile the requests on the same base are answered from it as it is
+    (the Model page's "Before → after" right after the layer stack), and re-answered with the
+    rest after the check."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def add(self, request: dict[str, Any], writes: list[Callable[[], None]]) -> None:
+        entry = self.pending.setdefault(
+            _spec(request), {"since": time.time(), "writes": [], "answered": []}
+        )
+        entry["writes"] += writes
+        entry["answered"].append(request)
+
+    def due(self, idle: bool) -> bool:
+        oldest = min((e["since"] for e in self.pending.values()), default=None)
+        return oldest is not None and (idle or time.time() - oldest > CHECK_DEFER_S)
+
+    def run(self) -> None:
+        while self.pending:
+            _spec_key, entry = self.pending.popitem()
+            after_answer(entry["writes"], entry["answered"], checked=True)
 
 
 def _spec(request: dict[str, Any]) -> str:
@@ -187,10 +217,15 @@ def main() -> None:
     holds = kinds.held_specs()
     pool.write_holds(pid, holds)
     last_work = last_prune = time.time()
+    checks = Checks()
     while True:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
         request = requests.claim(me, skip, leave=_holder_wanted(pid))
+        if checks.due(idle=request is None):
+            checks.run()
+            holds = kinds.held_specs()
+            pool.write_holds(pid, holds)
         if request is None:
             if time.time() - last_prune > PRUNE_EVERY_S:
                 cache.prune()
@@ -202,16 +237,17 @@ def main() -> None:
             continue
         with writes_after() as writes:  # the page gets its answer before the cache writes
             outcome = answer(request)
-            checking = [_spec(request)] if unchecked_answer() else []
+            unchecked = unchecked_answer()
+        if unchecked:
+            checks.add(request, writes)
         held = kinds.held_specs()
-        if held != holds or checking:  # said before the answer: the page's next request
-            pool.write_holds(pid, held, checking)  # is for this one
+        if held != holds or unchecked:  # said before the answer: the page's next request
+            pool.write_holds(pid, held, list(checks.pending))  # is for this one
             holds = held
         requests.finish(request["id"], outcome)
-        after_answer(writes, request, checked=bool(checking))
-        if checking or kinds.held_specs() != holds:
+        if not unchecked and not after_answer(writes, [request]):
             holds = kinds.held_specs()
-            pool.write_holds(pid, holds)
+            pool.write_holds(pid, holds, list(checks.pending))
         last_work = time.time()
 
 
