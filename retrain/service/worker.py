@@ -31,8 +31,11 @@ POLL_S = 0.05
 AFFINITY_S = 2.0
 #: ... and for the worker that is checking its converted Keras 2 model (else both would).
 CHECKING_S = 60.0
-#: How long a worker may answer other requests before it checks a conversion it answered on.
+#: How long a worker may answer other requests before it checks a conversion it answered on,
 CHECK_DEFER_S = 10.0
+#: ... and how long it must have been idle to check it sooner: the page that got the answer
+#: asks for the "Before → after" right after drawing it, which is answered first.
+CHECK_IDLE_S = 3.0
 PRUNE_EVERY_S = 600.0
 
 
@@ -99,7 +102,7 @@ def after_answer(
 
 class Checks:
     """Conversions this worker answered on before checking them (`writes_after`), by BASE spec:
-    checked when no request waits for the worker, or once the oldest has waited
+    checked once the worker has been idle `CHECK_IDLE_S`, or once the oldest has waited
     `CHECK_DEFER_S`. Meanwhile the requests on the same base are answered from it as it is
     (the Model page's "Before → after" right after the layer stack), and re-answered with the
     rest after the check."""
@@ -222,7 +225,7 @@ def main() -> None:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
         request = requests.claim(me, skip, leave=_holder_wanted(pid))
-        if checks.due(idle=request is None):
+        if checks.due(idle=request is None and time.time() - last_work > CHECK_IDLE_S):
             checks.run()
             holds = kinds.held_specs()
             pool.write_holds(pid, holds)
