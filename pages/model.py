@@ -61,7 +61,8 @@ def conversion_words(origin: dict) -> str:
     if origin.get("conversion_max_abs_diff") is None:
         return (
             f"{origin['converted']}; its outputs are being compared with the original's "
-            "(read with tf_keras). If they differ, the next step says so."
+            "(read with tf_keras) in the background. If they differ, the model is refused, "
+            "with the reason, before anything trains on it."
         )
     return (
         f"{origin['converted']}; outputs match the original's (read with tf_keras) within "
