@@ -120,6 +120,28 @@ def warm_up() -> None:
         _actor(index)
 
 
+def _until_alive(
+    ray: Any, actor: Any, deadline: float, on_wait: Callable[[dict[str, Any]], None] | None
+) -> None:
+    """Wait while ``actor`` restarts (it died; Ray starts it again and it imports Keras, about
+    5 s), so the request after a worker's death goes to the fresh one instead of failing too.
+    A request is never sent twice: one that kills its actor is `WORKER_LOST`."""
+    while time.time() < deadline:
+        ref = actor.pid.remote()
+        while not ray.wait([ref], timeout=0.2)[0]:
+            if time.time() > deadline:
+                return
+        try:
+            ray.get(ref)
+            return
+        except ray.exceptions.ActorUnavailableError:  # restarting
+            if on_wait is not None:
+                on_wait({"state": "queued", "position": 1, "running": 0, "workers_ready": 0})
+            time.sleep(0.5)
+        except ray.exceptions.RayActorError:
+            return  # gone for good: the request itself says so
+
+
 def ask(
     kind: str,
     args: dict[str, Any],
@@ -131,8 +153,10 @@ def ask(
     ray = _connect()
     rid = f"ray-{key[:24]}-{os.getpid()}"
     request = {"id": rid, "key": key, "kind": kind, "args": args, "session": ""}
-    ref = actor_for(args).answer.remote(request)
     deadline = time.time() + timeout
+    actor = actor_for(args)
+    _until_alive(ray, actor, deadline, on_wait)
+    ref = actor.answer.remote(request)
     while True:
         done, _ = ray.wait([ref], timeout=0.2)
         if done:

@@ -102,8 +102,9 @@ def after_answer(
 
 class Checks:
     """Conversions this worker answered on before checking them (`writes_after`), by BASE spec:
-    checked once the worker has been idle `CHECK_IDLE_S`, or once the oldest has waited
-    `CHECK_DEFER_S`. Meanwhile the requests on the same base are answered from it as it is
+    checked once the worker has been idle `CHECK_IDLE_S`, before it takes a long request, or
+    once the oldest has waited `CHECK_DEFER_S`; while a check runs, the worker's holds say
+    ``checking`` (other workers leave requests on that base to it, `CHECKING_S`). Meanwhile the requests on the same base are answered from it as it is
     (the Model page's "Before → after" right after the layer stack), and re-answered with the
     rest after the check."""
 
@@ -225,7 +226,10 @@ def main() -> None:
         if not record.exists():
             return  # stop_workers removed the record (or the home is gone)
         request = requests.claim(me, skip, leave=_holder_wanted(pid))
-        if checks.due(idle=request is None and time.time() - last_work > CHECK_IDLE_S):
+        idle = request is None and time.time() - last_work > CHECK_IDLE_S
+        long = request is not None and kinds.get(request["kind"]).long  # minutes: check first
+        if checks.due(idle=idle or long):
+            pool.write_holds(pid, holds, list(checks.pending))  # others wait for the check
             checks.run()
             holds = kinds.held_specs()
             pool.write_holds(pid, holds)
@@ -244,13 +248,13 @@ def main() -> None:
         if unchecked:
             checks.add(request, writes)
         held = kinds.held_specs()
-        if held != holds or unchecked:  # said before the answer: the page's next request
-            pool.write_holds(pid, held, list(checks.pending))  # is for this one
+        if held != holds:  # said before the answer: the page's next request is for this one
+            pool.write_holds(pid, held)
             holds = held
         requests.finish(request["id"], outcome)
         if not unchecked and not after_answer(writes, [request]):
             holds = kinds.held_specs()
-            pool.write_holds(pid, holds, list(checks.pending))
+            pool.write_holds(pid, holds)
         last_work = time.time()
 
 
