@@ -431,27 +431,28 @@ if freeze_mode == "top":
         key="freeze_k",
     )
     freeze = f"top:{k}"
-# The head's options sit in lazy expanders (built only when opened: their number inputs and
-# slider were a third of this page's first draw in a browser). Closed, the values are the ones
-# remembered for this model (`seed_widgets`), else the defaults.
-head_options = st.expander(
-    "Head options (Keras: Dense, Dropout)", key="head_options", on_change="rerun"
-)
+# The head's options sit in lazy expanders, built only when opened (their number inputs and
+# slider were 0.1-0.15 of the first visit's 0.7 CPU-s in Chromium). Closed, the values are the
+# ones remembered for this model (`seed_widgets`), else the defaults; "Before → after" lists
+# the head they give.
 hidden_units = st.session_state.get("hidden_units", defaults["hidden_units"])
 dropout = st.session_state.get("dropout", defaults["dropout"])
 two_classes = classes is not None and len(classes) == 2 and not keep_old
 binary_sigmoid = two_classes and st.session_state.get("binary_sigmoid", defaults["binary_sigmoid"])
+add_conv = st.session_state.get("add_conv", defaults["add_conv"])
+
+
+def head_number(label: str, key: str, top: int, step: int) -> int:
+    """A head option's number input (0 to ``top``), its default from `default_head_choice`."""
+    return st.number_input(label, 0, top, defaults[key], step=step, key=key, disabled=keep_old)
+
+
+head_options = st.expander(  # a fixed label (see the layer table's below)
+    "Head options (Keras: Dense, Dropout)", key="head_options", on_change="rerun"
+)
 if head_options.open:
     with head_options:
-        hidden_units = st.number_input(
-            "Hidden Dense units (0 = none)",
-            0,
-            4096,
-            defaults["hidden_units"],
-            step=32,
-            key="hidden_units",
-            disabled=keep_old,
-        )
+        hidden_units = head_number("Hidden Dense units (0 = none)", "hidden_units", 4096, 32)
         st.caption("Why none: one output layer on pooled features is enough for most transfers.")
         dropout = st.slider(
             "Dropout", 0.0, 0.8, defaults["dropout"], 0.05, key="dropout", disabled=keep_old
@@ -467,18 +468,9 @@ if head_options.open:
 conv_block = st.expander(
     "Add a conv block (Keras: Conv2D 3×3 + MaxPooling2D)", key="conv_block", on_change="rerun"
 )
-add_conv = st.session_state.get("add_conv", defaults["add_conv"])
 if conv_block.open:
     with conv_block:
-        add_conv = st.number_input(
-            "Filters (0 = no block)",
-            0,
-            1024,
-            defaults["add_conv"],
-            step=16,
-            key="add_conv",
-            disabled=keep_old,
-        )
+        add_conv = head_number("Filters (0 = no block)", "add_conv", 1024, 16)
         st.caption(
             "Why none: pretrained features are usually enough; a block helps when you cut early "
             "(a 4-D cut output) and the new images differ a lot."
@@ -577,15 +569,17 @@ else:
 # The tables are one click away, and built only when opened (a lazy expander): the bars above
 # are the picture. Drawing two full tables on every visit was most of this page's cost in the
 # browser, and sending them was the server's (docs/benchmarks.md, issue 17).
+# Fixed labels: an expander's label is part of its identity, and one that changed with the
+# head (its layer count) closed itself on every change.
 layer_tables = st.expander(
-    f"All {len(stack)} layers (table, search)",
+    "All layers (table, search)",
     icon=":material/table_rows:",
     key="layer_tables",
     on_change="rerun",
 )
 if layer_tables.open:
     with layer_tables:
-        query = st.text_input("Search layers (name or type)", key="layer_search")
+        query = st.text_input(f"Search the {len(stack)} layers (name or type)", key="layer_search")
         st.dataframe(layer_table(stack, query), hide_index=True, width="stretch", key="layer_table")
 if preview is not None:
     summary = st.expander("New model summary", key="new_model_summary", on_change="rerun")

@@ -148,7 +148,7 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     assert "frozen" in statuses, f"the base should show as frozen: {statuses}"
     assert "params" in (bars.first.get_attribute("title") or ""), "a bar's hover names its size"
     # The table is one click away (a lazy expander under the stack): open it, as a user would.
-    tables = page.locator('[data-testid="stExpander"]', has_text=re.compile(r"All \d+ layers"))
+    tables = page.locator('[data-testid="stExpander"]', has_text=re.compile(r"All layers \(table"))
     assert not tables.locator('[data-testid="stDataFrame"]').count(), "built only when opened"
     tables.locator("summary").first.click()
     tables.locator('[data-testid="stDataFrame"]').first.wait_for()

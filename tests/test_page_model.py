@@ -80,8 +80,12 @@ def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, d
     at.radio(key="freeze_mode").set_value("top").run()
     assert at.slider(key="dropout").value == 0.2 and at.number_input(key="add_conv").value == 0
     at.slider(key="freeze_k").set_value(3).run()
+    at.session_state["layer_tables"] = True
     at.number_input(key="hidden_units").set_value(32).run()
     assert not at.exception, at.exception
+    # The opened expanders stay open although the head (and its layer count) changed.
+    assert at.number_input(key="hidden_units").value == 32
+    assert at.text_input(key="layer_search") and len(at.dataframe[0].value) == 15
     assert at.session_state["surgery"]["freeze"] == "top:3"
     assert at.session_state["surgery"]["hidden_units"] == 32
     for _ in range(2):  # closed again, and after Streamlit dropped the widget: still 32

@@ -144,7 +144,7 @@ def test_an_answer_on_an_unchecked_conversion_is_answered_again_once_checked_or_
     checks = worker.Checks()
     with load.writes_after() as later:
         assert worker.answer(request) == {"ok": True, "key": request["key"]}
-        assert load.unchecked_answer()
+    assert kinds.unchecked(str(path))
     checks.add(request, later)
     assert cache.read_answer(request["key"])["origin"]["conversion_check"] == "after this answer"
     # Before the check: the next request on that base is answered from it as it is.
@@ -152,14 +152,14 @@ def test_an_answer_on_an_unchecked_conversion_is_answered_again_once_checked_or_
     probe["key"] = kinds.key_of("describe", probe["args"])
     with load.writes_after() as later:
         assert worker.answer(probe)["ok"] is True
-        assert load.unchecked_answer()  # it rests on the unchecked base too
+    assert kinds.unchecked(str(path))  # it rests on the unchecked base too
     checks.add(probe, later)
     assert list(checks.pending) == [str(path)]
     assert not checks.due(idle=False) and checks.due(idle=True)
     monkeypatch.setattr(worker, "CHECK_DEFER_S", 0.0)
     assert checks.due(idle=False)  # a busy worker checks it after CHECK_DEFER_S all the same
     checks.run()
-    assert not checks.pending
+    assert not checks.pending and not kinds.unchecked(str(path))
     for key in (request["key"], probe["key"]):  # both answered again, from the checked base
         origin = cache.read_answer(key)["origin"]
         assert origin["conversion_max_abs_diff"] <= 1e-4 and "conversion_check" not in origin

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ModelError
-from retrain.models.keras_helpers import _keras
+from retrain.models.keras_helpers import MODEL_CLASS_NAMES, _keras
 
 #: The largest output difference a faithful conversion may show on random input.
 MAX_DIFF = 1e-4
-_CONTAINERS = ("Sequential", "Functional", "Model")
 
 
 def convert_keras2_h5(path: str | Path) -> tuple[Any, float]:
@@ -36,11 +35,18 @@ def convert_keras2_h5(path: str | Path) -> tuple[Any, float]:
         ModelError: tf_keras is missing, a layer has no Keras 3 equivalent, or the rebuilt
             model's outputs differ by more than `MAX_DIFF`.
     """
-    require_tf_keras(path)
+    require_tf_keras(path)  # before the rebuild: the conversion is never used unchecked
     model = rebuild_keras2_h5(path)
-    if model is not None:
-        return model, check_conversion(path, model)
-    legacy = _read_with_tf_keras(path)  # weights not matched by name: copied layer by layer
+    if model is None:
+        return copy_from_tf_keras(path)
+    return model, check_conversion(path, model)
+
+
+def copy_from_tf_keras(path: str | Path) -> tuple[Any, float]:
+    """`convert_keras2_h5` for a file whose weights `rebuild_keras2_h5` cannot match by
+    name: the Keras 3 model is rebuilt from tf_keras's reading, weights copied layer by layer
+    along the nested paths, and checked against it."""
+    legacy = _read_with_tf_keras(path)
     model = _rebuild(json.loads(legacy.to_json()), None)
     _copy_weights(legacy, model)
     return model, _compare(legacy, model, path)
@@ -165,7 +171,7 @@ def _rebuild(entry: dict[str, Any], input_shape: tuple | None) -> Any:
     cls = entry.get("class_name")
     if cls == "Sequential":
         return _rebuild_sequential(entry, input_shape)
-    if cls in _CONTAINERS:
+    if cls in MODEL_CLASS_NAMES:
         return _rebuild_functional(entry)
     return _layer(entry)
 
@@ -196,14 +202,20 @@ def _declared_shape(entry: dict[str, Any]) -> tuple | None:
     return tuple(shape[1:]) if isinstance(shape, list) else None
 
 
+def _sequential_input(entry: dict[str, Any]) -> tuple[dict | None, list[dict], tuple | None]:
+    """A Keras 2 Sequential config's InputLayer entry (or None), its other layers, and the input
+    shape it declares (on the InputLayer or the first layer; None when it declares none)."""
+    entries = [e for e in (entry.get("config") or {}).get("layers") or [] if isinstance(e, dict)]
+    first = next((e for e in entries if e.get("class_name") == "InputLayer"), None)
+    layers = [e for e in entries if e.get("class_name") != "InputLayer"]
+    shape = (first and _declared_shape(first)) or (layers and _declared_shape(layers[0])) or None
+    return first, layers, shape
+
+
 def _rebuild_sequential(entry: dict[str, Any], input_shape: tuple | None) -> Any:
     keras = _keras()
-    config = entry["config"]
-    name = config["name"]
-    layers = [e for e in config.get("layers") or [] if isinstance(e, dict)]
-    first = next((e for e in layers if e.get("class_name") == "InputLayer"), None)
-    layers = [e for e in layers if e.get("class_name") != "InputLayer"]
-    shape = (first and _declared_shape(first)) or (layers and _declared_shape(layers[0]))
+    name = entry["config"]["name"]
+    first, layers, shape = _sequential_input(entry)
     shape = shape or input_shape
     if shape is None:
         raise ModelError(f"Could not rebuild '{name}': it declares no input shape.")
@@ -262,15 +274,10 @@ def _first_node(entry: dict[str, Any]) -> int:
     """The index Keras 2 gives a layer's first call in a model config: 1 for a nested model
     built on its own input (its node 0 links that input to its output, and is not saved),
     else 0."""
-    if entry.get("class_name") in ("Functional", "Model"):
-        return 1
     if entry.get("class_name") == "Sequential":
-        layers = [e for e in (entry.get("config") or {}).get("layers") or [] if isinstance(e, dict)]
-        declared = layers and (
-            layers[0].get("class_name") == "InputLayer" or _declared_shape(layers[0]) is not None
-        )
-        return 1 if declared else 0
-    return 0
+        first, _layers, shape = _sequential_input(entry)
+        return 1 if first is not None or shape is not None else 0
+    return 1 if entry.get("class_name") in MODEL_CLASS_NAMES else 0
 
 
 def _node_inputs(node: Any) -> list[list[Any]]:
@@ -309,13 +316,15 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _leaves(model: Any, nested: Any) -> list[Any]:
-    out: list[Any] = []
+def _leaves(model: Any, nested: Any, prefix: str = "") -> dict[str, Any]:
+    """The layers of ``model`` that hold weights, by nested path (``"model1/Conv1"``); models
+    of type ``nested`` are looked into."""
+    out: dict[str, Any] = {}
     for layer in model.layers:
         if isinstance(layer, nested):
-            out += _leaves(layer, nested)
+            out.update(_leaves(layer, nested, f"{prefix}{layer.name}/"))
         elif layer.weights:
-            out.append(layer)
+            out[f"{prefix}{layer.name}"] = layer
     return out
 
 
@@ -324,8 +333,7 @@ def _set_weights_by_name(model: Any, weights: dict[str, list[Any]]) -> bool:
     order; False (nothing set) unless every layer of the model and of the file is matched,
     with as many weights of the same shapes. (Keras 3 names some variables differently, e.g.
     DepthwiseConv2D's ``kernel``: the order and shapes match, and the check compares outputs.)"""
-    keras = _keras()
-    leaves = _leaves(model, keras.Model)
+    leaves = list(_leaves(model, _keras().Model).values())
     if sorted(layer.name for layer in leaves) != sorted(weights):
         return False
     for layer in leaves:
@@ -341,18 +349,8 @@ def _copy_weights(source: Any, target: Any) -> None:
     """Copy weights leaf by leaf from tf_keras's reading, matching the nested layer paths."""
     import tf_keras
 
-    def leaves(model: Any, prefix: str, nested: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for layer in model.layers:
-            key = f"{prefix}{layer.name}"
-            if isinstance(layer, nested):
-                out.update(leaves(layer, key + "/", nested))
-            elif layer.weights:
-                out[key] = layer
-        return out
-
-    src = leaves(source, "", tf_keras.Model)
-    dst = leaves(target, "", _keras().Model)
+    src = _leaves(source, tf_keras.Model)
+    dst = _leaves(target, _keras().Model)
     if set(src) != set(dst):
         missing = sorted(set(src) ^ set(dst))[:3]
         raise ModelError(f"Converted model does not match the original (layers {missing}).")

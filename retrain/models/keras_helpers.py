@@ -52,6 +52,10 @@ def _keras() -> Any:
     return keras
 
 
+#: The ``class_name`` of a nested model in a saved model config (Keras 2 or 3).
+MODEL_CLASS_NAMES = frozenset({"Sequential", "Functional", "Model"})
+
+
 def is_model(layer: Any) -> bool:
     """Whether ``layer`` is a nested Functional/Sequential model (a container of layers)."""
     keras = _keras()

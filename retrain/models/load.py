@@ -32,6 +32,7 @@ from retrain.errors import ModelError
 from retrain.models import keras2
 from retrain.models.builtin import _load_builtin
 from retrain.models.keras_helpers import (
+    MODEL_CLASS_NAMES,
     BaseModel,
     _cut_before,
     _keras,
@@ -357,7 +358,7 @@ def config_input_shape(config: Any) -> list[int | None] | None:
             for key in ("batch_shape", "batch_input_shape"):
                 if isinstance(source.get(key), list):
                     return list(source[key])
-    if first is not None and first.get("class_name") in _CONTAINERS:
+    if first is not None and first.get("class_name") in MODEL_CLASS_NAMES:
         return config_input_shape(first)
     build = config.get("build_config")
     shape = build.get("input_shape") if isinstance(build, dict) else None
@@ -382,16 +383,13 @@ def _layer_entries(config: Any) -> Iterator[dict]:
                     yield from _layer_entries(entry)
 
 
-_CONTAINERS = {"Sequential", "Functional", "Model"}
-
-
 def _known_keras3(cls: str, entry: dict) -> bool:
     keras = _keras()
     registered = entry.get("registered_name")
     module = str(entry.get("module") or "keras")
     if registered not in (None, cls) or not (module == "keras" or module.startswith("keras.")):
         return False
-    if cls in _CONTAINERS or hasattr(keras.layers, cls):
+    if cls in MODEL_CLASS_NAMES or hasattr(keras.layers, cls):
         return True
     # Keras's own unexported layers (e.g. ConvNeXt's LayerScale) live in keras.src modules.
     import importlib
@@ -404,7 +402,7 @@ def _known_keras3(cls: str, entry: dict) -> bool:
 
 def _known_legacy(cls: str, entry: dict) -> bool:
     keras = _keras()
-    return cls in _CONTAINERS or hasattr(keras.layers, cls)
+    return cls in MODEL_CLASS_NAMES or hasattr(keras.layers, cls)
 
 
 def _load_keras_file(path: Path) -> tuple[Any, list[str] | None]:
@@ -488,7 +486,8 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
     session), else rebuilt now and checked against tf_keras's reading (`keras2`).
 
     In a model worker (`writes_after`) the check runs after the answer: the answer says
-    ``conversion_check: "after this answer"`` (`unchecked_answer`), and the check then fills
+    ``conversion_check: "after this answer"`` (as long as the base's ``origin`` does, answers
+    from it rest on an unchecked model: `service.kinds.unchecked`), and the check then fills
     ``origin`` in (the worker keeps this base loaded) or refuses the file for good (a
     ``.refused`` file beside the kept copies), and the worker drops the base."""
     target = _converted_path(path)
@@ -503,7 +502,7 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
     keras2.require_tf_keras(path)
     model = keras2.rebuild_keras2_h5(path)
     if model is None:  # weights not matched by name: copied from tf_keras's reading, checked
-        model, diff = keras2.convert_keras2_h5(path)
+        model, diff = keras2.copy_from_tf_keras(path)
         origin["conversion_max_abs_diff"] = diff
         _later(lambda: _keep_converted_copy(target, model, diff))
         return model
@@ -524,7 +523,6 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
 
     if _AFTER is not None:
         origin["conversion_check"] = "after this answer"
-        note_unchecked()
     _later(check)
     return model
 
@@ -533,7 +531,6 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
 # model against tf_keras (1.7 CPU-s for a Teachable Machine export, whose answer took 0.6 s)
 # and saving its checked Keras 3 copy (0.3 s). None outside `writes_after`: then they run at once.
 _AFTER: list[Callable[[], None]] | None = None
-_UNCHECKED = [False]  # a load inside the current `writes_after` left its check for later
 
 
 def _later(write: Callable[[], None]) -> None:
@@ -550,25 +547,10 @@ def writes_after() -> Iterator[list[Callable[[], None]]]:
     global _AFTER
     collected: list[Callable[[], None]] = []
     _AFTER = collected
-    _UNCHECKED[0] = False
     try:
         yield collected
     finally:
         _AFTER = None
-
-
-def note_unchecked() -> None:
-    """Say that the answer being made rests on a converted model whose check is still to come
-    (a model worker answering from a base it keeps loaded; `unchecked_answer`)."""
-    if _AFTER is not None:
-        _UNCHECKED[0] = True
-
-
-def unchecked_answer() -> bool:
-    """Whether the answer being made inside `writes_after` rests on a converted model whose
-    check runs after it (the answer says ``conversion_check``; the worker answers again once
-    the check is done, or drops the answer when it fails)."""
-    return _AFTER is not None and _UNCHECKED[0]
 
 
 def _converted_path(path: Path) -> Path:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from retrain.errors import ModelError
+from retrain.models.keras_helpers import MODEL_CLASS_NAMES
 from retrain.sessions.workspace import env_number
 
 _MB = 1024 * 1024
@@ -373,7 +374,6 @@ def _itemsize(cfg: dict) -> int:
     return {"float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}.get(name, 4)
 
 
-_CONTAINERS = {"Sequential", "Functional", "Model"}
 _WRAPPERS = {"Bidirectional", "TimeDistributed"}
 _CHANNELS_FIRST = "channels_first"
 
@@ -586,7 +586,7 @@ def _walk(
     cfg = entry.get("config") if isinstance(entry.get("config"), dict) else {}
     build = entry.get("build_config")
     built = _shape(build.get("input_shape")) if isinstance(build, dict) else None
-    if cls in _CONTAINERS or isinstance(cfg.get("layers"), list):
+    if cls in MODEL_CLASS_NAMES or isinstance(cfg.get("layers"), list):
         return _walk_model(cls, cfg, in_shape or written or built, declared)
     if cls in _WRAPPERS and isinstance(cfg.get("layer"), dict):
         shape = in_shape or written or built

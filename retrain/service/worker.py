@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from retrain.errors import RetrainError
-from retrain.models.load import unchecked_answer, writes_after
+from retrain.models.load import writes_after
 from retrain.runs.procs import own_start_time
 from retrain.service import cache, kinds, pool
 from retrain.service import queue as requests
@@ -101,12 +101,14 @@ def after_answer(
 
 
 class Checks:
-    """Conversions this worker answered on before checking them (`writes_after`), by BASE spec:
-    checked once the worker has been idle `CHECK_IDLE_S`, before it takes a long request, or
+    """Conversions this worker answered on before checking them (`writes_after`), by BASE spec.
+
+    Checked once the worker has been idle `CHECK_IDLE_S`, before it takes a long request, or
     once the oldest has waited `CHECK_DEFER_S`; while a check runs, the worker's holds say
-    ``checking`` (other workers leave requests on that base to it, `CHECKING_S`). Meanwhile the requests on the same base are answered from it as it is
-    (the Model page's "Before → after" right after the layer stack), and re-answered with the
-    rest after the check."""
+    ``checking`` (other workers leave requests on that base to it, `CHECKING_S`). Meanwhile
+    requests on the same base are answered from it as it is (the Model page's "Before →
+    after" right after the layer stack), and answered again with the rest after the check.
+    """
 
     def __init__(self) -> None:
         self.pending: dict[str, dict[str, Any]] = {}
@@ -123,8 +125,8 @@ class Checks:
         return oldest is not None and (idle or time.time() - oldest > CHECK_DEFER_S)
 
     def run(self) -> None:
-        while self.pending:
-            _spec_key, entry = self.pending.popitem()
+        pending, self.pending = self.pending, {}
+        for entry in pending.values():
             after_answer(entry["writes"], entry["answered"], checked=True)
 
 
@@ -244,7 +246,7 @@ def main() -> None:
             continue
         with writes_after() as writes:  # the page gets its answer before the cache writes
             outcome = answer(request)
-            unchecked = unchecked_answer()
+        unchecked = kinds.unchecked(_spec(request))
         if unchecked:
             checks.add(request, writes)
         held = kinds.held_specs()
