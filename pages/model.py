@@ -386,15 +386,13 @@ cut_key = f"cut_at::{spec}"
 cut_index = st.selectbox(
     "Cut after layer (the last layer that is kept)",
     range(len(names)),
-    # A remembered choice (seed_widgets) is the widget's value already: a default beside it
-    # made Streamlit warn on every visit.
-    index=None if cut_key in st.session_state else suggested,
+    # A fixed default: a remembered choice (seed_widgets) overrides it. (A default that went
+    # to None once the key existed made a new widget, which the browser showed empty.)
+    index=suggested,
     format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
     key=cut_key,
     disabled=keep_old,
 )
-if cut_index is None:  # never chosen (a state without a value): the suggested cut
-    cut_index = suggested
 removed = names[cut_index + 1 :]
 st.caption(
     f"Keeps the original head ({', '.join(removed[:8])}) and widens its output layer."

@@ -164,6 +164,8 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     assert re.search(rf"Output\W+{len(CLASSES)} units", text), "the new head should have 3 units"
     page.get_by_text(re.compile(r"^Head options")).first.click()
     hidden = widget(page, "hidden_units").locator("input")
+    hidden.wait_for()
+    assert not page.get_by_text("Choose an option").count(), "the cut should still show its layer"
     hidden.fill("16")
     hidden.press("Enter")
     wait_idle(page, timeout=90)

@@ -79,6 +79,11 @@ def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, d
     at.session_state["conv_block"] = True
     at.radio(key="freeze_mode").set_value("top").run()
     assert at.slider(key="dropout").value == 0.2 and at.number_input(key="add_conv").value == 0
+    # The cut still shows the chosen layer on a later run (it showed "Choose an option").
+    cut = at.selectbox(key=f"cut_at::{BUILTIN}")
+    assert cut.value is not None and cut.format_func(cut.value).endswith(
+        "features (GlobalAveragePooling2D)"
+    )
     at.slider(key="freeze_k").set_value(3).run()
     at.session_state["layer_tables"] = True
     at.number_input(key="hidden_units").set_value(32).run()
