@@ -93,11 +93,15 @@ try:
     if shared_view:
         page.run()
     else:
-        shown = render_sidebar()
-        page.run()
-        if sidebar_choices() != shown:
-            # The page just chose something (a dataset, a model, a run): draw the sidebar again
-            # so it never lags a page behind. Pages cache their heavy work: the rerun is cheap.
-            st.rerun()
+        choices = st.sidebar.empty()
+        shown = render_sidebar(choices)
+        try:
+            page.run()
+        finally:  # after st.stop too
+            if sidebar_choices() != shown:
+                # The page just chose something (a dataset, a model, a run): the sidebar is
+                # drawn again in its place, so it never lags a page behind. (A rerun did this
+                # before: the whole page drawn twice, on the server and in the browser.)
+                render_sidebar(choices)
 finally:  # st.stop and st.rerun end a run by raising: they are page views too
     log_page_time(page.title, time.perf_counter() - STARTED)

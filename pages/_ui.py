@@ -481,10 +481,11 @@ def log_page_time(page: str, seconds: float) -> None:
         log.write(line + "\n")
 
 
-def render_sidebar() -> tuple[tuple[str, str | None], ...]:
-    """Draw the guided flow's choices so far, each ticked once made; return what was drawn."""
+def render_sidebar(slot: Any) -> tuple[tuple[str, str | None], ...]:
+    """Draw the guided flow's choices so far into ``slot`` (a sidebar `st.empty`), each ticked
+    once made; return what was drawn. Drawn again into the same slot, it replaces the first."""
     rows = sidebar_choices()
-    with st.sidebar:
+    with slot.container():
         st.caption("YOUR CHOICES")
         for title, value in rows:
             icon = ":material/check_circle:" if value else ":material/radio_button_unchecked:"

@@ -7,6 +7,7 @@ the server's log and its notes into its own artifacts folder (see `serve_app`, `
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -300,12 +301,15 @@ def rss_mb(pid: int) -> float:
 def serve_app(home: Path, artifacts: Path) -> Iterator[str]:
     """Empty ``artifacts``, start the app there (``server.log``) on ``home``; yield its URL.
 
+    The server logs each script run to ``page-times.jsonl`` there (`script_runs` reads it).
+
     After the test's body, the web server must not have loaded an ML framework: every model
     answer came from a model worker (`retrain.service`). Its RSS lands in ``server.txt``.
     """
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
-    proc, url = start_app(home, artifacts / "server.log")
+    page_log = {"RETRAIN_PAGE_LOG": str(artifacts / "page-times.jsonl")}
+    proc, url = start_app(home, artifacts / "server.log", page_log)
     try:
         yield url
         loaded = ml_libraries_loaded(proc.pid)
@@ -315,6 +319,13 @@ def serve_app(home: Path, artifacts: Path) -> Iterator[str]:
         assert loaded == [], f"the web server loaded an ML framework: {loaded}"
     finally:
         stop_app(proc)
+
+
+def script_runs(artifacts: Path) -> list[str]:
+    """The page of each script run the server of `serve_app` has done so far, in order."""
+    log = artifacts / "page-times.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [json.loads(line)["page"] for line in lines]
 
 
 @contextlib.contextmanager
