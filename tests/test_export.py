@@ -170,6 +170,34 @@ def test_labels_and_model_card(exported, run_dir):
     assert str(Path(run_dir).resolve().parent) not in card
 
 
+def test_the_cards_config_table_says_what_auto_settings_resolved_to():
+    rows = export.config_rows(
+        {
+            "lr": None,
+            "lr_used": 0.011497569953977362,
+            "fine_tune_lr": None,
+            "image_size": None,
+            "image_size_used": [32, 32],
+            "batch_size": 32,
+            "batch_size_used": 16,
+            "epochs": 5,
+            "old_data": None,
+            "cut_at_used": "features",  # no "cut_at" setting: a row of its own
+            "versions": {"keras": "3"},
+        }
+    )
+    assert rows == [
+        "| lr | auto: `0.0115` |",
+        "| fine_tune_lr | auto (lr / 10) |",
+        "| image_size | auto: `[32, 32]` |",
+        "| batch_size | `32` (used `16`) |",
+        "| epochs | `5` |",
+        "| old_data | not set |",
+        "| cut_at_used | `features` |",
+    ]
+    assert not any("None" in row for row in rows)
+
+
 def test_zip_of_everything_holds_every_file(exported, run_dir):
     import zipfile
 

@@ -411,6 +411,25 @@ def test_a_conversion_that_fails_its_check_is_refused_for_good(tmp_path: Path, m
     assert not load._converted_path(path).is_file()
 
 
+def test_a_check_that_failed_for_want_of_memory_is_not_remembered(tmp_path: Path, monkeypatch):
+    path = tmp_path / "keras_model.h5"
+    keras2_nested_h5(path)
+    real_check = load.keras2.check_conversion
+
+    def out_of_memory(p, model):
+        raise MemoryError("Unable to allocate 1.2 GiB")
+
+    monkeypatch.setattr(load.keras2, "check_conversion", out_of_memory)
+    with load.writes_after() as later:
+        models.load_base(str(path))
+    with pytest.raises(ModelError, match=r"Could not check 'keras_model.h5'.*try again"):
+        later[0]()
+    assert not load._converted_path(path).with_suffix(".refused").exists()
+    monkeypatch.setattr(load.keras2, "check_conversion", real_check)
+    base = models.load_base(str(path))  # checked again, and kept this time
+    assert base.origin["conversion_max_abs_diff"] <= 1e-4
+
+
 def test_weights_that_cannot_be_matched_by_name_are_copied_from_tf_keras(tmp_path: Path):
     import tf_keras
 
@@ -608,3 +627,9 @@ def test_layer_stack_lists_a_kept_widened_head_once():
         ("dropout", 0, "head"),
         ("predictions", 6, "head"),
     ]
+    # Its bar says what it is: the original head, not a new one.
+    assert [g["block"] for g in models.group_layers(stack)][-1] == "original head (widened)"
+    replaced = models.layer_stack(
+        base, [*new[:2], _row("head_output", 4, status="new", part="head")]
+    )
+    assert [g["block"] for g in models.group_layers(replaced)][-1] == "new head"

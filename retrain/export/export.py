@@ -187,6 +187,39 @@ def _tflite(saved_model_dir: Path, path: Path, calibration: np.ndarray | None) -
     path.write_bytes(converter.convert())
 
 
+#: Settings the card leaves out of its table: long, or said in another section.
+CARD_SKIPPED = {"versions", "class_names", "diff", "device"}
+#: What an empty setting means, where it is not "not set" (`TrainConfig`).
+CARD_AUTO = {"fine_tune_lr": "auto (lr / 10)"}
+
+
+def config_rows(config: dict[str, Any]) -> list[str]:
+    """The model card's "Training config" table rows: each setting as chosen, and what training
+    resolved where it chose (``lr`` empty = found by the range test: "auto: `0.0115`", from
+    ``lr_used``); the ``*_used`` keys themselves are not rows of their own."""
+    rows = []
+    for key, value in config.items():
+        if key in CARD_SKIPPED or isinstance(value, dict | list) and len(str(value)) > 80:
+            continue
+        if key.endswith("_used") and key[: -len("_used")] in config:
+            continue
+        used = config.get(f"{key}_used")
+        if value is None and used is not None:
+            shown = f"auto: `{_setting(used)}`"
+        elif value is None:
+            shown = CARD_AUTO.get(key, "not set")
+        elif used is not None and used != value:
+            shown = f"`{_setting(value)}` (used `{_setting(used)}`)"
+        else:
+            shown = f"`{_setting(value)}`"
+        rows.append(f"| {key} | {shown} |")
+    return rows
+
+
+def _setting(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def model_card(
     run_dir: str | Path,
     meta: dict[str, Any],
@@ -261,11 +294,7 @@ def model_card(
         "| setting | value |",
         "|---|---|",
     ]
-    skip = {"versions", "class_names", "diff", "device"}
-    for key, value in config.items():
-        if key in skip or isinstance(value, dict | list) and len(str(value)) > 80:
-            continue
-        lines.append(f"| {key} | `{value}` |")
+    lines += config_rows(config)
     lines += ["", "## Metrics"]
     if metrics:
         lines.append(

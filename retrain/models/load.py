@@ -511,11 +511,18 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
         try:
             diff = keras2.check_conversion(path, model)
         except Exception as err:  # not faithful, or tf_keras cannot read it: refused for good
+            transient = not_the_files_fault(err)
             if not isinstance(err, ModelError):
-                err = ModelError(f"Could not load '{path.name}': {_first_line(err)}")
-            with contextlib.suppress(OSError):
-                refused.parent.mkdir(parents=True, exist_ok=True)
-                refused.write_text(str(err), encoding="utf-8")
+                err = ModelError(
+                    f"Could not check '{path.name}' against tf_keras ({_first_line(err)}); "
+                    "try again in a minute."
+                    if transient
+                    else f"Could not load '{path.name}': {_first_line(err)}"
+                )
+            if not transient:
+                with contextlib.suppress(OSError):
+                    refused.parent.mkdir(parents=True, exist_ok=True)
+                    refused.write_text(str(err), encoding="utf-8")
             raise err from None
         origin.pop("conversion_check", None)
         origin["conversion_max_abs_diff"] = diff
@@ -525,6 +532,13 @@ def _converted(path: Path, origin: dict[str, Any]) -> Any:
         origin["conversion_check"] = "after this answer"
     _later(check)
     return model
+
+
+def not_the_files_fault(err: BaseException) -> bool:
+    """Whether a failed conversion check says nothing about the file: the host ran out of
+    memory or could not read or write (TensorFlow's ResourceExhaustedError is its OOM). Such a
+    file is refused this time, not remembered as refused."""
+    return isinstance(err, MemoryError | OSError) or type(err).__name__ == "ResourceExhaustedError"
 
 
 # What a model worker does once its answer is out (`writes_after`): checking a converted Keras 2

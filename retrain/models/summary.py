@@ -56,14 +56,20 @@ def layer_stack(
     Returns:
         The new model's front layers, then every base layer (``"removed"`` when the cut drops
         it, else its status in the new model), then the new head's layers. A base layer that
-        is also a head layer (the original head kept and widened) is listed once, in the head.
+        is also a head layer (the original head kept and widened) is listed once, in the head,
+        marked ``kept``.
         Without ``new_rows``: the base layers, all ``"frozen"``.
     """
     if new_rows is None:
         return [{**row, "status": "frozen", "part": "base"} for row in base_rows]
     kept = {row["name"]: row for row in new_rows}
-    head = [row for row in new_rows if row["part"] == "head"]
-    in_head = {row["name"] for row in head}  # a kept, widened original head ("keep" mode)
+    base_names = {row["name"] for row in base_rows}
+    head = [  # a head layer named like a base layer: the original head, kept ("keep" mode)
+        {**row, "kept": True} if row["name"] in base_names else row
+        for row in new_rows
+        if row["part"] == "head"
+    ]
+    in_head = {row["name"] for row in head}
     stack = [row for row in new_rows if row["part"] == "front"]
     for row in base_rows:
         if row["name"] in in_head:
@@ -78,8 +84,10 @@ def layer_block(row: dict[str, Any]) -> str:
     match = re.match(r"^(.*?(?:block|stage|conv)_?\d+[a-z]?)(?:_|$)", row["name"])
     if match:
         return match.group(1)
-    if row.get("part") in ("front", "head"):
-        return "new head" if row["part"] == "head" else "input + preprocessing"
+    if row.get("part") == "head":
+        return "original head (widened)" if row.get("kept") else "new head"
+    if row.get("part") == "front":
+        return "input + preprocessing"
     return row.get("parent") or row["name"]
 
 
