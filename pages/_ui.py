@@ -41,7 +41,7 @@ from typing import Any
 
 import streamlit as st
 
-from retrain.errors import ConfigError
+from retrain.errors import ConfigError, RetrainError
 from retrain.sessions.workspace import (
     is_valid_token,
     new_session_token,
@@ -352,6 +352,19 @@ OLD_DATA_SOURCES = {
 }
 
 
+def saved_upload(workspace: Path, upload: Any) -> str | None:
+    """Save a file the visitor uploaded under the workspace's uploads/ (`save_upload`); its
+    path, or None after showing the one-line refusal (the session's upload rate or disk quota,
+    `retrain.sessions.quotas`) where the uploader is."""
+    from retrain.sessions.uploads import save_upload
+
+    try:
+        return str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+    except RetrainError as err:
+        st.error(str(err))
+        return None
+
+
 def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
     """The original task's images for "Add classes, keep the old ones"; a path or None.
 
@@ -380,9 +393,7 @@ def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
         return None
     upload = st.file_uploader(OLD_DATA_SOURCES["upload"], type=["zip"], key=f"{key}_old_upload")
     if upload is not None:
-        from retrain.sessions.uploads import save_upload
-
-        return str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+        return saved_upload(workspace, upload)
     if remembered and Path(remembered).exists() and start == "upload":
         st.caption(f"Using the images uploaded earlier: {Path(remembered).name}")
         return remembered

@@ -8,7 +8,14 @@ import streamlit as st
 from pages._charts import confusion_figure, plain
 from pages._service import model_answer
 from pages._share import share_panel
-from pages._ui import as_text, ensure_session, link, page_words, require_finished_run
+from pages._ui import (
+    as_text,
+    ensure_session,
+    link,
+    page_words,
+    require_finished_run,
+    saved_upload,
+)
 from retrain import evaluate
 from retrain.errors import RetrainError
 from retrain.models import CLASS_NAME_RULES
@@ -200,7 +207,7 @@ if base_info and base_info["has_head"]:
             "The original task's images (zip of class folders)", type=["zip"], key="eval_forget_zip"
         )
         if upload is not None:
-            old_data = str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+            old_data = saved_upload(workspace, upload)
     original_classes = None
     if not base_info["class_names"] and not config.get("original_classes"):
         original_classes = (

@@ -20,6 +20,7 @@ from pages._ui import (
     old_data_picker,
     page_words,
     remember,
+    saved_upload,
 )
 from retrain.errors import RetrainError
 from retrain.models import (
@@ -265,9 +266,7 @@ with st.expander("Preprocessing (how pixels are scaled for this model)"):
             key="probe_old_data",
         )
         if old_upload is not None:
-            probe_data = str(
-                save_upload(workspace / "uploads", old_upload.name, old_upload.getvalue())
-            )
+            probe_data = saved_upload(workspace, old_upload)
 if prep_choice != "auto" or probe_data:
     probed = model_answer(
         "describe",

@@ -135,3 +135,51 @@ def test_a_session_over_its_disk_quota_cannot_start_a_run(two_sessions, monkeypa
     config = TrainConfig(data=str(tmp_path / "data"), base="builtin:digits-cnn")
     with pytest.raises(QuotaError, match="This session uses 1 MB of its 1 MB"):
         jobs.create_run(config, a)
+
+
+def test_an_upload_over_the_quota_is_one_line_on_the_page(monkeypatch):
+    # Every page uploader that saves a file goes through pages._ui.saved_upload (the Model
+    # page's old data and probe, the Evaluate page's forgetting zip): a refusal is one line.
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from pages._ui import ensure_session, saved_upload
+
+        upload = st.file_uploader("The original task's images", key="old_zip")
+        if upload is not None:
+            st.session_state["saved"] = saved_upload(ensure_session(), upload)
+
+    monkeypatch.setenv("RETRAIN_SESSION_QUOTA_MB", "1")
+    at = AppTest.from_function(page, default_timeout=30).run()
+    at.file_uploader(key="old_zip").upload("old.zip", b"x" * 1_500_000, "application/zip")
+    at.run()
+    assert not at.exception
+    assert at.session_state["saved"] is None
+    assert len(at.error) == 1 and "of its 1 MB" in at.error[0].value
+    assert "\n" not in at.error[0].value.strip()
+
+
+def test_every_page_that_saves_an_upload_catches_its_refusal():
+    """A quota refusal (a RetrainError) never reaches the page as a traceback: each page's
+    `save_upload` call sits in a ``try`` that catches RetrainError."""
+    import ast
+
+    pages = Path(__file__).resolve().parents[1] / "pages"
+    unguarded = []
+    for path in sorted(pages.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "save_upload"):
+                continue
+            up = parents.get(node)
+            while up is not None and not (
+                isinstance(up, ast.Try)
+                and any("RetrainError" in ast.unparse(h.type or ast.Name("")) for h in up.handlers)
+            ):
+                up = parents.get(up)
+            if up is None:
+                unguarded.append(f"{path.name}:{node.lineno}")
+    assert unguarded == []
