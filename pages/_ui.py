@@ -352,14 +352,14 @@ OLD_DATA_SOURCES = {
 }
 
 
-def saved_upload(workspace: Path, upload: Any) -> str | None:
-    """Save a file the visitor uploaded under the workspace's uploads/ (`save_upload`); its
-    path, or None after showing the one-line refusal (the session's upload rate or disk quota,
+def saved_upload(folder: Path, upload: Any, default_name: str = "upload") -> str | None:
+    """Save a file the visitor uploaded under ``folder`` (`save_upload`); its path, or None
+    after showing the one-line refusal (the session's upload rate or disk quota,
     `retrain.sessions.quotas`) where the uploader is."""
     from retrain.sessions.uploads import save_upload
 
     try:
-        return str(save_upload(workspace / "uploads", upload.name, upload.getvalue()))
+        return str(save_upload(folder, upload.name, upload.getvalue(), default_name=default_name))
     except RetrainError as err:
         st.error(str(err))
         return None
@@ -393,7 +393,7 @@ def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
         return None
     upload = st.file_uploader(OLD_DATA_SOURCES["upload"], type=["zip"], key=f"{key}_old_upload")
     if upload is not None:
-        return saved_upload(workspace, upload)
+        return saved_upload(workspace / "uploads", upload)
     if remembered and Path(remembered).exists() and start == "upload":
         st.caption(f"Using the images uploaded earlier: {Path(remembered).name}")
         return remembered

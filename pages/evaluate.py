@@ -207,7 +207,7 @@ if base_info and base_info["has_head"]:
             "The original task's images (zip of class folders)", type=["zip"], key="eval_forget_zip"
         )
         if upload is not None:
-            old_data = saved_upload(workspace, upload)
+            old_data = saved_upload(workspace / "uploads", upload)
     original_classes = None
     if not base_info["class_names"] and not config.get("original_classes"):
         original_classes = (

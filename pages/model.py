@@ -30,7 +30,6 @@ from retrain.models import (
     layer_stack,
 )
 from retrain.models.preprocessing import PREPROCESSING
-from retrain.sessions.uploads import save_upload
 
 SOURCES = ("Built-in starter model", "Keras applications (ImageNet)", "Upload .keras/.h5")
 WEIGHTS = ("ImageNet (downloaded once)", "None (random weights)", "Upload a weights file")
@@ -129,13 +128,10 @@ def save_model_upload(files: list[Any], workspace: Path) -> str | None:
     if saved and saved[0] == ids and Path(saved[1]).is_file():
         return saved[1]
     model = models[0]
-    try:
-        target = save_upload(
-            workspace / "models", model.name, model.getvalue(), default_name="model.h5"
-        )
-    except RetrainError as err:  # the session's upload or disk quota (retrain.sessions.quotas)
-        st.error(str(err))
+    saved_path = saved_upload(workspace / "models", model, default_name="model.h5")
+    if saved_path is None:
         return None
+    target = Path(saved_path)
     labels = [f for f in files if Path(f.name).name.lower().endswith(".txt")]
     if labels:
         (target.parent / "labels.txt").write_bytes(labels[0].getvalue())
@@ -266,7 +262,7 @@ with st.expander("Preprocessing (how pixels are scaled for this model)"):
             key="probe_old_data",
         )
         if old_upload is not None:
-            probe_data = saved_upload(workspace, old_upload)
+            probe_data = saved_upload(workspace / "uploads", old_upload)
 if prep_choice != "auto" or probe_data:
     probed = model_answer(
         "describe",

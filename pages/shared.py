@@ -16,10 +16,9 @@ import streamlit as st
 from pages._charts import confusion_figure
 from pages._service import model_answer
 from pages._share import card_markdown
-from pages._ui import as_text, ensure_session, remember
+from pages._ui import as_text, ensure_session, remember, saved_upload
 from retrain.errors import RetrainError
 from retrain.sessions import share
-from retrain.sessions.uploads import save_upload
 
 TRY_IMAGE_PX = 224
 
@@ -61,10 +60,8 @@ def _try_it(record: dict, workspace) -> None:
         image = st.camera_input("Take a picture", key="shared_try_camera")
     if image is None:
         return
-    try:
-        path = save_upload(workspace / "uploads" / "try", image.name, image.getvalue())
-    except RetrainError as err:
-        st.error(str(err))
+    path = saved_upload(workspace / "uploads" / "try", image)
+    if path is None:
         return
     model = str(share.share_file(record, share.MODEL_FILE))
     answer = model_answer("predict", "Classifying", model=model, images=[str(path)], top_k=3)

@@ -149,7 +149,7 @@ def test_an_upload_over_the_quota_is_one_line_on_the_page(monkeypatch):
 
         upload = st.file_uploader("The original task's images", key="old_zip")
         if upload is not None:
-            st.session_state["saved"] = saved_upload(ensure_session(), upload)
+            st.session_state["saved"] = saved_upload(ensure_session() / "uploads", upload)
 
     monkeypatch.setenv("RETRAIN_SESSION_QUOTA_MB", "1")
     at = AppTest.from_function(page, default_timeout=30).run()
