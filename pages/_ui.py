@@ -369,13 +369,17 @@ def old_data_picker(workspace: Path, base_spec: str, key: str) -> str | None:
     """The original task's images for "Add classes, keep the old ones"; a path or None.
 
     Offers the built-in digits 0-4 for the starter model, an upload, or none; starts from
-    what the Model page remembered (``surgery["old_data"]``).
+    what the Model page remembered (``surgery["old_data"]``). Before anything was chosen in
+    keep mode, the built-in digits where they are offered: rehearsal keeps far more of the
+    old task than distillation alone (docs/benchmarks.md, issue 10).
     """
-    remembered = (st.session_state.get("surgery") or {}).get("old_data")
+    surgery = st.session_state.get("surgery") or {}
+    remembered = surgery.get("old_data")
     sources = [s for s in OLD_DATA_SOURCES if s != "sample" or base_spec.startswith("builtin:")]
-    start = "upload" if remembered else "none"
-    if remembered and "digits-0-1-2-3-4" in remembered:  # sample.sample_dataset's folder
-        start = "sample"
+    if remembered:
+        start = "sample" if "digits-0-1-2-3-4" in remembered else "upload"  # sample_dataset's
+    else:  # "none" once chosen in keep mode; the built-in digits before that
+        start = "none" if surgery.get("keep_old_classes") else "sample"
     source = st.radio(
         "The original task's images",
         sources,

@@ -582,6 +582,8 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     at.run()
     assert not at.exception, at.exception
     at.radio(key="head_mode").set_value("keep").run()
+    # The built-in digits by default, where they are offered: rehearsal keeps the old task.
+    assert at.radio(key="model_old_source").value == "sample"
     at.radio(key="model_old_source").set_value("sample").run()
     assert not at.exception, at.exception
     surgery = at.session_state["surgery"]
@@ -602,6 +604,17 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     assert train.radio(key="train_old_source").value == "sample"
     assert train.number_input(key="rehearsal_per_class").value == 20
     assert any("original head kept" in c.value for c in train.caption)
+
+    # "None" chosen by hand is what a later visit starts from, not the built-in default.
+    at.radio(key="model_old_source").set_value("none").run()
+    assert at.session_state["surgery"]["old_data"] is None
+    again = AppTest.from_file(str(root / "pages" / "model.py"), default_timeout=120)
+    for key in ("workspace", "dataset", "base", "surgery"):
+        again.session_state[key] = at.session_state[key]
+    again.run()
+    assert not again.exception, again.exception
+    assert again.radio(key="head_mode").value == "keep"
+    assert again.radio(key="model_old_source").value == "none"
 
 
 def test_weight_aligning_scales_the_new_rows_to_the_old_rows_mean_norm():
