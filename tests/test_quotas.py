@@ -183,3 +183,29 @@ def test_every_page_that_saves_an_upload_catches_its_refusal():
             if up is None:
                 unguarded.append(f"{path.name}:{node.lineno}")
     assert unguarded == []
+
+
+def test_a_zip_that_would_fill_the_quota_is_refused_before_extraction(two_sessions, monkeypatch):
+    # The zip itself fits (0.5 MB); what it declares it would write does not (1 MB quota).
+    import zipfile
+
+    from retrain.data import ingest
+
+    a, _ = two_sessions
+    monkeypatch.setenv("RETRAIN_SESSION_QUOTA_MB", "1")
+    upload = a / "uploads" / "photos.zip"
+    upload.parent.mkdir(parents=True)
+    with zipfile.ZipFile(upload, "w", zipfile.ZIP_STORED) as zf:
+        for cls in ("cats", "dogs"):
+            zf.writestr(f"photos/{cls}/a.png", os.urandom(260_000))
+    with pytest.raises(QuotaError) as err:
+        ingest(upload, a)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "plus 1 MB more of its 1 MB" in message, message
+    written = [p for p in (a / "datasets").rglob("*") if p.is_file()]
+    assert written == [], "nothing is extracted"
+    monkeypatch.setenv("RETRAIN_SESSION_QUOTA_MB", "0")  # the same zip with room: no quota error
+    with pytest.raises(RetrainError) as other:
+        ingest(upload, a)  # (its "images" are random bytes: refused for that, not for room)
+    assert not isinstance(other.value, QuotaError)

@@ -31,6 +31,7 @@ from retrain.data.images import (
     _safe_relpath,
 )
 from retrain.errors import DatasetError
+from retrain.sessions.quotas import check_room
 from retrain.sessions.workspace import is_within
 
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
@@ -169,6 +170,9 @@ def _extract_zip(
             reason = _junk_reason(folder.rstrip("/").split("/")[-1], is_folder=True)
             junk.append({"path": folder, "reason": f"{reason} ({n} files)"})
 
+        # The zip's own directory says how much it will write: a session near its disk quota
+        # is refused here, before a byte is extracted (not after filling its disk).
+        check_room(dest, sum(info.file_size for info, _ in plan))
         candidates: list[str] = []
         dest_resolved = dest.resolve()
         for done, (info, rel) in enumerate(plan):

@@ -100,6 +100,19 @@ def check_disk(session: str | Path, adding: int = 0) -> None:
         )
 
 
+def check_room(folder: str | Path, adding: int) -> None:
+    """Refuse writing ``adding`` more bytes into ``folder`` when its session would go over its
+    disk quota (a zip's declared extracted size, before anything is extracted). Does nothing
+    outside a browser session.
+
+    Raises:
+        QuotaError: the session would go over its quota.
+    """
+    session = session_of(folder)
+    if session is not None:
+        check_disk(session, adding=adding)
+
+
 def check_upload(folder: str | Path, size: int, now: float | None = None) -> None:
     """Count one new upload of ``size`` bytes into ``folder`` against its session's limits.
 
