@@ -83,3 +83,27 @@ def test_requests_run_on_ray_actors_and_a_killed_actor_is_replaced(tmp_path: Pat
         assert int(_run(PID, env)[0]) != pid
     finally:
         head.stop()
+
+
+def test_a_cluster_that_is_not_there_is_one_line_within_seconds(monkeypatch):
+    # ray.init alone waits 30 s (Ray Client) or over a minute (a GCS address) before failing.
+    import socket
+    import time
+
+    from retrain.errors import RunError
+    from retrain.service import on_ray
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address in (f"ray://127.0.0.1:{port}", f"127.0.0.1:{port}"):
+        monkeypatch.setenv("RETRAIN_RAY_CLUSTER", address)
+        started = time.monotonic()
+        with pytest.raises(RunError) as err:
+            on_ray._connect()
+        assert time.monotonic() - started < on_ray.PROBE_S + 5
+        message = str(err.value)
+        assert "\n" not in message
+        assert f"Cannot reach the Ray cluster at {address}" in message
+        assert f"port {port}: connection refused" in message
+        assert "set RETRAIN_RAY_CLUSTER" in message

@@ -19,6 +19,7 @@ it was answering gets the same one line as a local worker's (`queue.WORKER_LOST`
 from __future__ import annotations
 
 import os
+import socket
 import time
 import urllib.parse
 import zlib
@@ -32,6 +33,7 @@ from retrain.sessions.workspace import env_number, home, keras_home
 
 NAMESPACE = "retrain"
 ACTOR_PREFIX = "retrain-model-worker"
+PROBE_S = 3.0  # a port that does not answer in this long is a cluster that is not there
 
 
 def cluster_address() -> str:
@@ -45,11 +47,39 @@ def cluster_address() -> str:
     return f"ray://{host}:10001"
 
 
+def _unreachable(address: str, reason: str) -> RunError:
+    return RunError(
+        f"Cannot reach the Ray cluster at {address} for model requests ({reason}). "
+        "Check that it runs, or set RETRAIN_RAY_CLUSTER to its address."
+    )
+
+
+def _probe(address: str, timeout_s: float = PROBE_S) -> None:
+    """Refuse within ``timeout_s`` when nothing answers at the cluster's host and port.
+
+    ``ray.init`` waits out its own timeouts first: 30 s for Ray Client, over a minute for a
+    GCS address; every page's model request would wait that long for the same one line.
+    """
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray finds the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        why = (
+            f"no answer within {timeout_s:.0f} s"
+            if isinstance(err, TimeoutError)
+            else (err.strerror or str(err)).lower()
+        )
+        raise _unreachable(address, f"port {port}: {why}") from None
+
+
 def _connect() -> Any:
     import ray
 
     if not ray.is_initialized():
         address = cluster_address()
+        _probe(address)
         try:
             ray.init(
                 address=address,
@@ -58,11 +88,8 @@ def _connect() -> Any:
                 ignore_reinit_error=True,
             )
         except Exception as err:  # any failure to join is one line for the page
-            raise RunError(
-                f"Cannot reach the Ray cluster at {address} for model requests "
-                f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}). "
-                "Check that it runs, or set RETRAIN_RAY_CLUSTER to its address."
-            ) from None
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise _unreachable(address, reason) from None
     return ray
 
 
