@@ -21,7 +21,9 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt requirements-ray.t
 
 run: $(VENV)/.installed-run
 	$(BIN)/python -m retrain.service  # warm model workers start first (TF loads there)
-	$(BIN)/streamlit run app.py --server.port $(PORT)
+	@# The workers outlive a server on purpose (replicas share them); this one's end stops them.
+	trap '$(BIN)/python -m retrain.service --stop >/dev/null' EXIT; trap 'exit 130' INT TERM; \
+		$(BIN)/streamlit run app.py --server.port $(PORT)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -364,6 +364,20 @@ def test_the_start_command_starts_warm_workers_before_the_server(workers):
     started = json.loads(out.stdout)["workers"]
     assert len(started) == 1 and "ready" in started[0]
     assert [w["pid"] for w in pool.live_workers()] == [started[0]["pid"]]
+    # ... and `--stop` ends them (what `make run` does when its server stops).
+    stop = subprocess.run(
+        [sys.executable, "-m", "retrain.service", "--stop"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    assert json.loads(stop.stdout) == {"stopped": 1}
+    assert pool.live_workers() == []
+    from retrain.runs.procs import process_alive
+
+    assert not process_alive(started[0]["pid"], started[0]["started"])
 
 
 def test_a_replaced_heads_preview_depends_on_the_number_of_classes_not_their_names():
