@@ -261,6 +261,8 @@ def _curve_figure(rows: list[dict], metric: str, title: str) -> go.Figure:
     )
     # Epochs are whole numbers; without this plotly labels 1.2, 1.4, ...
     fig.update_xaxes(tickmode="linear", dtick=max(1, len(epochs) // 10), tick0=1)
+    if epochs:  # half an epoch either side, or the markers' padding draws a tick past the last
+        fig.update_xaxes(range=[min(epochs) - 0.5, max(epochs) + 0.5])
     return fig
 
 
@@ -316,17 +318,31 @@ def _lr_view(run_dir: Path) -> None:
         )
 
 
+def _done_text(status: dict, rows: list[dict]) -> str:
+    """The headline of a finished run: the validation score of the model that Evaluate, Export
+    and a share use (``best.keras``, of epoch ``saved_epoch``), not of some other epoch."""
+    what = "Stopped" if status.get("stopped") else "Done"
+    corrected = bool(status.get("bias_corrected"))
+    epoch = status.get("saved_epoch") or status.get("best_epoch")  # (runs before saved_epoch)
+    row = next((r for r in rows if r.get("epoch") == epoch), None)
+    accuracy = row.get("val_accuracy") if row else None
+    if accuracy is None:
+        best = jobs.best_val_accuracy(rows)
+        return f"{what}: best validation accuracy {best:.1%}." if best is not None else f"{what}."
+    text = f"{what}: validation accuracy {accuracy:.1%} at epoch {epoch}"
+    if corrected:
+        return text + " before the old/new bias correction; Evaluate scores the corrected model."
+    return text + ", the model that Evaluate and Export use."
+
+
 def _stopped_text(status: dict) -> str | None:
-    """ "Stopped at epoch N of M, kept epoch K" when early stopping ended the run."""
-    budget, kept = status.get("epochs_budget"), status.get("restored_epoch")
-    stopped = status.get("early_stopped_epoch")
+    """ "Early stopping ended it at epoch N of M" when early stopping ended the run."""
+    budget, stopped = status.get("epochs_budget"), status.get("early_stopped_epoch")
     if stopped and budget:
         return (
-            f"Early stopping: stopped at epoch {stopped} of {budget}, best {kept} "
-            "(lowest validation loss; its weights are the saved model's)."
+            f"Early stopping ended it at epoch {stopped} of {budget}: the validation loss had "
+            "stopped improving."
         )
-    if kept and budget:
-        return f"Kept epoch {kept} of {budget}: the one with the lowest validation loss."
     return None
 
 
@@ -427,16 +443,7 @@ def _run_view(run_id: str, run_dir: Path) -> None:
     elif state == "interrupted":
         st.warning(status.get("error"))
     elif state == "done":
-        best = jobs.best_val_accuracy(cache["rows"])
-        what = "Stopped" if status.get("stopped") else "Done"
-        if best is not None:
-            epoch = status.get("best_epoch")
-            st.success(
-                f"{what}: best validation accuracy {best:.1%}"
-                + (f" (epoch {epoch})." if epoch else ".")
-            )
-        else:
-            st.success(f"{what}.")
+        st.success(_done_text(status, cache["rows"]))
         stopped = _stopped_text(status)
         if stopped:
             st.caption(stopped)

@@ -672,3 +672,6 @@ def test_bias_correction_edits_the_saved_model_and_is_recorded(plain_task, tmp_p
     for a, b in zip(best.get_weights(), final.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)  # best.keras is the corrected model too
     assert modelfile.read_metadata(run / "model.keras")["bias_correction"] == record
+    status = rundir.read_status_file(run)  # the page says whose epoch the corrected model is
+    assert status["bias_corrected"] is True
+    assert status["saved_epoch"] == modelfile.read_metadata(run / "best.keras")["epoch"]

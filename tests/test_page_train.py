@@ -177,9 +177,32 @@ def test_finished_run_shows_curves_with_phase_boundary_and_best_accuracy(session
         assert [t["name"] for t in traces] == ["train", "validation"]
         assert all(len(t["x"]) == 5 for t in traces)
         assert chart["layout"]["shapes"][0]["x0"] == 3.5  # phase 2 starts after epoch 3
-    assert "best validation accuracy 90.0% (epoch 5)" in _text(at)
+        assert chart["layout"]["xaxis"]["range"] == [0.5, 5.5]  # no tick past the last epoch
+    assert "validation accuracy 90.0% at epoch 5, the model that Evaluate and Export use" in (
+        _text(at)
+    )
     assert "Device: CPU" in _text(at)
     assert at.button(key="stop_training").disabled is True
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        # best.keras is epoch 4's: its score, not the highest of any epoch (epoch 5's 90%)
+        ({"best_epoch": 5, "saved_epoch": 4}, "validation accuracy 80.0% at epoch 4, the model"),
+        (
+            {"best_epoch": 5, "saved_epoch": 3, "bias_corrected": True},
+            "validation accuracy 70.0% at epoch 3 before the old/new bias correction; "
+            "Evaluate scores the corrected model.",
+        ),
+        ({}, "Done: best validation accuracy 90.0%."),  # no epoch recorded: the best of all
+    ],
+)
+def test_a_finished_runs_headline_scores_the_model_evaluate_and_export_use(session, status, says):
+    _fabricate(session["workspace"], "run-saved", "done", 5, **status)
+    at = _app(session, "run-saved").run()
+    assert not at.exception
+    assert says in _text(at)
 
 
 def test_a_run_that_found_its_rate_and_stopped_early_says_so(session, monkeypatch):
@@ -199,7 +222,7 @@ def test_a_run_that_found_its_rate_and_stopped_early_says_so(session, monkeypatc
     )  # fmt: skip
     at = _app(session, "run-auto").run()
     assert not at.exception
-    assert "stopped at epoch 5 of 30, best 3" in _text(at)
+    assert "Early stopping ended it at epoch 5 of 30" in _text(at)
     charts = _charts(at)
     lr_chart = next(c for c in charts if "Learning rate finder" in str(c["layout"]["title"]))
     assert lr_chart["data"][0]["x"] == pytest.approx(lrs)

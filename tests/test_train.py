@@ -473,6 +473,12 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     assert [r["epoch"] for r in rows] == [1, 2] and {r["phase"] for r in rows} == {1}
     status = rundir.read_status_file(run_dir)
     assert status["state"] == "done" and status["stopped"] is False
+    # saved_epoch names the epoch of best.keras, the model evaluate and export use.
+    from retrain.models.modelfile import read_metadata
+
+    assert status["saved_epoch"] == summary["saved_epoch"] == summary["best_epoch"]
+    assert read_metadata(rundir.best_model_path(run_dir))["epoch"] == status["saved_epoch"]
+    assert status["bias_corrected"] is False
     config = rundir.read_config(run_dir)
     assert config["class_names"] == ["blue", "green", "red"]
     import keras

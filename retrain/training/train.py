@@ -155,7 +155,8 @@ def train(
 
     Returns:
         ``{"run_dir", "state", "stopped", "epochs_done", "best_val_accuracy", "best_epoch",
-        "final", "feature_cache", "seconds", "warnings", ...}``.
+        "saved_epoch", "final", "feature_cache", "seconds", "warnings", ...}``; ``saved_epoch``
+        is the epoch whose model is ``best.keras`` (what evaluate and export use).
 
     Raises:
         ConfigError / DatasetError / ModelError: bad input (also written to the run's status).
@@ -205,6 +206,8 @@ def train(
         epochs_done=summary["epochs_done"],
         early_stopped_epoch=summary["early_stopped_epoch"],
         restored_epoch=summary["restored_epoch"],
+        saved_epoch=summary["saved_epoch"],
+        bias_corrected=summary["bias_correction"] is not None,
         epochs_budget=summary["epochs_budget"],
         lr=summary["lr"],
         finished=time.time(),
@@ -913,12 +916,17 @@ class _Run:
         if self.bias_correction is not None:
             final_meta["bias_correction"] = self.bias_correction
         save_model(self.surgery.model, rundir.final_model_path(run_dir), final_meta)
+        # best.keras is what Evaluate, Export and a share use: the epoch with the best
+        # validation accuracy (BestCheckpoint), or the kept epoch's model written here.
+        saved_epoch = state.best_epoch
         if self.bias_correction is not None:
             # best.keras was saved during training, before the correction: the corrected
             # model of the kept epoch is the run's best.
             save_model(self.surgery.model, rundir.best_model_path(run_dir), final_meta)
+            saved_epoch = final_meta["epoch"]
         elif not rundir.best_model_path(run_dir).exists():
             save_model(self.surgery.model, rundir.best_model_path(run_dir), final_meta)
+            saved_epoch = final_meta["epoch"]
         rundir.write_progress(
             run_dir, {"phase": "done", "epoch": last_epoch, "epochs": config.total_epochs}
         )
@@ -931,6 +939,7 @@ class _Run:
             "best_epoch": state.best_epoch,
             "early_stopped_epoch": state.early_stopped_epoch,
             "restored_epoch": state.restored_epoch,
+            "saved_epoch": saved_epoch or None,
             "epochs_budget": config.total_epochs,
             "lr": self.lr,
             "fine_tune_lr": self.fine_tune_lr,
