@@ -74,6 +74,14 @@ st.caption("Take the model away: every file is reloaded in a fresh process and c
 
 run_dir = require_finished_run(workspace, "export")
 run_id = run_dir.name
+saved_epoch, saved_accuracy = rundir.saved_score(
+    rundir.read_status_file(run_dir) or {}, rundir.read_metrics(run_dir)
+)
+if saved_epoch is not None:
+    st.markdown(
+        f"Exports **{run_id}**: the model of epoch {saved_epoch}, validation accuracy "
+        f"{saved_accuracy:.1%} (the one Evaluate scores)."
+    )
 
 has_tf = export.tensorflow_available()
 options = [f for f in export.FORMATS if has_tf or f not in export.NEEDS_TENSORFLOW]

@@ -322,15 +322,12 @@ def _done_text(status: dict, rows: list[dict]) -> str:
     """The headline of a finished run: the validation score of the model that Evaluate, Export
     and a share use (``best.keras``, of epoch ``saved_epoch``), not of some other epoch."""
     what = "Stopped" if status.get("stopped") else "Done"
-    corrected = bool(status.get("bias_corrected"))
-    epoch = status.get("saved_epoch") or status.get("best_epoch")  # (runs before saved_epoch)
-    row = next((r for r in rows if r.get("epoch") == epoch), None)
-    accuracy = row.get("val_accuracy") if row else None
+    epoch, accuracy = rundir.saved_score(status, rows)
     if accuracy is None:
         best = jobs.best_val_accuracy(rows)
         return f"{what}: best validation accuracy {best:.1%}." if best is not None else f"{what}."
     text = f"{what}: validation accuracy {accuracy:.1%} at epoch {epoch}"
-    if corrected:
+    if status.get("bias_corrected"):
         return text + " before the old/new bias correction; Evaluate scores the corrected model."
     return text + ", the model that Evaluate and Export use."
 

@@ -49,6 +49,15 @@ def test_build_shows_self_test_downloads_and_the_model_card(trained):
     assert any(option.startswith("TFLite int8") for option in formats.options)
     assert any(option.startswith("TensorFlow SavedModel") for option in formats.options)
     assert not at.get("download_button")  # nothing built yet
+    # It says whose model it exports: the epoch of best.keras that the run recorded.
+    from retrain.runs import rundir
+
+    run_dir = workspace / "runs" / RUN_ID
+    rundir.write_status(run_dir, "done", saved_epoch=1)
+    accuracy = rundir.read_metrics(run_dir)[0]["val_accuracy"]
+    at.run()
+    said = [m.value for m in at.markdown if m.value.startswith(f"Exports **{RUN_ID}**")]
+    assert said and f"the model of epoch 1, validation accuracy {accuracy:.1%}" in said[0], said
 
     at.button(key="export_build").click().run()
     assert not at.exception, at.exception

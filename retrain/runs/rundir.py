@@ -332,6 +332,19 @@ def best_val_accuracy(metrics: list[dict[str, Any]]) -> float | None:
     return max(values) if values else None
 
 
+def saved_score(
+    status: dict[str, Any], metrics: list[dict[str, Any]]
+) -> tuple[int | None, float | None]:
+    """The epoch of ``best.keras`` (what evaluate, export and share use) and its validation
+    accuracy as logged; (None, None) when the run does not say (runs older than
+    ``saved_epoch`` give ``best_epoch``, the same epoch there)."""
+    epoch = status.get("saved_epoch") or status.get("best_epoch")
+    row = next((m for m in metrics if epoch and m.get("epoch") == epoch), None)
+    if row is None or row.get("val_accuracy") is None:
+        return None, None
+    return int(epoch), float(row["val_accuracy"])
+
+
 # ----------------------------------------------------------------------------------------
 # progress.json
 
