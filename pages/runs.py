@@ -168,7 +168,7 @@ chosen = st.selectbox(
     key="runs_pick",
 )
 state = details[chosen]["state"]
-cols = st.columns(4)
+cols = st.columns([1, 1.5, 0.9, 0.9])  # the second label is the longest: not cut off
 if cols[0].button("Open in Evaluate", key="runs_open", disabled=state != "done"):
     remember(run_id=chosen)
     st.switch_page(PAGE_FILES["evaluate"])
