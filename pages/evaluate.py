@@ -127,6 +127,12 @@ cols[2].metric("Macro F1", f"{report['macro']['f1']:.3f}", help="F1 averaged ove
 if "top_k" in report:
     cols[3].metric(f"Top-{report['top_k']['k']} accuracy", f"{report['top_k']['accuracy']:.1%}")
 cols[4].metric("Images", report["num_images"], help=f"split: {report['split']}")
+if split == "val":
+    st.caption(
+        "These validation images also picked the saved epoch, so the score leans a little "
+        "optimistic. For an untouched score, zip your images as `train/` and `test/` folders "
+        "that each hold the class folders: Evaluate then offers the test images."
+    )
 
 names = report["class_names"]
 left, right = st.columns(2)
