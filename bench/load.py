@@ -213,6 +213,12 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
         await field.fill(str(epochs))
         await field.press("Enter")
         await settle(page, 30)
+        # --epochs in all, as before phase 2 became the default: head only.
+        await page.get_by_text("Fine-tuning (phase 2").first.click()
+        field = page.locator(".st-key-fine_tune_epochs input").first
+        await field.fill("0")
+        await field.press("Enter")
+        await settle(page, 30)
         t0 = time.monotonic()
         await page.locator(".st-key-start_training button").first.click()
         first_epoch = None

@@ -185,8 +185,16 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
 
     # 5. Train 2 epochs; the chart grows while the page stays interactive.
     go_to(page, "3 · Train")
-    # 2 epochs of small batches at a head-sized learning rate: enough steps to learn the shapes.
-    for key, value in (("epochs", str(EPOCHS)), ("batch_size", "8"), ("lr", "0.01")):
+    # 2 epochs of small batches at a head-sized learning rate: enough steps to learn the shapes;
+    # head only (phase 2, on by default, is set to 0 in its expander as a person would).
+    page.get_by_text("Fine-tuning (phase 2").first.click()
+    fields = (
+        ("epochs", str(EPOCHS)),
+        ("batch_size", "8"),
+        ("lr", "0.01"),
+        ("fine_tune_epochs", "0"),
+    )
+    for key, value in fields:
         field = widget(page, key).locator("input").first
         field.fill(value)
         field.press("Enter")

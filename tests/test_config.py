@@ -55,10 +55,15 @@ def test_bad_freeze_text_is_rejected_alike_by_both(text, match):
 
 
 def test_demo_cap_holds_for_the_whole_run():
+    # A run that fine-tunes keeps up to 30% of the cap for phase 2; the head gets the rest.
     capped = demo_capped(TrainConfig(epochs=15, fine_tune_epochs=50), 20)
-    assert (capped.epochs, capped.fine_tune_epochs) == (15, 5)
+    assert (capped.epochs, capped.fine_tune_epochs) == (14, 6)
     capped = demo_capped(TrainConfig(epochs=30, fine_tune_epochs=3), 20)
-    assert (capped.epochs, capped.fine_tune_epochs) == (20, 0)
+    assert (capped.epochs, capped.fine_tune_epochs) == (17, 3)
+    capped = demo_capped(TrainConfig(), 20)  # the defaults: 30 + 15
+    assert (capped.epochs, capped.fine_tune_epochs) == (14, 6)
+    head_only = demo_capped(TrainConfig(fine_tune_epochs=0), 20)
+    assert (head_only.epochs, head_only.fine_tune_epochs) == (20, 0)
     small = TrainConfig(epochs=3, fine_tune_epochs=2)
     assert demo_capped(small, 20) is small
 

@@ -182,7 +182,9 @@ def test_a_default_run_finds_its_rate_stops_itself_and_a_resume_reuses_the_rate(
             pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / name / f"{i}.png")
     run = tmp_path / "run"
-    config = TrainConfig(data=str(folder), base=str(tiny_base), batch_size=8, epochs=40)
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), batch_size=8, epochs=40, fine_tune_epochs=0
+    )  # phase 1 alone: its rate and its early stop (phase 2: test_train.py)
     summary = train_module.train(config, run, workspace=tmp_path / "ws")
     found = rundir.read_lr_find(run)
     assert found["on"] == "features" and found["steps"] > 20
@@ -213,8 +215,9 @@ def test_a_default_run_finds_its_rate_stops_itself_and_a_resume_reuses_the_rate(
 
     # --early-stopping 0: every epoch, the last kept; a set --lr: no range test recorded.
     fixed = TrainConfig(
-        data=str(folder), base=str(tiny_base), batch_size=8, epochs=3, lr=0.01, early_stopping=0
-    )
+        data=str(folder), base=str(tiny_base), batch_size=8, epochs=3, lr=0.01, early_stopping=0,
+        fine_tune_epochs=0,
+    )  # fmt: skip
     summary = train_module.train(fixed, tmp_path / "fixed", workspace=tmp_path / "ws")
     assert summary["epochs_done"] == 3 and summary["restored_epoch"] is None
     assert rundir.read_lr_find(tmp_path / "fixed") is None and summary["lr"] == 0.01

@@ -104,6 +104,11 @@ def test_form_is_built_from_the_config_and_offers_class_weights(session):
     assert any("imbalanced" in w.value for w in at.warning)
     assert at.button(key="start_training").disabled is False
     assert at.button(key="stop_training").disabled is True
+    # Phase 2 follows by default, and the page says so until it is set to 0.
+    assert at.number_input(key="fine_tune_epochs").value is None  # empty = automatic
+    assert "Phase 2 then fine-tunes the top of the base" in _text(at)
+    at.number_input(key="fine_tune_epochs").set_value(0).run()
+    assert "Phase 2 then" not in _text(at)
 
 
 def test_demo_mode_caps_epochs(session, monkeypatch):
@@ -129,7 +134,7 @@ def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkey
     at.number_input(key="fine_tune_epochs").set_value(50)
     at.button(key="start_training").click().run()
     config = started["config"]
-    assert config.epochs == 15 and config.fine_tune_epochs == 5
+    assert config.epochs == 14 and config.fine_tune_epochs == 6
 
 
 def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):

@@ -320,7 +320,9 @@ def test_submit_trains_on_ray_and_status_watches_it_to_done(
     for no GPU, trains, and status says so and why."""
     monkeypatch.delenv("RETRAIN_RAY_GPUS")
     run_dir = tmp_path / "run-ray"
-    reply = submit(tiny_data, run_dir, "--epochs", "2", "--runner", "ray")
+    reply = submit(
+        tiny_data, run_dir, "--epochs", "2", "--fine-tune-epochs", "0", "--runner", "ray"
+    )
     assert set(reply) == {"run_dir", "runner", "job_id", "state"}
     assert reply["runner"] == "ray" and reply["run_dir"] == str(run_dir)
     assert reply["state"] == "queued" and reply["job_id"].startswith("retrain-run-ray-")
@@ -486,6 +488,7 @@ def test_train_page_starts_and_watches_a_ray_run(ray_env: Cluster, page_session:
     at = train_page(page_session).run()
     assert not at.exception
     at.number_input(key="epochs").set_value(2)
+    at.number_input(key="fine_tune_epochs").set_value(0)
     at.button(key="start_training").click().run()
     assert not at.exception, at.exception
     run_id = at.session_state["run_id"]

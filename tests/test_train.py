@@ -104,7 +104,11 @@ def test_config_defaults_are_the_documented_ones():
     c = TrainConfig()
     # The epochs are a budget: early stopping (patience 5, best epoch restored) ends most runs.
     assert (c.epochs, c.batch_size, c.lr, c.optimizer) == (30, 32, None, "adam")
-    assert (c.early_stopping, c.fine_tune_epochs) == (5, 0)
+    # Phase 2 (kept only where it beats phase 1) follows a frozen-base head by default.
+    assert (c.early_stopping, c.fine_tune_epochs) == (5, 15)
+    assert TrainConfig(freeze="none").fine_tune_epochs == 0  # phase 1 already trains the base
+    assert TrainConfig(freeze="top:3").fine_tune_epochs == 0
+    assert TrainConfig(fine_tune_epochs=0).fine_tune_epochs == 0  # a 0 that was asked for
     # Keep mode with old data: rehearsal + distillation, a phase-2 budget.
     keep = TrainConfig(keep_old_classes=True, old_data="old.zip")
     assert (keep.fine_tune_epochs, keep.distill_weight, keep.bias_correction) == (
@@ -458,6 +462,8 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
         str(run_dir),
         "--epochs",
         "2",
+        "--fine-tune-epochs",
+        "0",
         "--batch-size",
         "64",
         "--workspace",
@@ -500,6 +506,22 @@ def test_cli_trains_two_epochs_end_to_end(make_image_folder, tmp_path, tiny_base
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
 
+def test_a_default_run_fine_tunes_after_its_frozen_base_head(
+    make_image_folder, tmp_path, tiny_base
+):
+    # No --fine-tune-epochs: phase 2 follows phase 1 at a tenth of its rate, within its budget.
+    folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
+    config = TrainConfig(data=str(folder), base=str(tiny_base), epochs=2, batch_size=4, lr=1e-2)
+    summary = train_module.train(config, tmp_path / "run", workspace=tmp_path / "ws")
+    rows = rundir.read_metrics(tmp_path / "run")
+    assert [r["phase"] for r in rows[:2]] == [1, 1] and rows[0]["lr"] == pytest.approx(1e-2)
+    phase2 = rows[2:]
+    assert phase2 and {r["phase"] for r in phase2} == {2}
+    assert all(r["lr"] == pytest.approx(1e-3) for r in phase2)
+    assert summary["epochs_budget"] == 2 + 15 and len(rows) <= 17
+    assert summary["fine_tune_lr"] == pytest.approx(1e-3)
+
+
 def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     make_image_folder, tmp_path, tiny_base
 ):
@@ -508,8 +530,9 @@ def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     folder = make_image_folder(classes=("red", "green"), per_class=8, size=32)
     workspace = tmp_path / "ws"
     config = TrainConfig(
-        data=str(folder), base=str(tiny_base), epochs=40, batch_size=4, lr=1e-2, workers=1
-    )
+        data=str(folder), base=str(tiny_base), epochs=40, batch_size=4, lr=1e-2, workers=1,
+        fine_tune_epochs=0,
+    )  # fmt: skip
 
     def wait_for(predicate, what: str) -> None:
         deadline = time.time() + 120
@@ -641,7 +664,7 @@ def test_a_run_records_its_split_and_a_resume_reads_it_back(
     run_dir = tmp_path / "run"
     config = TrainConfig(
         data=str(folder), base=str(tiny_base), out=str(run_dir), epochs=1, batch_size=4,
-        val_split=val_split, workers=1,
+        val_split=val_split, workers=1, fine_tune_epochs=0,
     )  # fmt: skip
     train_module.train(config, run_dir, workspace=tmp_path / "ws")
     split = rundir.read_split(run_dir)
