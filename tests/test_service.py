@@ -353,30 +353,25 @@ def test_the_start_command_starts_warm_workers_before_the_server(workers):
     import subprocess
     import sys
 
-    out = subprocess.run(
-        [sys.executable, "-m", "retrain.service", "--wait"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    started = json.loads(out.stdout)["workers"]
+    from retrain.runs.procs import process_alive
+
+    def service(flag: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "retrain.service", flag],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout)
+
+    started = service("--wait")["workers"]
     assert len(started) == 1 and "ready" in started[0]
     assert [w["pid"] for w in pool.live_workers()] == [started[0]["pid"]]
     # ... and `--stop` ends them (what `make run` does when its server stops).
-    stop = subprocess.run(
-        [sys.executable, "-m", "retrain.service", "--stop"],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert stop.returncode == 0, stop.stderr[-2000:]
-    assert json.loads(stop.stdout) == {"stopped": 1}
+    assert service("--stop") == {"stopped": 1}
     assert pool.live_workers() == []
-    from retrain.runs.procs import process_alive
-
     assert not process_alive(started[0]["pid"], started[0]["started"])
 
 
