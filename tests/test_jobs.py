@@ -152,6 +152,11 @@ def test_start_run_writes_config_first_and_a_bad_run_fails_with_one_line(tmp_pat
     status = wait_for_run(run_dir, timeout_s=90, poll_s=0.1)
     assert status["state"] == "failed"
     assert "missing" in status["error"] and "\n" not in status["error"]
+    # The worker writes "failed" first and prints its last words after: give them a moment
+    # (on a loaded host the log lagged the status; CI saw it empty once).
+    deadline = time.monotonic() + 30
+    while "error:" not in jobs.read_log_tail(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "error:" in jobs.read_log_tail(run_dir)
     assert [r["run_id"] for r in jobs.list_runs(tmp_path / "ws")] == [run_dir.name]
 
