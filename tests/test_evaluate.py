@@ -380,7 +380,7 @@ def test_scoring_a_run_uses_its_recorded_split_not_a_recomputed_one(
     from retrain.data import splits
     from retrain.runs import rundir
 
-    run = _train(original, workspace, "run-split", freeze="all", epochs=1)
+    run = _train(original, workspace, "run-split", freeze="all", epochs=1, fine_tune_epochs=0)
     recorded = rundir.read_split(run)
     assert recorded is not None and recorded["val"]
     dataset = evaluate.run_dataset(run)
@@ -408,7 +408,7 @@ def test_runs_without_a_recorded_split_fall_back_to_the_seeded_split(original, w
 
     run = workspace / "runs" / "run-split"
     if not run.is_dir():
-        run = _train(original, workspace, "run-split", freeze="all", epochs=1)
+        run = _train(original, workspace, "run-split", freeze="all", epochs=1, fine_tune_epochs=0)
     recorded = rundir.read_split(run)
     (run / rundir.SPLIT_FILE).unlink()  # a run written before runs recorded their split
     try:

@@ -206,7 +206,7 @@ def tm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = work / "runs" / "tm-flowers"
     proc = subprocess.run(
         [sys.executable, "-m", "retrain", "train", "--data", str(FLOWERS),
-         "--base", str(TM_WATER), "--out", str(run_dir), "--epochs", "3",
+         "--base", str(TM_WATER), "--out", str(run_dir), "--epochs", "3", "--fine-tune-epochs", "0",
          "--workspace", str(work)],
         capture_output=True,
         text=True,

@@ -123,7 +123,7 @@ def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Pa
     assert info["preprocessing"] == "unit" and info["preprocessing_probe"]["unit"] >= 0.9
     summary = run_cli(
         "train", "--base", made["model"], "--data", made["new"], "--old-data", made["old"],
-        "--out", run, "--epochs", 4, "--workspace", ws,
+        "--out", run, "--epochs", 4, "--fine-tune-epochs", 0, "--workspace", ws,
     )  # fmt: skip
     assert summary["preprocessing"] == "unit" and summary["warnings"] == []
     assert summary["preprocessing_probe"] == info["preprocessing_probe"]
@@ -202,6 +202,7 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     at.session_state["surgery"] = {"cut_at": "flatten", "freeze": "all", "preprocessing": "unit"}
     at.run()
     at.number_input(key="epochs").set_value(2)
+    at.number_input(key="fine_tune_epochs").set_value(0)
     at.button(key="start_training").click().run()
     assert not at.exception, at.exception
     run_dir = ws / "runs" / at.session_state["run_id"]
@@ -243,8 +244,9 @@ def test_a_non_square_grayscale_base_trains_and_exports_at_its_own_size(
     folder = make_image_folder(classes=("a", "b"), per_class=6, size=40)
     run_dir = tmp_path / "run"
     config = TrainConfig(
-        data=str(folder), base=str(base), out=str(run_dir), epochs=1, preprocessing="unit"
-    )
+        data=str(folder), base=str(base), out=str(run_dir), epochs=1, preprocessing="unit",
+        fine_tune_epochs=0,
+    )  # fmt: skip
     train(config, run_dir, workspace=tmp_path / "ws")
     meta = modelfile.read_metadata(run_dir / "model.keras")
     assert meta["image_size"] == [20, 36] and meta["preprocessing"] == "unit"

@@ -172,7 +172,7 @@ def test_rgb_minus_one_to_one_model_retrains_through_the_cli(tmp_path: Path):
     ws, run = tmp_path / "ws", tmp_path / "run"
     run_cli(
         "train", "--base", made["model"], "--data", made["new"], "--old-data", made["old"],
-        "--out", run, "--epochs", 15, "--lr", 0.005, "--workspace", ws,
+        "--out", run, "--epochs", 15, "--lr", 0.005, "--fine-tune-epochs", 0, "--workspace", ws,
     )  # fmt: skip
     config = json.loads((run / "config.json").read_text())
     assert config["preprocessing"] == "tf"
@@ -252,6 +252,7 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
         train.session_state[key] = value
     train.run()
     train.number_input(key="epochs").set_value(2)
+    train.number_input(key="fine_tune_epochs").set_value(0)
     train.button(key="start_training").click().run()
     assert not train.exception, train.exception
     run_dir = ws / "runs" / train.session_state["run_id"]

@@ -278,7 +278,8 @@ import json, sys, time
 from retrain.runs import jobs, runners, worker  # noqa: F401
 from retrain.__main__ import main
 assert runners.get_runner().name == "local"
-args = ["--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn", "--epochs", "1"]
+args = ["--data", {str(tiny_data)!r}, "--base", "builtin:digits-cnn", "--epochs", "1",
+        "--fine-tune-epochs", "0"]
 assert main(["submit", *args, "--out", {str(submitted)!r}]) == 0
 assert main(["submit", *args, "--out", {str(submitted)!r}]) == 2  # it exists: one line
 assert main(["train", *args, "--out", {str(trained)!r}]) == 0  # the worker, in-process

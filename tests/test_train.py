@@ -585,7 +585,9 @@ def test_a_model_trained_on_this_backend_scores_the_same_on_the_other(
         pytest.skip(f"{other} is not installed (make test-backends installs jax)")
     folder = make_image_folder(classes=("red", "green", "blue"), per_class=8, size=32)
     run_dir = tmp_path / "run"
-    config = TrainConfig(data=str(folder), base=str(tiny_base), epochs=2, batch_size=8)
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), epochs=2, batch_size=8, fine_tune_epochs=0
+    )
     train_module.train(config, run_dir, workspace=tmp_path / "ws")
     here = evaluate.evaluate_model(run_dir / "model.keras", str(folder), "all")
     env_backend = {"KERAS_BACKEND": other}
