@@ -397,6 +397,7 @@ def test_cached_and_uncached_runs_reach_the_same_accuracy(make_image_folder, tmp
             cache_features=mode,
             workers=1,
             early_stopping=0,  # both train every epoch: the same final epoch is compared
+            fine_tune_epochs=0,  # the cache serves phase 1 (the head on a frozen base)
         )
         summary = train_module.train(config, tmp_path / mode, workspace=tmp_path / "ws")
         assert summary["feature_cache"] is (mode == "on")
@@ -693,8 +694,9 @@ def test_data_with_a_val_folder_records_that_folder_as_val(make_image_folder, tm
     )
     run_dir = tmp_path / "run"
     config = TrainConfig(
-        data=str(folder), base=str(tiny_base), out=str(run_dir), epochs=1, batch_size=4, workers=1
-    )
+        data=str(folder), base=str(tiny_base), out=str(run_dir), epochs=1, batch_size=4, workers=1,
+        fine_tune_epochs=0,
+    )  # fmt: skip
     train_module.train(config, run_dir, workspace=tmp_path / "ws")
     split = rundir.read_split(run_dir)
     assert split["val"] and all(p.startswith("val/") for p in split["val"])
