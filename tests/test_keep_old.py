@@ -596,10 +596,13 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     assert any("'predictions' widened from 5 to 10 units" in m.value for m in at.markdown)
     assert not any("**Removed**" in m.value for m in at.markdown)  # nothing is removed
 
-    train = AppTest.from_file(str(root / "pages" / "train.py"), default_timeout=120)
-    for key in ("workspace", "dataset", "base", "surgery"):
-        train.session_state[key] = at.session_state[key]
-    train.run()
+    def page_after(name: str) -> AppTest:  # another page of the same session
+        page = AppTest.from_file(str(root / "pages" / name), default_timeout=120)
+        for key in ("workspace", "dataset", "base", "surgery"):
+            page.session_state[key] = at.session_state[key]
+        return page.run()
+
+    train = page_after("train.py")
     assert not train.exception, train.exception
     assert train.radio(key="train_old_source").value == "sample"
     assert train.number_input(key="rehearsal_per_class").value == 20
@@ -608,10 +611,7 @@ def test_model_page_adds_classes_and_train_page_carries_the_choice(keras_cache, 
     # "None" chosen by hand is what a later visit starts from, not the built-in default.
     at.radio(key="model_old_source").set_value("none").run()
     assert at.session_state["surgery"]["old_data"] is None
-    again = AppTest.from_file(str(root / "pages" / "model.py"), default_timeout=120)
-    for key in ("workspace", "dataset", "base", "surgery"):
-        again.session_state[key] = at.session_state[key]
-    again.run()
+    again = page_after("model.py")
     assert not again.exception, again.exception
     assert again.radio(key="head_mode").value == "keep"
     assert again.radio(key="model_old_source").value == "none"
