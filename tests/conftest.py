@@ -293,7 +293,9 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         write_run_dir(
             run_dir,
             config,
-            status={"state": state, "started": now - 30, "finished": now, "pid": None},
+            # best.keras below is the last epoch's model
+            status={"state": state, "started": now - 30, "finished": now, "pid": None}
+            | ({"saved_epoch": epochs} if state == "done" else {}),
             metrics=rows,
             split=split,
         )

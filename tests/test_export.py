@@ -160,6 +160,9 @@ def test_labels_and_model_card(exported, run_dir):
     for section in ("## Data", "## Base model", "## Surgery", "## Training config"):
         assert section in card
     assert "## Metrics" in card and "best val accuracy" in card
+    epoch = rundir.read_status_file(run_dir)["saved_epoch"]
+    assert f"- exported: the model of epoch {epoch}, val accuracy " in card
+    assert "bias correction" not in card
     assert "held-out validation images" in card
     assert "## Versions" in card and "keras" in card
     assert "Exported 20" in card  # the date

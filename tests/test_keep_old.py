@@ -675,3 +675,8 @@ def test_bias_correction_edits_the_saved_model_and_is_recorded(plain_task, tmp_p
     status = rundir.read_status_file(run)  # the page says whose epoch the corrected model is
     assert status["bias_corrected"] is True
     assert status["saved_epoch"] == modelfile.read_metadata(run / "best.keras")["epoch"]
+    from retrain.export.export import model_card
+
+    card = model_card(run, modelfile.read_metadata(run / "best.keras"))
+    assert f"- exported: the model of epoch {status['saved_epoch']}, val accuracy " in card
+    assert "measured before the old classes' bias correction" in card

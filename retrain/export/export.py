@@ -300,7 +300,9 @@ def model_card(
         lines.append(
             f"- epochs: {len(metrics)}; best val accuracy: "
             + (f"{best:.4f}" if best is not None else "n/a")
+            + " (of any epoch)"
         )
+        lines += _exported_epoch_line(rundir.read_status_file(run_dir) or {}, metrics)
         lines.append(
             "- last epoch: "
             + ", ".join(
@@ -337,6 +339,23 @@ def model_card(
         *_tfjs_usage(model_input, tfjs_input),
     ]
     return "\n".join(lines)
+
+
+def _exported_epoch_line(status: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
+    """Which epoch these files are (``best.keras``) and its logged score, so the card names the
+    exported model's number (a keep run's kept epoch, corrected after its score was logged,
+    need not be the epoch of the best accuracy)."""
+    epoch, score = rundir.saved_score(status, metrics)
+    if epoch is None:
+        return []
+    note = (
+        ", measured before the old classes' bias correction"
+        if status.get("bias_corrected")
+        else ""
+    )
+    return [
+        f"- exported: the model of epoch {epoch}, val accuracy {score:.4f}{note}"
+    ]
 
 
 def _keep_section(
