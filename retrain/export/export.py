@@ -349,13 +349,9 @@ def _exported_epoch_line(status: dict[str, Any], metrics: list[dict[str, Any]]) 
     if epoch is None:
         return []
     note = (
-        ", measured before the old classes' bias correction"
-        if status.get("bias_corrected")
-        else ""
+        ", measured before the old classes' bias correction" if status.get("bias_corrected") else ""
     )
-    return [
-        f"- exported: the model of epoch {epoch}, val accuracy {score:.4f}{note}"
-    ]
+    return [f"- exported: the model of epoch {epoch}, val accuracy {score:.4f}{note}"]
 
 
 def _keep_section(
