@@ -46,6 +46,22 @@ BROWSER_MARKS = [
 
 # --------------------------------------------------------------------------- the server
 
+#: Where the test run keeps its one built-in starter model (set by tests/conftest.py).
+SHARED_BUILTIN_ENV = "TEST_SHARED_BUILTIN_DIR"
+
+
+def link_builtin(keras_home: Path) -> None:
+    """Make ``keras_home/builtin`` (where `models.ensure_builtin` caches the starter model) the
+    test run's shared folder, so that the first process that needs the model trains it (14 s
+    on the CI host, under the folder's own file lock) and every test home, server and worker
+    after it loads it. Outside a test run (the load bench) nothing is linked."""
+    shared = os.environ.get(SHARED_BUILTIN_ENV)
+    target = Path(keras_home) / "builtin"
+    if not shared or target.exists() or target.is_symlink():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(shared, target_is_directory=True)
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
@@ -61,6 +77,7 @@ def start_app(home: Path, log_path: Path, extra_env: dict[str, str] | None = Non
     does not come up within 60 s.
     """
     port = free_port()
+    link_builtin(Path(home) / "keras")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
     env.update(
         RETRAIN_HOME=str(home),

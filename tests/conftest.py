@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser_helpers import SHARED_BUILTIN_ENV, link_builtin
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -25,10 +27,28 @@ needs_tm_model = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_builtin_folder(tmp_path_factory: pytest.TempPathFactory):
+    """One folder for the built-in starter model for the whole run (every xdist worker): see
+    `tests.browser_helpers.link_builtin`."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "builtin_models"
+    folder.mkdir(exist_ok=True)
+    os.environ[SHARED_BUILTIN_ENV] = str(folder)
+    yield folder
+    os.environ.pop(SHARED_BUILTIN_ENV, None)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Every test gets its own RETRAIN_HOME so nothing touches ./workspace."""
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    _shared_builtin_folder: Path,
+):
+    """Every test gets its own RETRAIN_HOME so nothing touches ./workspace (its built-in model
+    folder is the run's shared one: `link_builtin`)."""
     home = tmp_path_factory.mktemp("retrain_home")
+    link_builtin(home / "keras")
     monkeypatch.setenv("RETRAIN_HOME", str(home))
     # Page tests (AppTest) answer model requests in the test process (the embedded mode);
     # tests of the worker pool, and every real server (browser_helpers.start_app), use workers.
@@ -310,10 +330,11 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def builtin_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Keras home holding the built-in digits model, trained once for the whole session."""
+    """A Keras home holding the built-in digits model (trained once per run, `link_builtin`)."""
     from retrain import models
 
     home = tmp_path_factory.mktemp("keras_home")
+    link_builtin(home)
     old = os.environ.get("KERAS_HOME")
     os.environ["KERAS_HOME"] = str(home)
     try:

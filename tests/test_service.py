@@ -312,7 +312,8 @@ def test_old_answers_are_pruned_and_recent_ones_kept():
     assert cache.read_answer("a" * 64) is None and cache.read_answer("b" * 64) == {"x": 2}
 
 
-def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypatch):
+def test_a_worker_preloads_the_starter_model_before_it_says_it_is_ready(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no starter model there yet
     monkeypatch.setenv("RETRAIN_MODEL_WORKERS", "1")
     monkeypatch.setenv("RETRAIN_MODEL_THREADS", "1")
     try:
