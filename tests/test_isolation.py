@@ -367,7 +367,7 @@ def test_cleanup_deletes_idle_sessions_and_keeps_active_and_running_ones():
     not_a_session = home() / "sessions" / "README"
     not_a_session.mkdir()
     keras_cache = home() / "keras"
-    keras_cache.mkdir()
+    keras_cache.mkdir(exist_ok=True)  # (conftest links the run's built-in model folder there)
     (keras_cache / "weights.h5").write_bytes(b"x")
 
     _age(idle, 2 * day, now)
