@@ -127,6 +127,23 @@ def _imbalanced(manifest: str) -> str | None:
     return next((w["message"] for w in dataset.warning_items if w["code"] == "imbalance"), None)
 
 
+def _phase2_words(base: str) -> str:
+    """What the settings say about phase 2, which follows a frozen-base head by default. An
+    ImageNet backbone's phase 2 epochs cost far more than its head epochs on a CPU
+    (bench/phase2_cost.py), so the page says so and how to end it."""
+    words = (
+        " Phase 2 then fine-tunes the top of the base at a tenth of the rate and keeps that "
+        "only where it does better (see Fine-tuning)."
+    )
+    if base.startswith("applications:"):
+        words += (
+            " Its epochs run every image through the whole backbone: on a CPU, 12-42 s each "
+            "for 960 images (MobileNetV2 to ResNet50V2) against under a second for a head "
+            "epoch. Stop keeps the best model so far."
+        )
+    return words
+
+
 def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
     """Render the settings; return the values of the fields shown."""
     values: dict[str, Any] = {}
@@ -134,8 +151,7 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
     freeze = surgery.get("freeze") or "all"
     if freeze == "all":
         phase2 = (
-            " Phase 2 then fine-tunes the top of the base at a tenth of the rate and keeps that "
-            "only where it does better (see Fine-tuning)."
+            _phase2_words(base)
             if st.session_state.get("fine_tune_epochs") != 0 and not surgery.get("keep_old_classes")
             else ""
         )
