@@ -523,6 +523,76 @@ def test_a_default_run_fine_tunes_after_its_frozen_base_head(
     assert summary["fine_tune_lr"] == pytest.approx(1e-3)
 
 
+def test_phase_2_trains_the_top_on_the_frozen_layers_cached_outputs_as_on_images(
+    make_image_folder, tmp_path, tiny_base, monkeypatch
+):
+    """With 2 layers unfrozen, phase 2 trains conv2 and the head on pool1's outputs computed
+    once; the same run with phase 2 on images (the split turned off) logs the same epochs and
+    ends with the same weights."""
+    from retrain.models import modelfile
+
+    folder = make_image_folder(classes=("red", "green", "blue"), per_class=8, size=32)
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), epochs=2, batch_size=4, lr=1e-2, dropout=0.0,
+        fine_tune_epochs=3, fine_tune_layers=2, early_stopping=0,
+        workers=1,  # on JAX, phase 2 on images with loader threads batches in another order
+    )  # fmt: skip
+    cached = train_module.train(config, tmp_path / "cached", workspace=tmp_path / "ws")
+    assert cached["phase2_cache"] == "pool1"
+    monkeypatch.setattr(train_module, "frozen_split", lambda features: None)
+    whole = train_module.train(config, tmp_path / "whole", workspace=tmp_path / "ws")
+    assert whole["phase2_cache"] is None
+
+    rows = {name: rundir.read_metrics(tmp_path / name) for name in ("cached", "whole")}
+    assert [r["phase"] for r in rows["cached"]] == [1, 1, 2, 2, 2]
+    for a, b in zip(rows["cached"], rows["whole"], strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["epoch"], key)
+
+    def kernel(model, name: str) -> np.ndarray:
+        """The kernel of the layer ``name``, in ``model`` or a model nested in it."""
+        for layer in model.layers:
+            if layer.name == name:
+                return layer.get_weights()[0]
+            if hasattr(layer, "layers") and name in [x.name for x in layer.layers]:
+                return kernel(layer, name)
+        raise KeyError(name)
+
+    saved = {name: modelfile.load_model(tmp_path / name / "model.keras")[0] for name in rows}
+    base, _ = modelfile.load_model(tiny_base)
+    for layer in ("conv1", "conv2"):
+        got = kernel(saved["cached"], layer)
+        np.testing.assert_allclose(got, kernel(saved["whole"], layer), atol=1e-4)
+        frozen = np.allclose(got, kernel(base, layer))
+        assert frozen == (layer == "conv1")  # conv1 stayed frozen, conv2 trained in phase 2
+
+
+def test_the_frozen_split_moves_below_a_shortcut_and_needs_weights_below_it():
+    import keras
+
+    from retrain.training.features import frozen_split
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)
+    layers = {}
+    for name in "abcd":
+        layers[name] = x = keras.layers.Conv2D(4, 3, padding="same", name=name)(x)
+    added = keras.layers.Add(name="add")([layers["b"], layers["d"]])  # a shortcut over c, d
+    out = keras.layers.GlobalAveragePooling2D(name="gap")(added)
+    model = keras.Model(inputs, out)
+    for layer in model.layers:
+        layer.trainable = layer.name in ("d", "add", "gap")
+    bottom, top, boundary = frozen_split(model)
+    # Not at c: c's output and the shortcut (b's) would both cross, so the split goes to b.
+    assert boundary == "b"
+    assert [x.name for x in top.layers if x.weights] == ["c", "d"]
+    image = np.random.default_rng(0).random((2, 8, 8, 3)).astype("float32") * 255
+    np.testing.assert_allclose(np.asarray(top(bottom(image))), np.asarray(model(image)), atol=1e-5)
+    for layer in model.layers:  # everything trains: only the rescaling is below, no weights
+        layer.trainable = True
+    assert frozen_split(model) is None
+
+
 def test_kill_9_then_resume_then_stop_then_resume_runs_each_epoch_once(
     make_image_folder, tmp_path, tiny_base
 ):

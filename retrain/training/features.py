@@ -82,3 +82,52 @@ def cached_features(
     del out
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
+
+
+def frozen_split(features: Any) -> tuple[Any, Any, str] | None:
+    """Split ``features`` (the image -> the cut layer's output, its top layers trainable, as in
+    phase 2) at one tensor below every trainable layer: ``(bottom, top, boundary layer name)``
+    with ``top(bottom(x)) == features(x)``, or None when there is no such tensor above the
+    input (nothing trainable, no single tensor between the input and the trainable layers, or
+    no weights below it).
+
+    Phase 2 trains the top on ``bottom``'s outputs computed once: its epochs skip the frozen
+    layers, which are most of a backbone. The split is moved down from the first trainable
+    layer (in graph order) until only one tensor crosses it (a residual block's shortcut
+    crosses inside the block, not at its output); the frozen layers above the split run
+    every epoch, as before.
+    """
+    import keras
+
+    # Operations, not only layers: a Keras 3 graph also holds ops such as ``x + 3`` (MobileNetV3).
+    layers = [x for x in features.operations if not isinstance(x, keras.layers.InputLayer)]
+    first = next(
+        (i for i, x in enumerate(layers) if getattr(x, "trainable", False) and x.trainable_weights),
+        None,
+    )
+    if not first:
+        return None
+    nodes: dict[int, list[Any]] = {}
+    for depth_nodes in features._nodes_by_depth.values():
+        for node in depth_nodes:
+            nodes.setdefault(id(node.operation), []).append(node)
+    for start in range(first, 0, -1):
+        if any(len(nodes.get(id(x), [])) != 1 for x in layers[start:]):
+            continue  # a layer used twice in the graph above the split: not one place
+        top = {id(x) for x in layers[start:]}
+        crossing = {
+            id(tensor): tensor
+            for layer in layers[start:]
+            for node in nodes.get(id(layer), [])
+            for tensor in node.input_tensors
+            if id(tensor._keras_history.operation) not in top
+        }
+        if len(crossing) == 1:
+            (tensor,) = crossing.values()
+            source = tensor._keras_history.operation
+            if not any(getattr(x, "weights", None) for x in layers[:start]):
+                return None  # nothing below computes much: caching would only copy pixels
+            bottom = keras.Model(features.inputs, tensor, name="frozen_bottom")
+            upper = keras.Model(tensor, features.outputs, name="trained_top")
+            return bottom, upper, source.name
+    return None

@@ -24,6 +24,7 @@ Keras callbacks and the batch feed are `retrain.training.callbacks` (imported by
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import platform
 import sys
@@ -39,7 +40,11 @@ from retrain.runs import rundir
 from retrain.runs.procs import own_start_time
 from retrain.sessions.workspace import shareable
 from retrain.training.config import FreezeSpec, TrainConfig
-from retrain.training.features import cached_features, feature_cache_path
+from retrain.training.features import cached_features, feature_cache_path, frozen_split
+
+#: Phase 2 trains on the frozen lower layers' outputs only while they take at most this much
+#: disk (they are kept with the dataset's image cache, inside the session's quota).
+PHASE2_CACHE_MAX_BYTES = 512 << 20
 
 
 def _keras_parts() -> ModuleType:
@@ -240,6 +245,7 @@ class _Run:
         self.t_start = time.perf_counter()
         self.notes: list[str] = []  # warnings for the summary
         self.feature_seconds = 0.0
+        self.phase2_cache: str | None = None  # the layer whose outputs phase 2 trained on
         self.checkpoint: tuple[dict[str, Any], Any] | None = None
         self.start_epoch = 0
         self.lr = config.lr  # phase 1's rate: set, or found by `find_lr`
@@ -797,13 +803,23 @@ class _Run:
             x_val = x_train if same else np.array(x_val)
         return x_train, x_val
 
-    def _features_of(self, split: str, images: np.ndarray, dataset: Any = None) -> np.ndarray:
+    def _features_of(
+        self,
+        split: str,
+        images: np.ndarray,
+        dataset: Any = None,
+        *,
+        model: Any = None,
+        key: str | None = None,
+    ) -> np.ndarray:
+        """``model``'s outputs (the frozen base's by default) for one split, cached on disk
+        under ``key`` (the cut layer by default)."""
         path = feature_cache_path(
-            dataset or self.dataset, self.config.base, self.surgery.cut_at, self.image_size,
-            self.config.resize_mode, split, self.policy, self.preprocessing,
+            dataset or self.dataset, self.config.base, key or self.surgery.cut_at,
+            self.image_size, self.config.resize_mode, split, self.policy, self.preprocessing,
         )  # fmt: skip
         return cached_features(
-            self.surgery.features, images, path, batch_size=max(self.global_batch, 64)
+            model or self.surgery.features, images, path, batch_size=max(self.global_batch, 64)
         )
 
     # -- 6. phase 2: unfreeze the top of the base at a lower learning rate, continuing the count
@@ -823,16 +839,45 @@ class _Run:
             self.surgery, FreezeSpec(mode="top", k=min(config.fine_tune_layers, kept))
         )
         self.fine_tune_lr = config.fine_tune_lr_for(self.lr)  # lr / 10 unless set
-        self._fit(
-            self._trainable_model(),
-            self.fine_tune_lr,
-            self.train_images,
-            self.val_images,
-            first,
-            last,
-            2,
-            config.workers,
+        model, x_train, x_val, workers = self._phase2_inputs()
+        self._fit(model, self.fine_tune_lr, x_train, x_val, first, last, 2, workers)
+
+    def _phase2_inputs(self) -> tuple[Any, Any, Any, int]:
+        """Phase 2's ``(model, x_train, x_val, workers)``. Where phase 1 trained on cached
+        features (no augmentation), the layers below the unfrozen top stay frozen too: their
+        outputs are computed once (`features.frozen_split`) and the top of the base with the
+        head trains on them, the same weights as the whole model's. Measured on a CPU that is
+        most of a phase 2 epoch for an ImageNet backbone (bench/phase2_cost.py). Else (and in
+        keep-old-classes runs, on several devices) the whole model trains on images."""
+        import keras
+
+        whole = (self._trainable_model(), self.train_images, self.val_images, self.config.workers)
+        if not self.use_cache or self.old is not None or self.distill_weight or self.replicas > 1:
+            return whole
+        split = frozen_split(self.surgery.features)
+        if split is None:
+            return whole
+        bottom, top, boundary = split
+        images = len(self.train_cache.images) + (
+            len(self.val_cache.images)
+            if self.val_cache is not None and self.val_cache is not self.train_cache
+            else 0
         )
+        if images * 4 * math.prod(bottom.outputs[0].shape[1:]) > PHASE2_CACHE_MAX_BYTES:
+            return whole  # it would fill the session's disk: the images go through instead
+        rundir.write_progress(self.run_dir, {"phase": "caching features"})
+        t0 = time.perf_counter()
+        with self.scope:
+            key = f"{self.surgery.cut_at}@{boundary}"
+            x_train = self._features_of("train", self.train_cache.images, model=bottom, key=key)
+            x_val = x_train
+            if self.val_cache is not None and self.val_cache is not self.train_cache:
+                x_val = self._features_of("val", self.val_cache.images, model=bottom, key=key)
+            model = keras.Model(top.inputs, self.surgery.head(top.outputs[0]), name="phase2")
+        self.feature_seconds += time.perf_counter() - t0
+        self.phase2_cache = boundary
+        _say(f"phase 2: the layers up to '{boundary}' stay frozen; their outputs are cached")
+        return model, x_train, x_val, 1  # batches are array slices: no threads
 
     # -- 7. keep-old-classes: correct the widened head's lean toward the new classes
 
@@ -947,6 +992,7 @@ class _Run:
             "bias_correction": self.bias_correction,
             "final": rows[-1] if rows else None,
             "feature_cache": self.use_cache,
+            "phase2_cache": self.phase2_cache,
             "feature_seconds": round(self.feature_seconds, 2),
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing,
