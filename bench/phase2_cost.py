@@ -4,7 +4,9 @@ for the ImageNet backbones people pick, against a phase 1 epoch on the cached fe
     python bench/phase2_cost.py                                  # MobileNetV2, EfficientNetB0, ResNet50V2
     python bench/phase2_cost.py --bases MobileNetV2 --data DIR   # one backbone, other data
 
-Each backbone trains ``--head-epochs`` head epochs then ``--fine-tune-epochs`` phase 2 epochs
+Phase 2 trains the top 20 layers on the frozen lower layers' outputs, computed once
+(`features.frozen_split`). Each backbone trains ``--head-epochs`` head epochs then
+``--fine-tune-epochs`` phase 2 epochs
 through the CLI (``--early-stopping 0``, so every epoch runs), with random weights: nothing is
 downloaded, and the time of an epoch does not depend on the weights' values. Reported per
 backbone: the whole run, the frozen base's features (computed once, before phase 1), a phase 1
@@ -62,7 +64,9 @@ def run(base: str, data: Path, work: Path, head_epochs: int, fine_tune_epochs: i
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bases", nargs="+", default=["MobileNetV2", "EfficientNetB0", "ResNet50V2"])
+    parser.add_argument(
+        "--bases", nargs="+", default=["MobileNetV2", "EfficientNetB0", "ResNet50V2"]
+    )
     parser.add_argument("--data", type=Path, default=FLOWERS)
     parser.add_argument("--head-epochs", type=int, default=3)
     parser.add_argument("--fine-tune-epochs", type=int, default=2)
