@@ -567,6 +567,33 @@ def test_phase_2_trains_the_top_on_the_frozen_layers_cached_outputs_as_on_images
         assert frozen == (layer == "conv1")  # conv1 stayed frozen, conv2 trained in phase 2
 
 
+def test_a_run_killed_in_a_cached_phase_2_resumes_on_the_cache_each_epoch_once(
+    make_image_folder, tmp_path, tiny_base
+):
+    from retrain.runs import jobs
+
+    folder = make_image_folder(classes=("red", "green", "blue"), per_class=40, size=32)
+    workspace = tmp_path / "ws"
+    config = TrainConfig(
+        data=str(folder), base=str(tiny_base), epochs=2, batch_size=4, lr=1e-2,
+        fine_tune_epochs=30, fine_tune_layers=2, early_stopping=0, workers=1,
+    )  # fmt: skip
+    run_dir = jobs.start_run(config, workspace)
+    deadline = time.time() + 120
+    while sum(r["phase"] == 2 for r in rundir.read_metrics(run_dir)) < 2:
+        assert time.time() < deadline, jobs.read_log_tail(run_dir)
+        time.sleep(0.05)
+    os.killpg(int((run_dir / "pid").read_text()), signal.SIGKILL)
+    time.sleep(0.3)
+    assert jobs.read_status(run_dir)["state"] == "interrupted"
+    out = _cli("train", "--resume", str(run_dir), "--workspace", str(workspace))
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["phase2_cache"] == "pool1" and summary["state"] == "done"
+    assert summary["warnings"] == []  # the optimizer's state came back too
+    assert [r["epoch"] for r in rundir.read_metrics(run_dir)] == list(range(1, 33))
+
+
 def test_the_frozen_split_moves_below_a_shortcut_and_needs_weights_below_it():
     import keras
 
