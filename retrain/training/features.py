@@ -125,7 +125,10 @@ def frozen_split(features: Any) -> tuple[Any, Any, str] | None:
         if len(crossing) == 1:
             (tensor,) = crossing.values()
             source = tensor._keras_history.operation
-            if not any(getattr(x, "weights", None) for x in layers[:start]):
+            if not any(
+                getattr(x, "weights", None) and not isinstance(x, keras.layers.Normalization)
+                for x in layers[:start]
+            ):
                 return None  # nothing below computes much: caching would only copy pixels
             bottom = keras.Model(features.inputs, tensor, name="frozen_bottom")
             upper = keras.Model(tensor, features.outputs, name="trained_top")
