@@ -27,6 +27,23 @@ needs_tm_model = pytest.mark.skipif(
 )
 
 
+def run_main(*argv: object) -> tuple[int, dict | None, str]:
+    """``python -m retrain ARGV`` run in this process (its ``main``): ``(exit code, its JSON or
+    None, stderr)``. In-process because a fresh interpreter spends 6-10 s importing TensorFlow
+    on the CI host; `test_train` runs the command as a real subprocess."""
+    import contextlib
+    import io
+    import json
+
+    from retrain.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    text = out.getvalue()
+    return code, (json.loads(text) if code == 0 and text.strip() else None), err.getvalue()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_builtin_folder(tmp_path_factory: pytest.TempPathFactory):
     """One folder for the built-in starter model for the whole run (every xdist worker): see

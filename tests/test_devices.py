@@ -356,14 +356,14 @@ TRAIN_TWO_DEVICES = """
 """
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("tensorflow", marks=tensorflow_suite_only), "jax"]
+)
 def test_two_phase_training_runs_data_parallel_on_two_devices(backend, make_image_folder, tmp_path):
     """An odd number of images and a fine-tune phase on two devices (uneven last batches,
     optimizer created under the distribution) train to the end."""
     if backend == "jax" and importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install -r requirements-jax.txt)")
-    if backend == "tensorflow" and os.environ.get("KERAS_BACKEND") == "jax":
-        pytest.skip("pins TensorFlow in its own process: the TensorFlow suite runs this same check")
     data = make_image_folder(classes=("a", "b"), per_class={"a": 7, "b": 6})
     setup, env = "", {"KERAS_BACKEND": backend}
     if backend == "jax":

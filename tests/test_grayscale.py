@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 from PIL import Image
 
 from retrain import data
@@ -90,20 +91,11 @@ def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
 
 
 def run_cli(*args: object) -> dict:
-    """``python -m retrain ARGS`` in this process (its ``main``, as the command runs it); return
-    its JSON (the test fails on a non-zero exit). In-process: each fresh interpreter spent 6-10 s
-    importing TensorFlow on the CI host; `test_train` runs the command as a real subprocess."""
-    import contextlib
-    import io
-    import json
-
-    from retrain.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    assert code == 0, err.getvalue()[-3000:]
-    return json.loads(out.getvalue())
+    """``python -m retrain ARGS`` (in this process: `conftest.run_main`); its JSON. The test
+    fails on a non-zero exit."""
+    code, out, err = run_main(*args)
+    assert code == 0, err[-3000:]
+    return out
 
 
 def test_mnist_model_retrains_evaluates_and_exports_through_the_cli(tmp_path: Path):

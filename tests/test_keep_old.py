@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 from retrain import models
 from retrain.errors import ModelError
@@ -283,18 +284,8 @@ def plain_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": path, "old": old, "new": new, "both": both, "root": root}
 
 
-def _cli(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    import json
-
-    from retrain.__main__ import main
-
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, (json.loads(out.out) if code == 0 and out.out.strip() else None), out.err
-
-
 def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
-    plain_task, tmp_path, capsys, monkeypatch
+    plain_task, tmp_path, monkeypatch
 ):
     from retrain.runs import rundir
     from retrain.training import callbacks
@@ -309,8 +300,7 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
             rundir.request_stop(run)
 
     monkeypatch.setattr(callbacks.TaskAccuracy, "on_epoch_end", stop_after_first)
-    code, summary, err = _cli(
-        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+    code, summary, err = run_main("train", "--data", plain_task["new"], "--base", plain_task["model"],
         "--out", run, "--keep-old-classes", "--old-data", plain_task["old"],
         "--rehearsal-per-class", 6, "--epochs", 8, "--batch-size", 8, "--lr", 0.01,
         # every epoch once, no phase 2, best.keras = an epoch as scored (defaults: elsewhere)
@@ -328,9 +318,9 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     assert not set(record["memory"]) & set(record["val"])
     monkeypatch.setattr(callbacks.TaskAccuracy, "on_epoch_end", scored)
 
-    code, status, err = _cli(capsys, "status", run)
+    code, status, err = run_main("status", run)
     assert code == 0 and status["state"] == "done" and status["stopped"]
-    code, summary, err = _cli(capsys, "train", "--resume", run, "--workspace", ws)
+    code, summary, err = run_main("train", "--resume", run, "--workspace", ws)
     assert code == 0, err
     rows = rundir.read_metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, 9))
@@ -349,8 +339,7 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     assert report["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-6)
 
     # evaluate on a folder holding old and new class folders: every class by name
-    code, report, err = _cli(
-        capsys, "evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
+    code, report, err = run_main("evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
         "--split", "all", "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
@@ -359,8 +348,7 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     assert report["accuracy"] >= 0.8
 
     # forgetting: the retrained model itself on the old images, named by the sorted folders
-    code, forgot, err = _cli(
-        capsys, "forgetting", "--original", plain_task["model"], "--run", run,
+    code, forgot, err = run_main("forgetting", "--original", plain_task["model"], "--run", run,
         "--data", plain_task["old"], "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
@@ -371,9 +359,7 @@ def test_keep_old_classes_end_to_end_on_a_model_without_class_names(
     assert forgot["drop"] == pytest.approx(forgot["before"] - forgot["after"])
     assert forgot["before"] >= 0.8 and forgot["drop"] <= 0.2
 
-    code, exported, err = _cli(
-        capsys, "export", "--run", run, "--format", "labels", "--format", "card"
-    )
+    code, exported, err = run_main("export", "--run", run, "--format", "labels", "--format", "card")
     assert code == 0, err
     export_dir = Path(exported["files"][0]).parent
     assert (export_dir / "labels.txt").read_text().splitlines() == merged
@@ -396,9 +382,7 @@ def _digits_subset(root: Path, digits: str, per_class: int) -> Path:
     return root
 
 
-def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
-    keras_cache, tmp_path, capsys
-):
+def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(keras_cache, tmp_path):
     from retrain.runs import rundir
 
     old = _digits_subset(tmp_path / "old", "0-4", 40)
@@ -409,8 +393,7 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     runs = {}
     for mode, extra in (("rehearsal", ["--old-data", old]), ("distillation", [])):
         run = ws / "runs" / mode
-        code, summary, err = _cli(
-            capsys, "train", "--data", new, "--base", "builtin:digits-cnn", "--out", run,
+        code, summary, err = run_main("train", "--data", new, "--base", "builtin:digits-cnn", "--out", run,
             "--keep-old-classes", *extra, "--epochs", 8, "--lr", 0.01, "--workspace", ws,
             "--fine-tune-epochs", 0,  # head only, to stay fast
         )  # fmt: skip
@@ -427,16 +410,14 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     rows = rundir.read_metrics(runs["distillation"])
     assert "old_val_accuracy" not in rows[-1] and rows[-1]["new_val_accuracy"] >= 0.6
 
-    code, report, err = _cli(
-        capsys, "evaluate", "--model", runs["rehearsal"] / "model.keras", "--data", both,
+    code, report, err = run_main("evaluate", "--model", runs["rehearsal"] / "model.keras", "--data", both,
         "--split", "all", "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
     assert report["class_names"] == names and set(report["per_class"]) == set(names)
     forgot = {}
     for mode, run in runs.items():
-        code, forgot[mode], err = _cli(
-            capsys, "forgetting", "--original", "builtin:digits-cnn", "--run", run,
+        code, forgot[mode], err = run_main("forgetting", "--original", "builtin:digits-cnn", "--run", run,
             "--data", old, "--workspace", ws,
         )  # fmt: skip
         assert code == 0, err
@@ -448,8 +429,7 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     assert forgot["rehearsal"]["drop"] <= 0.15
     assert forgot["rehearsal"]["after"] > forgot["distillation"]["after"]
 
-    code, exported, err = _cli(
-        capsys, "export", "--run", runs["rehearsal"], "--format", "keras", "--format", "labels",
+    code, exported, err = run_main("export", "--run", runs["rehearsal"], "--format", "keras", "--format", "labels",
         "--format", "card",
     )  # fmt: skip
     assert code == 0, err
@@ -460,14 +440,13 @@ def test_keep_old_classes_on_the_starter_model_rehearsal_and_distillation(
     assert "rehearsal: 100 old images (20 per class" in card
 
 
-def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path, capsys):
+def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path):
     """No --lr, --epochs or method flags: the rate is found, rehearsal and distillation work
     together, phase 2 fine-tunes within its budget and early stopping keeps the best epoch."""
     from retrain.runs import rundir
 
     ws, run = tmp_path / "ws", tmp_path / "ws" / "runs" / "keep-defaults"
-    code, summary, err = _cli(
-        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+    code, summary, err = run_main("train", "--data", plain_task["new"], "--base", plain_task["model"],
         "--out", run, "--keep-old-classes", "--old-data", plain_task["old"],
         "--batch-size", 8, "--workspace", ws,
     )  # fmt: skip
@@ -486,14 +465,12 @@ def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path, capsys):
     assert kept == min(rows, key=lambda r: r["val_loss"])["epoch"]
     assert rows[kept - 1]["old_val_accuracy"] >= 0.9 and rows[kept - 1]["new_val_accuracy"] >= 0.9
 
-    code, forgot, err = _cli(
-        capsys, "forgetting", "--original", plain_task["model"], "--run", run,
+    code, forgot, err = run_main("forgetting", "--original", plain_task["model"], "--run", run,
         "--data", plain_task["old"], "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
     assert forgot["after"] >= 0.9 and forgot["drop"] <= 0.05, forgot
-    code, report, err = _cli(
-        capsys, "evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
+    code, report, err = run_main("evaluate", "--model", run / "best.keras", "--data", plain_task["both"],
         "--split", "all", "--workspace", ws,
     )  # fmt: skip
     assert code == 0, err
@@ -512,11 +489,10 @@ def test_keep_mode_defaults_on_a_small_case(plain_task, tmp_path, capsys):
         (["--cut-at", "conv1"], r"--cut-at does not apply with --keep-old-classes"),
     ],
 )
-def test_keep_old_classes_bad_input_is_one_line(plain_task, tmp_path, capsys, argv, match):
+def test_keep_old_classes_bad_input_is_one_line(plain_task, tmp_path, argv, match):
     wrong = _folder(tmp_path / "wrong", {"ant": 0, "fox": 5, "gnu": 6}, 3)
     argv = [a.replace("{wrong}", str(wrong)) for a in argv]
-    code, _, err = _cli(
-        capsys, "train", "--data", plain_task["new"], "--base", plain_task["model"],
+    code, _, err = run_main("train", "--data", plain_task["new"], "--base", plain_task["model"],
         "--out", tmp_path / "run", "--keep-old-classes", *argv, "--workspace", tmp_path / "ws",
     )  # fmt: skip
     assert code == 2
@@ -524,12 +500,9 @@ def test_keep_old_classes_bad_input_is_one_line(plain_task, tmp_path, capsys, ar
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_keep_old_classes_on_a_model_without_a_classifier_head_is_one_line(
-    plain_task, tmp_path, capsys
-):
+def test_keep_old_classes_on_a_model_without_a_classifier_head_is_one_line(plain_task, tmp_path):
     headless = save_plain_cnn(tmp_path / "features.keras", head=False)
-    code, _, err = _cli(
-        capsys, "train", "--data", plain_task["new"], "--base", headless, "--out",
+    code, _, err = run_main("train", "--data", plain_task["new"], "--base", headless, "--out",
         tmp_path / "run", "--keep-old-classes", "--workspace", tmp_path / "ws",
     )  # fmt: skip
     assert code == 2

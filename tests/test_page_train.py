@@ -107,7 +107,7 @@ def test_form_is_built_from_the_config_and_offers_class_weights(session):
     # Phase 2 follows by default, and the page says so until it is set to 0.
     assert at.number_input(key="fine_tune_epochs").value is None  # empty = automatic
     assert "Phase 2 then fine-tunes the top of the base" in _text(at)
-    assert "backbone's top layers" not in _text(at)  # the starter model's epochs are cheap
+    assert "3-12 s each" not in _text(at)  # the starter model's epochs are cheap
     at.number_input(key="fine_tune_epochs").set_value(0).run()
     assert "Phase 2 then" not in _text(at)
 

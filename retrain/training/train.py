@@ -784,24 +784,30 @@ class _Run:
                 self._phase1 = (self.train_images, self.val_images, model, self.config.workers)
         return self._phase1
 
-    def _features(self) -> tuple[np.ndarray, np.ndarray]:
-        """The frozen base's outputs for the train and val images, computed once and cached."""
+    def _features(self, model: Any = None, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``model``'s outputs (the frozen base's by default, with the old task's rows in a
+        keep run) for the train and val images, computed once and cached under ``key``."""
         rundir.write_progress(self.run_dir, {"phase": "caching features"})
         t0 = time.perf_counter()
         with self.scope:
-            x_train = self._features_of("train", self.train_cache.images)
+            x_train = self._features_of("train", self.train_cache.images, model=model, key=key)
             x_val = x_train
-            if self.val_cache is not None and self.val_cache is not self.train_cache:
-                x_val = self._features_of("val", self.val_cache.images)
-            if self.old is not None:
+            if self._separate_val():
+                x_val = self._features_of("val", self.val_cache.images, model=model, key=key)
+            if self.old is not None and model is None:
                 x_train, x_val = self._with_old_features(x_train, x_val)
-        self.feature_seconds = time.perf_counter() - t0
+        self.feature_seconds += time.perf_counter() - t0
         # Features are small next to images: read them into memory when they fit easily.
         if x_train.nbytes < 1 << 30:
             same = x_val is x_train
             x_train = np.array(x_train)
             x_val = x_train if same else np.array(x_val)
         return x_train, x_val
+
+    def _separate_val(self) -> bool:
+        """Whether the validation images are a cache of their own (a val folder), not rows of
+        the training cache."""
+        return self.val_cache is not None and self.val_cache is not self.train_cache
 
     def _features_of(
         self,
@@ -852,29 +858,20 @@ class _Run:
         import keras
 
         whole = (self._trainable_model(), self.train_images, self.val_images, self.config.workers)
-        if not self.use_cache or self.old is not None or self.distill_weight or self.replicas > 1:
+        if not self.use_cache or self.old is not None or self.replicas > 1:
             return whole
         split = frozen_split(self.surgery.features)
         if split is None:
             return whole
         bottom, top, boundary = split
         images = len(self.train_cache.images) + (
-            len(self.val_cache.images)
-            if self.val_cache is not None and self.val_cache is not self.train_cache
-            else 0
+            len(self.val_cache.images) if self._separate_val() else 0
         )
         if images * 4 * math.prod(bottom.outputs[0].shape[1:]) > PHASE2_CACHE_MAX_BYTES:
             return whole  # it would fill the session's disk: the images go through instead
-        rundir.write_progress(self.run_dir, {"phase": "caching features"})
-        t0 = time.perf_counter()
+        x_train, x_val = self._features(bottom, key=f"{self.surgery.cut_at}@{boundary}")
         with self.scope:
-            key = f"{self.surgery.cut_at}@{boundary}"
-            x_train = self._features_of("train", self.train_cache.images, model=bottom, key=key)
-            x_val = x_train
-            if self.val_cache is not None and self.val_cache is not self.train_cache:
-                x_val = self._features_of("val", self.val_cache.images, model=bottom, key=key)
             model = keras.Model(top.inputs, self.surgery.head(top.outputs[0]), name="phase2")
-        self.feature_seconds += time.perf_counter() - t0
         self.phase2_cache = boundary
         _say(f"phase 2: the layers up to '{boundary}' stay frozen; their outputs are cached")
         return model, x_train, x_val, 1  # batches are array slices: no threads
