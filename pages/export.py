@@ -45,9 +45,13 @@ def _read_result(out: Path) -> dict | None:
         return None
 
 
-def _self_test_table(self_test: dict) -> pd.DataFrame:
+def _self_test_table(self_test: dict) -> pd.DataFrame | None:
+    """One row per model file, checked on images in its runtime (None when there is none:
+    labels.txt and the card have no outputs to compare, `_text_files_words` says theirs)."""
     rows = []
     for fmt, entry in self_test.items():
+        if fmt not in export.MODEL_FORMATS:
+            continue
         rows.append(
             {
                 "format": fmt,
@@ -60,12 +64,28 @@ def _self_test_table(self_test: dict) -> pd.DataFrame:
                 "error": entry.get("error", ""),
             }
         )
+    if not rows:
+        return None
     table = pd.DataFrame(rows)
     # A column nobody's format filled (int8 drop without int8, error when all passed) is noise
     # that squeezes the others ("checked in" was cut off).
     blank = table.isna() | (table == "")
     empty = [c for c in table if c not in ("format", "ok") and blank[c].all()]
     return table.drop(columns=empty)
+
+
+def _text_files_words(self_test: dict) -> tuple[str, bool] | None:
+    """What the self-test says of the text files (labels.txt, the model card) and whether all
+    read back as written; None when none was built."""
+    names = {"labels": "labels.txt", "card": "the model card"}
+    built = [fmt for fmt in names if fmt in self_test]
+    if not built:
+        return None
+    failed = [names[fmt] for fmt in built if not self_test[fmt].get("ok")]
+    if failed:
+        return f"Not read back as written: {' and '.join(failed)}. Build the exports again.", False
+    listed = " and ".join(names[fmt] for fmt in built)
+    return f"Also written, and read back as written: {listed}.", True
 
 
 workspace = ensure_session()
@@ -121,12 +141,18 @@ st.caption(
     "Each file reloaded in a fresh process (TF.js in Node) and run on validation images: largest "
     "difference of probabilities to the trained model and how often the top class agrees."
 )
-st.dataframe(
-    _self_test_table(result["self_test"]),
-    hide_index=True,
-    key="export_self_test",
-    column_config={"argmax agreement": st.column_config.NumberColumn(format="percent")},
-)
+table = _self_test_table(result["self_test"])
+if table is not None:
+    st.dataframe(
+        table,
+        hide_index=True,
+        key="export_self_test",
+        column_config={"argmax agreement": st.column_config.NumberColumn(format="percent")},
+    )
+text_files = _text_files_words(result["self_test"])
+if text_files is not None:
+    words, read_back = text_files
+    (st.caption if read_back else st.error)(words)
 
 st.subheader("Downloads")
 files = [Path(f) for f in result["files"] if Path(f).exists()]

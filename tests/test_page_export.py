@@ -63,8 +63,10 @@ def test_build_shows_self_test_downloads_and_the_model_card(trained):
     assert not at.exception, at.exception
 
     table = at.dataframe[0].value
-    assert list(table["format"]) == ["keras", "labels", "card"]
-    assert list(table["ok"]) == ["yes", "yes", "yes"]
+    assert list(table["format"]) == ["keras"]  # the files with outputs to compare
+    assert list(table["ok"]) == ["yes"]
+    said = [c.value for c in at.caption]
+    assert "Also written, and read back as written: labels.txt and the model card." in said
     assert table.loc[0, "max |diff|"] < 1e-5
     # Columns no format filled are left out: no int8 here, and nothing failed.
     assert "int8 accuracy drop" not in table and "error" not in table
@@ -74,6 +76,16 @@ def test_build_shows_self_test_downloads_and_the_model_card(trained):
     assert any(label.startswith("labels.txt") for label in labels)
     assert "Everything as one zip" in labels
     assert any(m.value.startswith("# Model card") for m in at.markdown)
+
+    # A text file that did not read back is an error that says what to do, not a quiet row.
+    export_json = run_dir / "export" / "export.json"
+    result = json.loads(export_json.read_text())
+    result["self_test"]["labels"]["ok"] = False
+    export_json.write_text(json.dumps(result))
+    at.run()
+    assert [e.value for e in at.error] == [
+        "Not read back as written: labels.txt. Build the exports again."
+    ]
 
 
 def test_onnx_and_tfjs_are_offered_built_and_checked_in_their_runtimes(trained):
