@@ -27,8 +27,10 @@ GALLERY_MAX = 24
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _splits(run_dir: str, config_mtime: float) -> list[str]:
+    """The splits to score, the first the default: the test images when the dataset has them
+    (untouched by training and by the choice of the saved epoch), else the validation ones."""
     dataset = evaluate.run_dataset(run_dir)
-    return ["val"] + (["test"] if dataset.splits.get("test") else [])
+    return (["test"] if dataset.splits.get("test") else []) + ["val"]
 
 
 def _forgetting_figure(result: dict) -> go.Figure:
@@ -127,7 +129,17 @@ cols[2].metric("Macro F1", f"{report['macro']['f1']:.3f}", help="F1 averaged ove
 if "top_k" in report:
     cols[3].metric(f"Top-{report['top_k']['k']} accuracy", f"{report['top_k']['accuracy']:.1%}")
 cols[4].metric("Images", report["num_images"], help=f"split: {report['split']}")
-if split == "val":
+if split == "test":
+    st.caption(
+        "Test images: never trained on and not used to pick the saved epoch, so this score is "
+        "the one to expect on new images."
+    )
+elif "test" in splits:
+    st.caption(
+        "These validation images also picked the saved epoch, so the score leans a little "
+        "optimistic: the test images give the untouched one."
+    )
+else:
     st.caption(
         "These validation images also picked the saved epoch, so the score leans a little "
         "optimistic. For an untouched score, zip your images as `train/` and `test/` folders "

@@ -99,6 +99,27 @@ def test_metrics_confusion_cells_and_mistakes_match_the_report(trained):
     )
 
 
+def test_a_dataset_with_test_images_is_scored_on_them_first(make_run, tmp_path):
+    """The test images never picked an epoch: the honest score is the default, val one click."""
+    token = new_session_token()
+    workspace = session_workspace(token)
+    make_run(workspace, classes=("cat", "dog"), epochs=1, run_id=RUN_ID, splits=("train", "test"))
+    (workspace / "session.json").write_text(json.dumps({"run_id": RUN_ID}))
+    at = _open(token)
+    choice = at.radio(key="eval_split")
+    assert choice.options == ["test", "validation (held out in training)"]
+    assert choice.value == "test"
+    test_report = evaluate.evaluate_run(workspace / "runs" / RUN_ID, split="test")
+    assert {m.label: m.value for m in at.metric}["Images"] == str(test_report["num_images"])
+    assert any(c.value.startswith("Test images: never trained on") for c in at.caption)
+
+    choice.set_value("val").run()
+    assert not at.exception, at.exception
+    val_report = evaluate.evaluate_run(workspace / "runs" / RUN_ID, split="val")
+    assert {m.label: m.value for m in at.metric}["Images"] == str(val_report["num_images"])
+    assert any("the test images give the untouched one" in c.value for c in at.caption)
+
+
 def test_forgetting_check_with_an_uploaded_zip(trained, tmp_path):
     token, workspace = _session(trained, run_id=RUN_ID)
     run_dir = workspace / "runs" / RUN_ID
