@@ -215,6 +215,7 @@ async def trainer(ctx, url: str, epochs: int, stats: Stats, done: asyncio.Event)
         await settle(page, 30)
         # --epochs in all, as before phase 2 became the default: head only.
         await page.get_by_text("Fine-tuning (phase 2").first.click()
+        await settle(page, 30)  # a lazy expander: the click's rerun builds its widgets
         field = page.locator(".st-key-fine_tune_epochs input").first
         await field.fill("0")
         await field.press("Enter")

@@ -13,6 +13,9 @@ Session-state keys (the only ones pages use; everything else lives in widgets' o
 ``base_label``      one line for the sidebar
 ``surgery``         dict of the Model page's choices (cut_at, head, freeze), for Train
 ``run_id``          the run the Train / Evaluate / Export pages show
+``train_settings``  dict of the Train form's settings that differ from the defaults
+                    (TrainConfig field -> value): what the person set there survives leaving
+                    the page, a closed expander and a reload
 ==================  =====================================================================
 
 Page-private keys start with an underscore (e.g. ``_dataset_upload_seen``, which stops a
@@ -59,7 +62,15 @@ OLD_LINK_NOTICE = (
     "this is a fresh workspace of your own."
 )
 
-REMEMBERED = ("dataset", "dataset_label", "base", "base_label", "surgery", "run_id")
+REMEMBERED = (
+    "dataset",
+    "dataset_label",
+    "base",
+    "base_label",
+    "surgery",
+    "run_id",
+    "train_settings",
+)
 
 # The Model page's choices (the ``surgery`` key): TrainConfig fields that Train and Runs carry.
 # ``preprocessing`` is there only when the page found it (probe) or it was set by hand.

@@ -55,6 +55,14 @@ EXPANDERS = {
         "workers",
     ),
 }
+#: The expanders' keys: they are lazy (their widgets are built only while open, which was
+#: about 60% of the page's elements in the browser); closed, their settings are the ones
+#: remembered (`_restore_settings`), else the defaults.
+EXPANDER_KEYS = {
+    "Augmentation and class balance": "train_more_augment",
+    "Fine-tuning (phase 2: unfreeze the top of the base)": "train_more_fine_tune",
+    "Advanced": "train_more_advanced",
+}
 #: Shown when the Model page chose "Add classes, keep the old ones".
 KEEP_FIELDS = ("rehearsal_per_class", "distill_weight", "bias_correction", "distill_temperature")
 LABELS = {
@@ -73,6 +81,7 @@ LABELS = {
     "image_size": "Image size (pixels)",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FORM_FIELDS = (*BASIC, *(n for names in EXPANDERS.values() for n in names), *KEEP_FIELDS)
 
 
 def _label(name: str) -> str:
@@ -174,15 +183,23 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
         st.caption(f"Demo: at most {max_epochs} epochs per run.")
     warning = _imbalanced(manifest)
     for title, names in EXPANDERS.items():
-        with st.expander(title, expanded=bool(warning) and "class" in title):
+        shown = [n for n in names if n != "class_weights" or warning]
+        more = st.expander(
+            title,
+            expanded=bool(warning) and "class" in title,
+            key=EXPANDER_KEYS[title],
+            on_change="rerun",
+        )
+        if not more.open:
+            values.update({n: st.session_state.get(n, FIELDS[n].default) for n in shown})
+            continue
+        with more:
             if "class_weights" in names:
                 if warning:
                     st.warning(warning)
                 else:
                     st.caption("Classes are balanced: class weights are not needed.")
-            for name in names:
-                if name == "class_weights" and not warning:
-                    continue
+            for name in shown:
                 values[name] = _widget(name)
     if surgery.get("keep_old_classes"):
         with st.expander("Keep the old classes", expanded=True):
@@ -230,6 +247,46 @@ def _build_config(manifest: str, base: str, surgery: dict, values: dict) -> Trai
     return demo_capped(config, DEMO_MAX_EPOCHS) if demo_mode() else config
 
 
+def _fits(name: str, value: Any, max_epochs: int | None) -> bool:
+    """Whether ``value`` is one the field's widget can show (a remembered value from before a
+    demo cap or a changed field is dropped, not an error)."""
+    f = FIELDS[name]
+    choices = f.metadata.get("choices")
+    if isinstance(f.default, bool):
+        return isinstance(value, bool)
+    if choices:
+        return value in choices
+    if value is None:
+        return f.default is None  # the "automatic" (empty) box
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if name == "epochs" and max_epochs:
+        hi = max_epochs
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def _restore_settings(max_epochs: int | None) -> None:
+    """Put the remembered settings (``train_settings``) back into the form's keys.
+
+    Streamlit forgets a widget's value whenever the widget is not drawn: another page, a
+    reload, a closed expander. What the person is editing (already in the keys) wins.
+    """
+    for name, value in (st.session_state.get("train_settings") or {}).items():
+        if name in FORM_FIELDS and name not in st.session_state and _fits(name, value, max_epochs):
+            st.session_state[name] = value
+
+
+def _remember_settings(values: dict[str, Any], max_epochs: int | None) -> None:
+    """Remember the form's settings that differ from its defaults (written only on a change)."""
+    defaults = {n: FIELDS[n].default for n in FORM_FIELDS} | (
+        {"epochs": max_epochs} if max_epochs else {}
+    )
+    changed = {n: v for n, v in values.items() if n in FORM_FIELDS and v != defaults[n]}
+    if changed != (st.session_state.get("train_settings") or {}):
+        remember(train_settings=changed or None)
+
+
 def _prefill_from_run(run_dir: Path) -> None:
     """Show the shown run's settings in the form, except those the person is editing.
 
@@ -237,7 +294,7 @@ def _prefill_from_run(run_dir: Path) -> None:
     come back with the defaults while the run below it used other settings.
     """
     config = jobs.read_config(run_dir)  # {} when unreadable
-    for name in (*BASIC, *(n for names in EXPANDERS.values() for n in names), *KEEP_FIELDS):
+    for name in FORM_FIELDS:
         if name in config and name not in st.session_state:
             if config[name] is None and FIELDS[name].default is not None:
                 continue
@@ -522,12 +579,15 @@ if run_id and st.query_params.get("run") != run_id:
 if run_id and st.session_state.get("run_id") != run_id:
     remember(run_id=run_id)
 active = status.get("state") in jobs.ACTIVE_STATES
+epochs_cap = DEMO_MAX_EPOCHS if demo_mode() else None
+_restore_settings(epochs_cap)  # first: what the person set wins over the shown run's
 if run_dir is not None:
     _prefill_from_run(run_dir)
 
 with st.container(border=True):
     st.subheader("Settings")
     values = _config_form(manifest, base, surgery)
+    _remember_settings(values, epochs_cap)
     start, stop, resume = st.columns(3)
     clicked_start = start.button(
         "Start training", key="start_training", type="primary", disabled=active

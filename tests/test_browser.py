@@ -188,6 +188,7 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     # 2 epochs of small batches at a head-sized learning rate: enough steps to learn the shapes;
     # head only (phase 2, on by default, is set to 0 in its expander as a person would).
     page.get_by_text("Fine-tuning (phase 2").first.click()
+    wait_idle(page)  # a lazy expander: its widgets are built by the rerun the click starts
     fields = (
         ("epochs", str(EPOCHS)),
         ("batch_size", "8"),

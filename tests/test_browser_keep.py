@@ -108,7 +108,16 @@ def run_flow(page, url: str, notes: list[str]) -> None:
     # Head epochs only: keep mode's automatic fine-tuning budget (phase 2) is set to 0 here,
     # so the chart has exactly EPOCHS points (early stopping's patience exceeds them).
     page.get_by_text(re.compile(r"^Fine-tuning \(phase 2")).first.click()
-    for key, value in (("epochs", str(EPOCHS)), ("lr", "0.01"), ("fine_tune_epochs", "0")):
+    wait_idle(page)  # a lazy expander: its widgets are built by the rerun the click starts
+    # Small batches: more steps per epoch, so the live chart is seen part-drawn (at 32 the six
+    # epochs sometimes ended within one look of the page).
+    fields = (
+        ("epochs", str(EPOCHS)),
+        ("batch_size", "8"),
+        ("lr", "0.01"),
+        ("fine_tune_epochs", "0"),
+    )
+    for key, value in fields:
         field = widget(page, key).locator("input").first
         field.fill(value)
         field.press("Enter")

@@ -92,12 +92,25 @@ def test_guard_asks_for_a_dataset_first():
     assert "Upload a dataset first." in [i.value for i in at.info]
 
 
+def _open_more(at: AppTest, *keys: str) -> AppTest:
+    """Open the Train page's lazy expanders (what a click sets), e.g. ``"advanced"``."""
+    for key in keys:
+        at.session_state[f"train_more_{key}"] = True
+    return at
+
+
 def test_form_is_built_from_the_config_and_offers_class_weights(session):
     at = _app(session).run()
     assert not at.exception
     assert at.number_input(key="epochs").value == 30  # a budget: early stopping ends it
     assert at.number_input(key="batch_size").value == 32
     assert at.number_input(key="lr").value is None  # empty = found by the range test
+    # The imbalance warning opens its expander; the others build their widgets once opened.
+    assert at.checkbox(key="class_weights").value is False
+    for key in ("early_stopping", "fine_tune_epochs"):
+        with pytest.raises(KeyError):
+            at.number_input(key=key)
+    _open_more(at, "advanced", "fine_tune").run()
     assert at.number_input(key="early_stopping").value == 5
     assert at.selectbox(key="cache_features").value == "auto"
     assert at.checkbox(key="class_weights").value is False  # offered: the data is imbalanced
@@ -142,7 +155,7 @@ def test_demo_cap_holds_for_both_phases_whatever_the_widgets_say(session, monkey
         return _fabricate(Path(workspace), "run-demo", "done", 1)
 
     monkeypatch.setattr(jobs, "start_run", fake_start)
-    at = _app(session).run()
+    at = _open_more(_app(session), "fine_tune").run()
     at.number_input(key="epochs").set_value(15)
     at.number_input(key="fine_tune_epochs").set_value(50)
     at.button(key="start_training").click().run()
@@ -154,11 +167,61 @@ def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
     """Leaving the page forgets widget values; the form must not fall back to the defaults
     while the run below it used other settings."""
     _fabricate(session["workspace"], "run-done", "done", 3)  # config: 3 epochs + 2 fine-tune
-    at = _app(session, "run-done").run()
+    at = _open_more(_app(session, "run-done"), "fine_tune").run()
     assert at.number_input(key="epochs").value == 3
     assert at.number_input(key="fine_tune_epochs").value == 2
     at.number_input(key="epochs").set_value(7).run()  # what the person types is kept
     assert at.number_input(key="epochs").value == 7
+
+
+def test_settings_survive_a_closed_expander_another_page_and_a_reload(session, monkeypatch):
+    """Streamlit forgets a widget's value when it is not drawn; the form remembers what the
+    person set (session.json) and a run starts with it, expander open or not."""
+    from retrain.runs import jobs
+
+    started = {}
+
+    def fake_start(config, workspace):
+        started["config"] = config
+        return _fabricate(Path(workspace), "run-new", "done", 1)
+
+    monkeypatch.setattr(jobs, "start_run", fake_start)
+    at = _open_more(_app(session), "fine_tune", "advanced").run()
+    at.number_input(key="fine_tune_epochs").set_value(0).run()
+    at.selectbox(key="optimizer").select("sgd").run()
+    at.number_input(key="epochs").set_value(12).run()
+    assert "Phase 2 then" not in _text(at)
+    _open_more(at, "fine_tune", "advanced")
+    at.session_state["train_more_fine_tune"] = False  # closed: its widgets are not built
+    at.session_state["train_more_advanced"] = False
+    at.run()
+    with pytest.raises(KeyError):
+        at.number_input(key="fine_tune_epochs")
+    assert "Phase 2 then" not in _text(at)  # still 0, though not drawn
+    saved = json.loads((session["workspace"] / "session.json").read_text())
+    assert saved["train_settings"] == {"epochs": 12, "fine_tune_epochs": 0, "optimizer": "sgd"}
+
+    # A reload: a fresh page on the same workspace shows them again, and starts with them.
+    again = _app(session)
+    again.session_state["train_settings"] = saved["train_settings"]  # as ensure_session reads it
+    _open_more(again, "fine_tune").run()
+    assert again.number_input(key="epochs").value == 12
+    assert again.number_input(key="fine_tune_epochs").value == 0
+    again.button(key="start_training").click().run()
+    assert not again.exception, again.exception
+    config = started["config"]
+    assert (config.epochs, config.fine_tune_epochs, config.optimizer) == (12, 0, "sgd")
+
+    # Back to a default is forgotten; a remembered value a demo cap no longer allows is dropped.
+    again.number_input(key="epochs").set_value(30).run()
+    saved = json.loads((session["workspace"] / "session.json").read_text())
+    assert "epochs" not in saved["train_settings"]
+    monkeypatch.setenv("RETRAIN_DEMO", "1")
+    capped = _app(session)
+    capped.session_state["train_settings"] = {"epochs": 25}
+    capped.run()
+    assert not capped.exception, capped.exception
+    assert capped.number_input(key="epochs").value == 20
 
 
 def test_start_builds_the_config_and_attaches_to_the_new_run(session, monkeypatch):
