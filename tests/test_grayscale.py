@@ -189,6 +189,7 @@ def test_train_page_starts_a_grayscale_run_with_the_found_preprocessing(tmp_path
     at.session_state["base"] = str(model)
     # What the Model page remembers after its probe (see the Model page test above).
     at.session_state["surgery"] = {"cut_at": "flatten", "freeze": "all", "preprocessing": "unit"}
+    at.session_state["train_more_fine_tune"] = True  # its expander, opened
     at.run()
     at.number_input(key="epochs").set_value(2)
     at.number_input(key="fine_tune_epochs").set_value(0)

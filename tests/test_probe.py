@@ -250,6 +250,7 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
     for key, value in {"workspace": ws, "dataset": str(new.manifest_path), "base": base,
                        "surgery": surgery}.items():  # fmt: skip
         train.session_state[key] = value
+    train.session_state["train_more_fine_tune"] = True  # its expander, opened
     train.run()
     train.number_input(key="epochs").set_value(2)
     train.number_input(key="fine_tune_epochs").set_value(0)

@@ -486,7 +486,9 @@ def page_text(at) -> str:
 def test_train_page_starts_and_watches_a_ray_run(ray_env: Cluster, page_session: dict):
     from retrain.runs import rundir
 
-    at = train_page(page_session).run()
+    at = train_page(page_session)
+    at.session_state["train_more_fine_tune"] = True  # its expander, opened
+    at.run()
     assert not at.exception
     at.number_input(key="epochs").set_value(2)
     at.number_input(key="fine_tune_epochs").set_value(0)
