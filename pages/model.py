@@ -236,33 +236,46 @@ seed_widgets(spec, [row["name"] for row in info["layers"]])
 defaults = default_head_choice(info)  # the Dataset page asked for this head ahead of time
 
 # --- preprocessing: set by hand, or found by scoring the original task's images ----------
-with st.expander("Preprocessing (how pixels are scaled for this model)"):
-    prep_choice = st.selectbox(
-        "Preprocessing",
-        PREPROCESSING_CHOICES,
-        key="preprocessing_choice",
-        format_func=lambda k: (
-            "auto (detect, or probe with old data)" if k == "auto" else f"{k}: {PREPROCESSING[k]}"
-        ),
-    )
-    st.caption(
-        "Why it matters: a model fed pixels scaled differently from its training quietly gets "
-        "everything wrong. Give the original task's images and each way is scored on them."
-    )
-    probe_data = None
-    if spec.startswith("builtin:"):
-        if st.checkbox("Check with the sample digits 0-4 (its original task)", key="probe_sample"):
-            from retrain.data.sample import sample_dataset
-
-            probe_data = str(sample_dataset(workspace, "0-4"))
-    else:
-        old_upload = st.file_uploader(
-            "The original task's images (zip of class folders), to probe",
-            type=["zip"],
-            key="probe_old_data",
+# A lazy expander, like the head's options below: closed, the choice is the remembered one
+# (`seed_widgets`), else auto, and a visitor's browser never loads the select box's scripts.
+prep_options = st.expander(
+    "Preprocessing (how pixels are scaled for this model)",
+    key="preprocessing_options",
+    on_change="rerun",
+)
+prep_choice = st.session_state.get("preprocessing_choice", "auto")
+probe_data = None
+if prep_options.open:
+    with prep_options:
+        prep_choice = st.selectbox(
+            "Preprocessing",
+            PREPROCESSING_CHOICES,
+            key="preprocessing_choice",
+            format_func=lambda k: (
+                "auto (detect, or probe with old data)"
+                if k == "auto"
+                else f"{k}: {PREPROCESSING[k]}"
+            ),
         )
-        if old_upload is not None:
-            probe_data = saved_upload(workspace / "uploads", old_upload)
+        st.caption(
+            "Why it matters: a model fed pixels scaled differently from its training quietly gets "
+            "everything wrong. Give the original task's images and each way is scored on them."
+        )
+        if spec.startswith("builtin:"):
+            if st.checkbox(
+                "Check with the sample digits 0-4 (its original task)", key="probe_sample"
+            ):
+                from retrain.data.sample import sample_dataset
+
+                probe_data = str(sample_dataset(workspace, "0-4"))
+        else:
+            old_upload = st.file_uploader(
+                "The original task's images (zip of class folders), to probe",
+                type=["zip"],
+                key="probe_old_data",
+            )
+            if old_upload is not None:
+                probe_data = saved_upload(workspace / "uploads", old_upload)
 if prep_choice != "auto" or probe_data:
     probed = model_answer(
         "describe",
@@ -378,29 +391,38 @@ if keep_old:
 
 suggested = names.index(defaults["cut_at"])
 cut_key = f"cut_at::{spec}"
-cut_index = st.selectbox(
-    "Cut after layer (the last layer that is kept)",
-    range(len(names)),
-    # A fixed default: a remembered choice (seed_widgets) overrides it. (A default that went
-    # to None once the key existed made a new widget, which the browser showed empty.)
-    index=suggested,
-    format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
-    key=cut_key,
-    disabled=keep_old,
-)
+# Where to cut is said in words; the layer list is one click away (a lazy expander, as the
+# head's options: closed, the cut is the remembered one, else the suggested one).
+cut_index = st.session_state.get(cut_key, suggested)
+if not isinstance(cut_index, int) or not 0 <= cut_index < len(names):
+    cut_index = suggested
 removed = names[cut_index + 1 :]
 st.caption(
     f"Keeps the original head ({', '.join(removed[:8])}) and widens its output layer."
     if keep_old
-    else f"Removes {len(removed)} layer{'s' if len(removed) != 1 else ''}: "
-    f"{', '.join(removed[:8])}"
-    f"{' …' if len(removed) > 8 else ''}. "
+    else f"Cut after **{names[cut_index]}**: removes {len(removed)} "
+    f"layer{'s' if len(removed) != 1 else ''} ({', '.join(removed[:8])}"
+    f"{' …' if len(removed) > 8 else ''}). "
     + (
         "Why this default: it is the last layer before the original classifier."
         if cut_index == suggested
         else f"Default: after '{info['suggested_cut']}', the end of the feature extractor."
     )
 )
+if not keep_old:
+    cut_options = st.expander("Cut somewhere else", key="cut_options", on_change="rerun")
+    if cut_options.open:
+        with cut_options:
+            cut_index = st.selectbox(
+                "Cut after layer (the last layer that is kept)",
+                range(len(names)),
+                # A fixed default: a remembered choice (seed_widgets) overrides it. (A default
+                # that went to None once the key existed made a new widget, which the browser
+                # showed empty.)
+                index=suggested,
+                format_func=lambda i: f"{i} · {names[i]} ({info['layers'][i]['type']})",
+                key=cut_key,
+            )
 freeze_mode = st.radio(
     "What trains",
     list(FREEZE),

@@ -69,6 +69,8 @@ def test_model_page_shows_grayscale_input_and_probe_scores(tmp_path: Path):
     assert not at.exception, at.exception
     shown = {m.label: m.value for m in at.metric}
     assert shown["Input (grayscale)"] == "28×28"  # the colour in the label: the value fits
+    at.session_state["preprocessing_options"] = True  # the Preprocessing expander, opened
+    at.run()
     at.file_uploader(key="probe_old_data").set_value(
         ("old.zip", zipped(made["old"], tmp_path / "old.zip"), "application/zip")
     ).run()

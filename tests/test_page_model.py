@@ -77,6 +77,10 @@ def test_builtin_model_with_a_dataset_remembers_the_surgery(keras_cache: Path, d
     assert not [w for w in at.slider if w.key == "dropout"]
     at.session_state["head_options"] = True
     at.session_state["conv_block"] = True
+    # The cut is said in words; its list of layers is a lazy expander too.
+    assert not [w for w in at.selectbox if w.key == f"cut_at::{BUILTIN}"]
+    assert any(t.startswith("Cut after **features**: removes") for t in texts(at, "caption"))
+    at.session_state["cut_options"] = True
     at.radio(key="freeze_mode").set_value("top").run()
     assert at.slider(key="dropout").value == 0.2 and at.number_input(key="add_conv").value == 0
     # The cut still shows the chosen layer on a later run (it showed "Choose an option").
@@ -153,6 +157,8 @@ def test_zoo_without_weights_needs_no_download(monkeypatch: pytest.MonkeyPatch):
     shown = metrics(at)
     assert shown["Input (RGB)"] == "224×224" and shown["Original classes"] == "1000"
     assert at.session_state["base"] == "applications:MobileNetV3Small:none"
+    at.session_state["cut_options"] = True
+    at.run()
     cut = at.selectbox(key="cut_at::applications:MobileNetV3Small:none")
     assert cut.value is not None and "activation_18" in cut.format_func(cut.value)
 

@@ -235,6 +235,8 @@ def test_pages_find_tf_for_the_rgb_model_and_train_with_it(tmp_path: Path):
     at.file_uploader(key="model_upload").set_value(
         ("rgb_cnn.keras", made["model"].read_bytes(), "application/zip")
     ).run()
+    at.session_state["preprocessing_options"] = True  # the Preprocessing expander, opened
+    at.run()
     at.file_uploader(key="probe_old_data").set_value(
         ("old.zip", buf.getvalue(), "application/zip")
     ).run()
