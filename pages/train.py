@@ -201,6 +201,9 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
                     st.caption("Classes are balanced: class weights are not needed.")
             for name in shown:
                 values[name] = _widget(name)
+    changed = _changed_words(values, [n for names in EXPANDERS.values() for n in names])
+    if changed:  # the sections may be closed: say what in them is not the default
+        st.caption(f"Changed in the sections above: {changed}.")
     if surgery.get("keep_old_classes"):
         with st.expander("Keep the old classes", expanded=True):
             values["old_data"] = old_data_picker(st.session_state["workspace"], base, "train")
@@ -208,6 +211,19 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
                 values[name] = _widget(name)
     st.caption(f"New head (from the Model page): {_head_text(surgery)}.")
     return values
+
+
+def _changed_words(values: dict[str, Any], names: list[str]) -> str:
+    """``names``' settings that differ from their defaults, in the form's words, e.g.
+    "fine-tune epochs 0, optimizer sgd"; empty when none does."""
+    words = []
+    for name in names:
+        if name not in values or values[name] == FIELDS[name].default:
+            continue
+        label = _label(name).split(" (")[0]  # "Fine-tune epochs (empty = automatic)"
+        value = "automatic" if values[name] is None else values[name]
+        words.append(f"{label[:1].lower()}{label[1:]} {value}")
+    return ", ".join(words)
 
 
 def _head_text(surgery: dict) -> str:

@@ -198,6 +198,7 @@ def test_settings_survive_a_closed_expander_another_page_and_a_reload(session, m
     with pytest.raises(KeyError):
         at.number_input(key="fine_tune_epochs")
     assert "Phase 2 then" not in _text(at)  # still 0, though not drawn
+    assert "Changed in the sections above: fine-tune epochs 0, optimizer sgd." in _text(at)
     saved = json.loads((session["workspace"] / "session.json").read_text())
     assert saved["train_settings"] == {"epochs": 12, "fine_tune_epochs": 0, "optimizer": "sgd"}
 
