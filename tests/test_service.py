@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -440,6 +441,9 @@ def test_a_warm_worker_answers_and_the_web_side_never_imports_keras(workers, tmp
     assert float(cached_s) < 1.0  # the second answer comes from the cache
     assert heavy == ""
     assert len(pool.live_workers()) == 1
+    # The workers' log has a line per answer: its wait in the queue, wall and CPU seconds.
+    log = (pool.workers_dir() / "workers.log").read_text()
+    assert re.search(r"answered base_head in [\d.]+ s \([\d.]+ CPU-s\) after [\d.]+ s in", log)
 
     # A Keras 2 file: the layer table first, the "Before → after" next, the check when idle.
     from tests.test_models import keras2_nested_h5

@@ -208,6 +208,17 @@ def _holder_wanted(me: int) -> Callable[[dict[str, Any]], bool]:
     return leave
 
 
+def _log_answer(request: dict[str, Any], started: float, cpu: float) -> None:
+    """One line per answer in the workers' log: what it was, how long it waited in the queue,
+    and its wall and CPU seconds (a host too busy for its workers shows as wall >> CPU)."""
+    queued = started - float(request.get("enqueued") or started)
+    print(
+        f"answered {request['kind']} in {time.time() - started:.2f} s "
+        f"({time.process_time() - cpu:.2f} CPU-s) after {queued:.2f} s in the queue",
+        flush=True,
+    )
+
+
 def main() -> None:
     pid = os.getpid()
     record = pool.record_path(pid)
@@ -244,8 +255,10 @@ def main() -> None:
                 return
             time.sleep(POLL_S)
             continue
+        started, cpu = time.time(), time.process_time()
         with writes_after() as writes:  # the page gets its answer before the cache writes
             outcome = answer(request)
+        _log_answer(request, started, cpu)
         unchecked = kinds.unchecked(_spec(request))
         if unchecked:
             checks.add(request, writes)
