@@ -231,6 +231,24 @@ def widget(page, key: str):
     return page.locator(f".st-key-{key}")
 
 
+def head_only_settings(page, epochs: int, batch_size: int = 8, lr: float = 0.01) -> None:
+    """On the Train page: ``epochs`` head epochs of small batches at ``lr`` and no phase 2 (its
+    epochs set to 0 in its lazy expander, as a person would); each field checked as taken.
+
+    Small batches give enough steps to learn, and epochs long enough that the live chart is
+    seen part-drawn.
+    """
+    page.get_by_text(re.compile(r"^Fine-tuning \(phase 2")).first.click()
+    wait_idle(page)  # a lazy expander: the click's rerun builds its widgets
+    fields = (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("fine_tune_epochs", 0))
+    for key, value in fields:
+        field = widget(page, key).locator("input").first
+        field.fill(str(value))
+        field.press("Enter")
+        wait_idle(page)
+        assert float(field.input_value()) == float(value), f"{key} did not take {value}"
+
+
 def keyed(page, key: str, testid: str):
     """The element ``testid`` of the widget/element created with ``key=`` (on it or inside)."""
     return page.locator(

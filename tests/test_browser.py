@@ -29,6 +29,7 @@ from tests.browser_helpers import (
     assert_no_exception,
     browser_page,
     go_to,
+    head_only_settings,
     main_text,
     max_epochs_drawn,
     plotly_traces,
@@ -187,20 +188,7 @@ def run_flow(page, url: str, data_zip: Path, tmp_path: Path, notes: list[str]) -
     go_to(page, "3 · Train")
     # 2 epochs of small batches at a head-sized learning rate: enough steps to learn the shapes;
     # head only (phase 2, on by default, is set to 0 in its expander as a person would).
-    page.get_by_text("Fine-tuning (phase 2").first.click()
-    wait_idle(page)  # a lazy expander: its widgets are built by the rerun the click starts
-    fields = (
-        ("epochs", str(EPOCHS)),
-        ("batch_size", "8"),
-        ("lr", "0.01"),
-        ("fine_tune_epochs", "0"),
-    )
-    for key, value in fields:
-        field = widget(page, key).locator("input").first
-        field.fill(value)
-        field.press("Enter")
-        wait_idle(page)
-        assert float(field.input_value()) == float(value), f"{key} did not take {value}"
+    head_only_settings(page, EPOCHS)
     widget(page, "start_training").locator("button").first.click()
     text = wait_for_text(page, r"\bRun run-", timeout=60)  # the run's own section appears
     started = time.monotonic()

@@ -25,6 +25,7 @@ from tests.browser_helpers import (
     assert_no_exception,
     browser_page,
     go_to,
+    head_only_settings,
     main_text,
     plotly_traces,
     screenshot,
@@ -107,21 +108,7 @@ def run_flow(page, url: str, notes: list[str]) -> None:
     assert "the original head kept" in main_text(page)
     # Head epochs only: keep mode's automatic fine-tuning budget (phase 2) is set to 0 here,
     # so the chart has exactly EPOCHS points (early stopping's patience exceeds them).
-    page.get_by_text(re.compile(r"^Fine-tuning \(phase 2")).first.click()
-    wait_idle(page)  # a lazy expander: its widgets are built by the rerun the click starts
-    # Small batches: more steps per epoch, so the live chart is seen part-drawn (at 32 the six
-    # epochs sometimes ended within one look of the page).
-    fields = (
-        ("epochs", str(EPOCHS)),
-        ("batch_size", "8"),
-        ("lr", "0.01"),
-        ("fine_tune_epochs", "0"),
-    )
-    for key, value in fields:
-        field = widget(page, key).locator("input").first
-        field.fill(value)
-        field.press("Enter")
-        wait_idle(page)
+    head_only_settings(page, EPOCHS)
     widget(page, "start_training").locator("button").first.click()
     wait_for_text(page, r"\bRun run-", timeout=60)
     seen: list[dict[str, int]] = []
