@@ -203,7 +203,7 @@ def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
                 values[name] = _widget(name)
     changed = _changed_words(values, [n for names in EXPANDERS.values() for n in names])
     if changed:  # the sections may be closed: say what in them is not the default
-        st.caption(f"Changed in the sections above: {changed}.")
+        st.caption(f"Set in the sections above: {changed}.")
     if surgery.get("keep_old_classes"):
         with st.expander("Keep the old classes", expanded=True):
             values["old_data"] = old_data_picker(st.session_state["workspace"], base, "train")
@@ -293,18 +293,26 @@ def _restore_settings(max_epochs: int | None) -> None:
             st.session_state[name] = value
 
 
-def _remember_settings(values: dict[str, Any], max_epochs: int | None) -> None:
-    """Remember the form's settings that differ from its defaults (written only on a change)."""
+def _remember_settings(
+    values: dict[str, Any], max_epochs: int | None, shown_run: dict[str, Any]
+) -> None:
+    """Remember the form's settings that differ from its defaults and from the shown run's
+    (those come back from the run, `_prefill_from_run`); written only on a change."""
     defaults = {n: FIELDS[n].default for n in FORM_FIELDS} | (
         {"epochs": max_epochs} if max_epochs else {}
     )
-    changed = {n: v for n, v in values.items() if n in FORM_FIELDS and v != defaults[n]}
+    changed = {
+        n: v
+        for n, v in values.items()
+        if n in FORM_FIELDS and v != defaults[n] and (n not in shown_run or shown_run[n] != v)
+    }
     if changed != (st.session_state.get("train_settings") or {}):
         remember(train_settings=changed or None)
 
 
-def _prefill_from_run(run_dir: Path) -> None:
-    """Show the shown run's settings in the form, except those the person is editing.
+def _prefill_from_run(run_dir: Path) -> dict[str, Any]:
+    """Show the shown run's settings in the form, except those the person is editing; return
+    the run's config.
 
     Streamlit forgets a widget's value when its page is left; without this the form would
     come back with the defaults while the run below it used other settings.
@@ -315,6 +323,7 @@ def _prefill_from_run(run_dir: Path) -> None:
             if config[name] is None and FIELDS[name].default is not None:
                 continue
             st.session_state[name] = config[name]
+    return config
 
 
 def _live(run_id: str, run_dir: Path) -> dict[str, Any]:
@@ -597,13 +606,12 @@ if run_id and st.session_state.get("run_id") != run_id:
 active = status.get("state") in jobs.ACTIVE_STATES
 epochs_cap = DEMO_MAX_EPOCHS if demo_mode() else None
 _restore_settings(epochs_cap)  # first: what the person set wins over the shown run's
-if run_dir is not None:
-    _prefill_from_run(run_dir)
+shown_run = _prefill_from_run(run_dir) if run_dir is not None else {}
 
 with st.container(border=True):
     st.subheader("Settings")
     values = _config_form(manifest, base, surgery)
-    _remember_settings(values, epochs_cap)
+    _remember_settings(values, epochs_cap, shown_run)
     start, stop, resume = st.columns(3)
     clicked_start = start.button(
         "Start training", key="start_training", type="primary", disabled=active

@@ -172,6 +172,9 @@ def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
     assert at.number_input(key="fine_tune_epochs").value == 2
     at.number_input(key="epochs").set_value(7).run()  # what the person types is kept
     assert at.number_input(key="epochs").value == 7
+    # Only that is remembered as theirs: the rest comes back from the run it shows.
+    saved = json.loads((session["workspace"] / "session.json").read_text())
+    assert saved["train_settings"] == {"epochs": 7}
 
 
 def test_settings_survive_a_closed_expander_another_page_and_a_reload(session, monkeypatch):
@@ -198,7 +201,7 @@ def test_settings_survive_a_closed_expander_another_page_and_a_reload(session, m
     with pytest.raises(KeyError):
         at.number_input(key="fine_tune_epochs")
     assert "Phase 2 then" not in _text(at)  # still 0, though not drawn
-    assert "Changed in the sections above: fine-tune epochs 0, optimizer sgd." in _text(at)
+    assert "Set in the sections above: fine-tune epochs 0, optimizer sgd." in _text(at)
     saved = json.loads((session["workspace"] / "session.json").read_text())
     assert saved["train_settings"] == {"epochs": 12, "fine_tune_epochs": 0, "optimizer": "sgd"}
 
