@@ -153,10 +153,10 @@ def _phase2_words(base: str) -> str:
     return words
 
 
-def _config_form(manifest: str, base: str, surgery: dict) -> dict[str, Any]:
-    """Render the settings; return the values of the fields shown."""
+def _config_form(manifest: str, base: str, surgery: dict, max_epochs: int | None) -> dict[str, Any]:
+    """Render the settings (``max_epochs``: the demo's cap, or None); return their values,
+    those of the closed sections included (remembered, else the defaults)."""
     values: dict[str, Any] = {}
-    max_epochs = DEMO_MAX_EPOCHS if demo_mode() else None
     freeze = surgery.get("freeze") or "all"
     if freeze == "all":
         phase2 = (
@@ -610,7 +610,7 @@ shown_run = _prefill_from_run(run_dir) if run_dir is not None else {}
 
 with st.container(border=True):
     st.subheader("Settings")
-    values = _config_form(manifest, base, surgery)
+    values = _config_form(manifest, base, surgery, epochs_cap)
     _remember_settings(values, epochs_cap, shown_run)
     start, stop, resume = st.columns(3)
     clicked_start = start.button(
