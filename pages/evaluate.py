@@ -109,13 +109,15 @@ except RetrainError as err:
     st.error(str(err))
     st.stop()
 
-split = st.radio(
-    "Images to score",
-    splits,
-    format_func={"val": "validation (held out in training)", "test": "test"}.get,
-    horizontal=True,
-    key="eval_split",
-)
+split = splits[0]
+if len(splits) > 1:  # a choice of one is no choice: the caption below names the images
+    split = st.radio(
+        "Images to score",
+        splits,
+        format_func={"val": "validation (held out in training)", "test": "test"}.get,
+        horizontal=True,
+        key="eval_split",
+    )
 report = model_answer(
     "evaluate_run", "Scoring the model on held-out images", run_dir=str(run_dir), split=split
 )

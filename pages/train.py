@@ -310,6 +310,19 @@ def _remember_settings(
         remember(train_settings=changed or None)
 
 
+def _automatic_fine_tune_epochs(config: dict[str, Any]) -> int | None:
+    """The phase 2 budget an empty "Fine-tune epochs" box gives for a run's choices (a run's
+    config holds the resolved number); None when they are not readable."""
+    try:
+        return TrainConfig(
+            freeze=str(config.get("freeze") or "all"),
+            keep_old_classes=bool(config.get("keep_old_classes")),
+            old_data=config.get("old_data"),
+        ).fine_tune_epochs
+    except (RetrainError, TypeError, ValueError):
+        return None
+
+
 def _prefill_from_run(run_dir: Path) -> dict[str, Any]:
     """Show the shown run's settings in the form, except those the person is editing; return
     the run's config.
@@ -318,10 +331,13 @@ def _prefill_from_run(run_dir: Path) -> dict[str, Any]:
     come back with the defaults while the run below it used other settings.
     """
     config = jobs.read_config(run_dir)  # {} when unreadable
+    automatic = _automatic_fine_tune_epochs(config)
     for name in FORM_FIELDS:
         if name in config and name not in st.session_state:
             if config[name] is None and FIELDS[name].default is not None:
                 continue
+            if name == "fine_tune_epochs" and config[name] == automatic:
+                continue  # what the empty box gave: it stays empty ("automatic")
             st.session_state[name] = config[name]
     return config
 

@@ -86,6 +86,7 @@ def test_metrics_confusion_cells_and_mistakes_match_the_report(trained):
     assert metrics["Images"] == str(report["num_images"])
     # Scored on the validation images that picked the epoch: the page says so, and what to do.
     assert any("also picked the saved epoch" in c.value for c in at.caption)
+    assert not [r for r in at.radio if r.key == "eval_split"]  # the only split: no choice shown
     assert "Did it forget" not in [s.value for s in at.subheader]  # no base with a head
 
     # Pick a cell (the chart's click selection is not available in AppTest).

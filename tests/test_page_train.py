@@ -177,6 +177,19 @@ def test_the_form_shows_the_shown_runs_settings_after_coming_back(session):
     assert saved["train_settings"] == {"epochs": 7}
 
 
+def test_a_runs_automatic_fine_tune_epochs_come_back_as_automatic(session):
+    """A run's config holds the number an empty box resolved to (15 after a frozen base); the
+    form shows the empty box again, so a later change of the freezing still decides it."""
+    run_dir = _fabricate(session["workspace"], "run-auto", "done", 3)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "fine_tune_epochs": 15}))
+    at = _open_more(_app(session, "run-auto"), "fine_tune").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="fine_tune_epochs").value is None
+    assert at.number_input(key="epochs").value == 3  # the rest is the run's
+    assert "fine-tune epochs" not in _text(at)
+
+
 def test_settings_survive_a_closed_expander_another_page_and_a_reload(session, monkeypatch):
     """Streamlit forgets a widget's value when it is not drawn; the form remembers what the
     person set (session.json) and a run starts with it, expander open or not."""
