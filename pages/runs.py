@@ -84,7 +84,7 @@ def _reuse(run_id: str, config: dict, workspace: Path) -> None:
     """Make a run's choices the session's (the run, its base model, surgery and dataset) and
     fill the Train page's settings with its config."""
     try:
-        settings = TrainConfig.from_json(config).to_dict()
+        settings = TrainConfig.from_json(config).requested()
     except RetrainError as err:
         st.error(str(err))
         st.stop()

@@ -9,6 +9,7 @@ and redraws the curves. A reload reattaches through ``?run=<run_id>`` (and the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -36,32 +37,29 @@ from retrain.training.config import TrainConfig, demo_capped
 DEMO_MAX_EPOCHS = 20
 LIVE_KEY = "_train_live"  # {run_id: {"offset", "rows", "progress"}}: the fragment's cache
 BASIC = ("epochs", "batch_size", "lr", "val_split")
+#: The settings' sections, by key (``train_more_<key>``): lazy expanders, whose widgets are
+#: built only while open (they were about 60% of the page's elements in the browser); closed,
+#: their settings are the remembered ones (`_restore_settings`), else the defaults.
 EXPANDERS = {
-    "Augmentation and class balance": ("augment", "class_weights"),
-    "Fine-tuning (phase 2: unfreeze the top of the base)": (
-        "fine_tune_epochs",
-        "fine_tune_lr",
-        "fine_tune_layers",
+    "augment": ("Augmentation and class balance", ("augment", "class_weights")),
+    "fine_tune": (
+        "Fine-tuning (phase 2: unfreeze the top of the base)",
+        ("fine_tune_epochs", "fine_tune_lr", "fine_tune_layers"),
     ),
-    "Advanced": (
-        "optimizer",
-        "image_size",
-        "resize_mode",
-        "seed",
-        "early_stopping",
-        "reduce_lr",
-        "cache_features",
-        "mixed_precision",
-        "workers",
+    "advanced": (
+        "Advanced",
+        (
+            "optimizer",
+            "image_size",
+            "resize_mode",
+            "seed",
+            "early_stopping",
+            "reduce_lr",
+            "cache_features",
+            "mixed_precision",
+            "workers",
+        ),
     ),
-}
-#: The expanders' keys: they are lazy (their widgets are built only while open, which was
-#: about 60% of the page's elements in the browser); closed, their settings are the ones
-#: remembered (`_restore_settings`), else the defaults.
-EXPANDER_KEYS = {
-    "Augmentation and class balance": "train_more_augment",
-    "Fine-tuning (phase 2: unfreeze the top of the base)": "train_more_fine_tune",
-    "Advanced": "train_more_advanced",
 }
 #: Shown when the Model page chose "Add classes, keep the old ones".
 KEEP_FIELDS = ("rehearsal_per_class", "distill_weight", "bias_correction", "distill_temperature")
@@ -81,18 +79,31 @@ LABELS = {
     "image_size": "Image size (pixels)",
 }
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-FORM_FIELDS = (*BASIC, *(n for names in EXPANDERS.values() for n in names), *KEEP_FIELDS)
+SECTION_FIELDS = tuple(n for _, names in EXPANDERS.values() for n in names)
+FORM_FIELDS = (*BASIC, *SECTION_FIELDS, *KEEP_FIELDS)
 
 
 def _label(name: str) -> str:
     return LABELS.get(name, name.replace("_", " ").capitalize())
 
 
+def _default(name: str, max_epochs: int | None = None) -> Any:
+    """The form's default for a field: TrainConfig's, but the demo's cap for its epochs (the
+    demo's head epochs are cheap; use them all)."""
+    return max_epochs if name == "epochs" and max_epochs else FIELDS[name].default
+
+
+def _limits(name: str, max_epochs: int | None = None) -> tuple[Any, Any]:
+    """The lowest and highest value a number field's widget takes (the demo caps epochs)."""
+    meta = FIELDS[name].metadata
+    return meta.get("min"), max_epochs if name == "epochs" and max_epochs else meta.get("max")
+
+
 def _widget(name: str, max_epochs: int | None = None) -> Any:
     """One input for a TrainConfig field; its key is the field name, its help the field's."""
     f = FIELDS[name]
     help_text = f.metadata["help"]
-    default = f.default
+    default = _default(name, max_epochs)
     choices = f.metadata.get("choices")
     if isinstance(default, bool):
         return st.checkbox(_label(name), value=default, help=help_text, key=name)
@@ -100,10 +111,8 @@ def _widget(name: str, max_epochs: int | None = None) -> Any:
         return st.selectbox(
             _label(name), choices, index=choices.index(default), help=help_text, key=name
         )
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    lo, hi = _limits(name, max_epochs)
     if "int" in str(f.type):
-        if name == "epochs" and max_epochs:
-            hi = default = max_epochs  # the demo's head epochs are cheap; use them all
         return st.number_input(
             _label(name),
             min_value=lo,
@@ -182,12 +191,12 @@ def _config_form(manifest: str, base: str, surgery: dict, max_epochs: int | None
     if max_epochs:
         st.caption(f"Demo: at most {max_epochs} epochs per run.")
     warning = _imbalanced(manifest)
-    for title, names in EXPANDERS.items():
+    for key, (title, names) in EXPANDERS.items():
         shown = [n for n in names if n != "class_weights" or warning]
         more = st.expander(
             title,
-            expanded=bool(warning) and "class" in title,
-            key=EXPANDER_KEYS[title],
+            expanded=bool(warning) and key == "augment",  # where the warning is
+            key=f"train_more_{key}",
             on_change="rerun",
         )
         if not more.open:
@@ -201,7 +210,7 @@ def _config_form(manifest: str, base: str, surgery: dict, max_epochs: int | None
                     st.caption("Classes are balanced: class weights are not needed.")
             for name in shown:
                 values[name] = _widget(name)
-    changed = _changed_words(values, [n for names in EXPANDERS.values() for n in names])
+    changed = _changed_words(values, SECTION_FIELDS)
     if changed:  # the sections may be closed: say what in them is not the default
         st.caption(f"Set in the sections above: {changed}.")
     if surgery.get("keep_old_classes"):
@@ -213,7 +222,7 @@ def _config_form(manifest: str, base: str, surgery: dict, max_epochs: int | None
     return values
 
 
-def _changed_words(values: dict[str, Any], names: list[str]) -> str:
+def _changed_words(values: dict[str, Any], names: tuple[str, ...]) -> str:
     """``names``' settings that differ from their defaults, in the form's words, e.g.
     "fine-tune epochs 0, optimizer sgd"; empty when none does."""
     words = []
@@ -276,9 +285,7 @@ def _fits(name: str, value: Any, max_epochs: int | None) -> bool:
         return f.default is None  # the "automatic" (empty) box
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
-    if name == "epochs" and max_epochs:
-        hi = max_epochs
+    lo, hi = _limits(name, max_epochs)
     return (lo is None or value >= lo) and (hi is None or value <= hi)
 
 
@@ -298,46 +305,31 @@ def _remember_settings(
 ) -> None:
     """Remember the form's settings that differ from its defaults and from the shown run's
     (those come back from the run, `_prefill_from_run`); written only on a change."""
-    defaults = {n: FIELDS[n].default for n in FORM_FIELDS} | (
-        {"epochs": max_epochs} if max_epochs else {}
-    )
     changed = {
         n: v
         for n, v in values.items()
-        if n in FORM_FIELDS and v != defaults[n] and (n not in shown_run or shown_run[n] != v)
+        if n in FORM_FIELDS
+        and v != _default(n, max_epochs)
+        and (n not in shown_run or shown_run[n] != v)
     }
     if changed != (st.session_state.get("train_settings") or {}):
         remember(train_settings=changed or None)
 
 
-def _automatic_fine_tune_epochs(config: dict[str, Any]) -> int | None:
-    """The phase 2 budget an empty "Fine-tune epochs" box gives for a run's choices (a run's
-    config holds the resolved number); None when they are not readable."""
-    try:
-        return TrainConfig(
-            freeze=str(config.get("freeze") or "all"),
-            keep_old_classes=bool(config.get("keep_old_classes")),
-            old_data=config.get("old_data"),
-        ).fine_tune_epochs
-    except (RetrainError, TypeError, ValueError):
-        return None
-
-
 def _prefill_from_run(run_dir: Path) -> dict[str, Any]:
     """Show the shown run's settings in the form, except those the person is editing; return
-    the run's config.
+    them (`TrainConfig.requested`: what was automatic stays the empty box).
 
     Streamlit forgets a widget's value when its page is left; without this the form would
     come back with the defaults while the run below it used other settings.
     """
     config = jobs.read_config(run_dir)  # {} when unreadable
-    automatic = _automatic_fine_tune_epochs(config)
+    with contextlib.suppress(RetrainError):
+        config = {k: v for k, v in TrainConfig.from_json(config).requested().items() if k in config}
     for name in FORM_FIELDS:
         if name in config and name not in st.session_state:
             if config[name] is None and FIELDS[name].default is not None:
                 continue
-            if name == "fine_tune_epochs" and config[name] == automatic:
-                continue  # what the empty box gave: it stays empty ("automatic")
             st.session_state[name] = config[name]
     return config
 

@@ -78,3 +78,16 @@ def test_config_and_rundir_import_no_framework():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_requested_settings_put_the_automatic_phase_2_budget_back_to_automatic():
+    """config.json holds the resolved budget; read back for a form, it is "automatic" again
+    where it is what automatic gives, and a number a person chose stays a number."""
+    assert TrainConfig().fine_tune_epochs == 15  # resolved: every reader sees a number
+    assert TrainConfig().requested()["fine_tune_epochs"] is None
+    assert TrainConfig.from_json({"fine_tune_epochs": 15}).requested()["fine_tune_epochs"] is None
+    assert TrainConfig(fine_tune_epochs=2).requested()["fine_tune_epochs"] == 2
+    # Where automatic gives 0 (phase 1 already trains the base), 15 was chosen: it stays.
+    assert TrainConfig(freeze="none", fine_tune_epochs=15).requested()["fine_tune_epochs"] == 15
+    assert TrainConfig(freeze="none").requested()["fine_tune_epochs"] is None
+    assert TrainConfig(epochs=7).requested()["epochs"] == 7

@@ -110,6 +110,15 @@ def test_start_a_new_run_from_a_runs_config_remembers_it():
     saved = json.loads((workspace / "session.json").read_text())
     assert saved["run_id"] == "run-a"
 
+    # A run whose phase 2 budget was the automatic one (config.json holds the resolved 15)
+    # fills the box as automatic, so the new run's freezing still decides it.
+    _fake_run(workspace, "run-c", 0.7, fine_tune_epochs=15)
+    at.run()
+    at.selectbox(key="runs_pick").select("run-c").run()
+    at.button(key="runs_reuse").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["fine_tune_epochs"] is None and at.session_state["epochs"] == 3
+
 
 def test_delete_needs_confirmation_and_removes_the_run():
     at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "done")])

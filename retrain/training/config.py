@@ -407,6 +407,16 @@ class TrainConfig:
         """The fields as a plain dict."""
         return dataclasses.asdict(self)
 
+    def requested(self) -> dict[str, Any]:
+        """The fields as a person would set them again (`to_dict` with what was automatic put
+        back to None): ``fine_tune_epochs`` holds its resolved number, so one that equals the
+        automatic budget (`auto_fine_tune_epochs`) reads as "automatic", and a change of the
+        freezing or of keep mode still decides it."""
+        out = self.to_dict()
+        if out["fine_tune_epochs"] == auto_fine_tune_epochs(self):
+            out["fine_tune_epochs"] = None
+        return out
+
     def to_json(self) -> str:
         """Serialise to JSON (the config part of ``config.json``)."""
         return json.dumps(self.to_dict(), indent=2)
