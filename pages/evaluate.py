@@ -33,6 +33,22 @@ def _splits(run_dir: str, config_mtime: float) -> list[str]:
     return (["test"] if dataset.splits.get("test") else []) + ["val"]
 
 
+def _split_words(split: str, splits: list[str]) -> str:
+    """What the score on ``split`` is worth, and where the untouched one is."""
+    if split == "test":
+        return (
+            "Test images: never trained on and not used to pick the saved epoch, so this score "
+            "is the one to expect on new images."
+        )
+    words = "These validation images also picked the saved epoch, so the score leans a little "
+    if "test" in splits:
+        return words + "optimistic: the test images give the untouched one."
+    return words + (
+        "optimistic. For an untouched score, zip your images as `train/` and `test/` folders "
+        "that each hold the class folders: Evaluate then offers the test images."
+    )
+
+
 def _forgetting_figure(result: dict) -> go.Figure:
     """Per old class: accuracy before and after retraining, side by side."""
     names = list(result["per_class"])
@@ -131,22 +147,7 @@ cols[2].metric("Macro F1", f"{report['macro']['f1']:.3f}", help="F1 averaged ove
 if "top_k" in report:
     cols[3].metric(f"Top-{report['top_k']['k']} accuracy", f"{report['top_k']['accuracy']:.1%}")
 cols[4].metric("Images", report["num_images"], help=f"split: {report['split']}")
-if split == "test":
-    st.caption(
-        "Test images: never trained on and not used to pick the saved epoch, so this score is "
-        "the one to expect on new images."
-    )
-elif "test" in splits:
-    st.caption(
-        "These validation images also picked the saved epoch, so the score leans a little "
-        "optimistic: the test images give the untouched one."
-    )
-else:
-    st.caption(
-        "These validation images also picked the saved epoch, so the score leans a little "
-        "optimistic. For an untouched score, zip your images as `train/` and `test/` folders "
-        "that each hold the class folders: Evaluate then offers the test images."
-    )
+st.caption(_split_words(split, splits))
 
 names = report["class_names"]
 left, right = st.columns(2)

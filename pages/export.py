@@ -77,14 +77,13 @@ def _self_test_table(self_test: dict) -> pd.DataFrame | None:
 def _text_files_words(self_test: dict) -> tuple[str, bool] | None:
     """What the self-test says of the text files (labels.txt, the model card) and whether all
     read back as written; None when none was built."""
-    names = {"labels": "labels.txt", "card": "the model card"}
-    built = [fmt for fmt in names if fmt in self_test]
+    built = [fmt for fmt in self_test if fmt not in export.MODEL_FORMATS]
     if not built:
         return None
-    failed = [names[fmt] for fmt in built if not self_test[fmt].get("ok")]
+    failed = [export.FILE_NAMES[fmt] for fmt in built if not self_test[fmt].get("ok")]
     if failed:
         return f"Not read back as written: {' and '.join(failed)}. Build the exports again.", False
-    listed = " and ".join(names[fmt] for fmt in built)
+    listed = " and ".join(export.FILE_NAMES[fmt] for fmt in built)
     return f"Also written, and read back as written: {listed}.", True
 
 

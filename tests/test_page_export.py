@@ -66,7 +66,7 @@ def test_build_shows_self_test_downloads_and_the_model_card(trained):
     assert list(table["format"]) == ["keras"]  # the files with outputs to compare
     assert list(table["ok"]) == ["yes"]
     said = [c.value for c in at.caption]
-    assert "Also written, and read back as written: labels.txt and the model card." in said
+    assert "Also written, and read back as written: labels.txt and MODEL_CARD.md." in said
     assert table.loc[0, "max |diff|"] < 1e-5
     # Columns no format filled are left out: no int8 here, and nothing failed.
     assert "int8 accuracy drop" not in table and "error" not in table
