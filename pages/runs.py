@@ -14,12 +14,15 @@ from pages._share import owner_shares, share_panel
 from pages._ui import (
     PAGE_FILES,
     SURGERY_KEYS,
+    dataset_label,
     ensure_session,
     link,
+    load_dataset_cached,
     prefill_train_settings,
     remember,
 )
 from retrain.errors import RetrainError
+from retrain.models import spec_label
 from retrain.runs import jobs
 from retrain.sessions.workspace import is_within
 from retrain.training.config import TrainConfig
@@ -94,12 +97,15 @@ def _reuse(run_id: str, config: dict, workspace: Path) -> None:
     choices = {"run_id": run_id, "surgery": surgery}
     if settings.get("base"):
         choices["base"] = settings["base"]
-        choices["base_label"] = settings["base"]
+        choices["base_label"] = spec_label(settings["base"])
     manifest = config.get("manifest_path")
     if manifest and Path(manifest).is_file() and is_within(Path(manifest), workspace):
         choices["dataset"] = manifest
-        name = config.get("dataset_name") or Path(manifest).parent.name
-        choices["dataset_label"] = f"{name}: {len(config.get('class_names') or [])} classes"
+        try:  # the line the Dataset page gives it (with its image count)
+            choices["dataset_label"] = dataset_label(load_dataset_cached(manifest))
+        except RetrainError:  # a manifest that no longer reads: its name and classes
+            name = config.get("dataset_name") or Path(manifest).parent.name
+            choices["dataset_label"] = f"{name}: {len(config.get('class_names') or [])} classes"
     remember(**choices)
 
 

@@ -16,7 +16,7 @@ import streamlit as st
 from pages._charts import confusion_figure
 from pages._service import model_answer
 from pages._share import card_markdown
-from pages._ui import as_text, ensure_session, remember, saved_upload
+from pages._ui import as_text, dataset_label, ensure_session, remember, saved_upload
 from retrain.errors import RetrainError
 from retrain.sessions import share
 
@@ -107,7 +107,7 @@ def _copy(record: dict, workspace) -> None:
 
                 dataset = ingest(copied["examples"], workspace)
                 choices["dataset"] = str(dataset.manifest_path)
-                choices["dataset_label"] = f"{dataset.name}: {len(dataset.class_names)} classes"
+                choices["dataset_label"] = dataset_label(dataset)
             remember(**choices)
         except RetrainError as err:
             st.error(str(err))

@@ -46,6 +46,7 @@ def test_builtin_model_is_trained_once_and_cached(keras_cache: Path):
     assert base.suggested_cut == "features" and base.has_original_head
     assert base.model.inputs[0].dtype == "uint8"
     assert base.origin["holdout_accuracy"] >= 0.9
+    assert models.spec_label("builtin:digits-cnn") == base.name  # the name, without loading
 
     from retrain.data.sample import digit_images
 
@@ -135,6 +136,12 @@ def test_zoo_weights_from_a_local_file(tmp_path: Path):
     weights = tmp_path / "small.weights.h5"
     base.model.save_weights(weights)
     again = models.load_base(f"applications:MobileNetV3Small:{weights}")
+    # What the sidebar shows for a spec, without loading it, is the loaded model's name.
+    for spec, loaded in (("applications:MobileNetV3Small:none", base), (again.spec, again)):
+        assert models.spec_label(spec) == loaded.name
+    assert loaded.name == "MobileNetV3Small (small.weights.h5)"
+    assert models.spec_label("applications:MobileNetV3Small") == "MobileNetV3Small (ImageNet)"
+    assert models.spec_label(str(tmp_path / "mine.keras")) == "mine.keras"
     a, b = base.model.get_layer("conv_2").get_weights()[0], again.model.get_layer("conv_2")
     np.testing.assert_array_equal(a, b.get_weights()[0])
     wrong = tmp_path / "tiny.weights.h5"

@@ -103,6 +103,8 @@ def test_start_a_new_run_from_a_runs_config_remembers_it():
     assert not at.exception, at.exception
     assert at.session_state["run_id"] == "run-a"
     assert at.session_state["base"] == "applications:MobileNetV2"
+    # The sidebar names the base as the Model page does, not by its spec.
+    assert at.session_state["base_label"] == "MobileNetV2 (ImageNet)"
     # The Train page's widgets (keyed by TrainConfig field names) are prefilled.
     assert at.session_state["epochs"] == 3 and at.session_state["fine_tune_epochs"] == 2
     assert at.session_state["lr"] == 0.001
@@ -118,6 +120,36 @@ def test_start_a_new_run_from_a_runs_config_remembers_it():
     at.button(key="runs_reuse").click().run()
     assert not at.exception, at.exception
     assert at.session_state["fine_tune_epochs"] is None and at.session_state["epochs"] == 3
+
+
+def test_reuse_names_the_dataset_as_the_dataset_page_does(tmp_path):
+    """The sidebar after "Start a new run from this config": the dataset's name, classes and
+    image count (as the Dataset page gives them), and the built-in model's own name."""
+    from retrain.data import ingest
+    from retrain.data.sample import sample_dataset
+
+    token = new_session_token()
+    workspace = session_workspace(token)
+    dataset = ingest(sample_dataset(tmp_path), workspace)
+    _fake_run(
+        workspace,
+        "run-d",
+        0.8,
+        base="builtin:digits-cnn",
+        manifest_path=str(dataset.manifest_path),
+        dataset_name=dataset.name,
+        class_names=list(dataset.class_names),
+    )
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.session_state["token"] = token
+    at.run()
+    at.switch_page("pages/runs.py").run()
+    at.button(key="runs_reuse").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["dataset_label"] == (
+        f"{dataset.name}: {len(dataset.class_names)} classes, {dataset.num_images():,} images"
+    )
+    assert at.session_state["base_label"] == "Digits CNN (built-in, digits 0-4)"
 
 
 def test_delete_needs_confirmation_and_removes_the_run():

@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from test_share import BAD_SHARE_IDS, REPORT, _fake_model_run
 
 import pages._ui as ui
+from retrain.data import load_dataset
 from retrain.sessions import share
 from retrain.sessions.workspace import home, new_session_token, session_workspace
 
@@ -182,7 +183,10 @@ def test_copy_with_example_images_gives_a_small_dataset_too(monkeypatch, make_ru
     dataset = Path(at.session_state["dataset"])
     visitor = home() / "sessions" / at.session_state["token"]
     assert dataset.is_relative_to(visitor) and dataset.name == "manifest.json"
-    assert at.session_state["dataset_label"].endswith("3 classes")
+    copied = load_dataset(dataset)  # named in the sidebar as the Dataset page names it
+    assert at.session_state["dataset_label"] == (
+        f"{copied.name}: 3 classes, {copied.num_images()} images"
+    )
     assert "_img src=x onerror=alert(1)_" in dataset.read_text()  # the folder name, cleaned
 
 

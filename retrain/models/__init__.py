@@ -49,6 +49,7 @@ from retrain.models.load import (
     config_input_shape,
     load_base,
     parse_labels,
+    spec_label,
 )
 from retrain.models.summary import (
     CLASS_NAME_RULES,
@@ -104,5 +105,6 @@ __all__ = [
     "parse_labels",
     "preprocessing_warning",
     "resolve_preprocessing",
+    "spec_label",
     "suggest_cut",
 ]

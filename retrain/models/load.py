@@ -30,7 +30,7 @@ from typing import Any
 
 from retrain.errors import ModelError
 from retrain.models import keras2
-from retrain.models.builtin import _load_builtin
+from retrain.models.builtin import BUILTIN_LABELS, _load_builtin
 from retrain.models.keras_helpers import (
     MODEL_CLASS_NAMES,
     BaseModel,
@@ -129,6 +129,26 @@ def _parse_zoo(spec: str) -> tuple[ZooEntry, str]:
     return entry, (weights.strip() or "imagenet")
 
 
+def spec_label(spec: str) -> str:
+    """The one line a BASE spec is shown as (the name `load_base` gives the model, which the
+    Model page and the sidebar show), without loading anything."""
+    spec = (spec or "").strip()
+    if spec.startswith("builtin:"):
+        return BUILTIN_LABELS.get(spec.partition(":")[2].strip() or "digits-cnn", spec)
+    if spec.startswith("applications:"):
+        try:
+            return _zoo_label(*_parse_zoo(spec))
+        except ModelError:
+            return spec
+    return Path(spec).name
+
+
+def _zoo_label(entry: ZooEntry, weights: str) -> str:
+    if weights.lower() in ("imagenet", "none"):
+        return f"{entry.name} ({'ImageNet' if weights.lower() == 'imagenet' else 'random weights'})"
+    return f"{entry.name} ({Path(weights).name})"
+
+
 def _load_zoo(spec: str) -> BaseModel:
     entry, weights = _parse_zoo(spec)
     keras = _keras()
@@ -147,10 +167,8 @@ def _load_zoo(spec: str) -> BaseModel:
                     ".keras/.h5 model, or 'builtin:digits-cnn'."
                 ) from None
             raise
-        label = f"{entry.name} (ImageNet)"
     elif weights.lower() == "none":
         model = ctor(weights=None, include_top=True, input_shape=shape)
-        label = f"{entry.name} (random weights)"
     else:
         wpath = Path(weights).expanduser()
         if not wpath.is_file():
@@ -169,13 +187,12 @@ def _load_zoo(spec: str) -> BaseModel:
                 f"'{wpath.name}' does not fit {entry.name} with its ImageNet head: "
                 f"{_first_line(err)}. Use weights saved from the same architecture (include_top)."
             ) from None
-        label = f"{entry.name} ({wpath.name})"
     del keras
     _stable_names(model)
     return BaseModel(
         model=model,
         spec=spec,
-        name=label,
+        name=_zoo_label(entry, weights),
         input_size=entry.input_size,
         preprocessing=entry.preprocessing,
         class_names=None,
