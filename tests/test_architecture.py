@@ -51,6 +51,7 @@ PAGE_SAFE_MODEL_NAMES = {
     "ZOO",
     "group_layers",
     "layer_stack",
+    "spec_label",
 }
 MODEL_PACKAGES = ("training", "models")
 
