@@ -346,6 +346,16 @@ def test_keras2_nested_h5_is_converted_faithfully(tmp_path: Path):
     names = [layer.name for _, layer in models.iter_layers(base.model)]
     assert len(names) == len(set(names))
     assert {"block_1_depthwise", "block_1_add", "dense_Dense1"} <= set(names)
+    # Each variable holds the file's value exactly (made from it, not random then overwritten).
+    import h5py
+
+    with h5py.File(path) as f:
+        stored = load.keras2._h5_weights(f["model_weights"])
+    layers = {layer.name: layer for _, layer in models.iter_layers(base.model)}
+    assert sum(len(values) for values in stored.values()) == len(base.model.weights)
+    for name, values in stored.items():
+        for variable, value in zip(layers[name].weights, values, strict=True):
+            np.testing.assert_array_equal(np.asarray(variable), value)
     info = models.describe(base)
     parents = {r["name"]: r["parent"] for r in info["layers"]}
     assert parents["Conv1"] == "sequential_1/model1"
@@ -451,6 +461,9 @@ def test_weights_that_cannot_be_matched_by_name_are_copied_from_tf_keras(tmp_pat
     path = tmp_path / "twins.h5"
     tf_keras.Model(inp, out).save(path, save_format="h5")
     assert load.keras2.rebuild_keras2_h5(path) is None
+    from keras.src.backend.common import global_state  # its declared variables were all made
+
+    assert not global_state.get_global_attribute("uninitialized_variables")
     model, diff = load.keras2.convert_keras2_h5(path)
     assert diff <= 1e-4 and model.get_layer("s4").get_layer("dense").kernel.shape == (4, 4)
 

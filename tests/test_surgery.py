@@ -225,6 +225,22 @@ def test_invalid_cut_points(cut, match):
         replace_head(as_base(nested_model()), ["a", "b"], cut_at=cut)
 
 
+def test_a_kept_layer_whose_weights_do_not_fit_the_image_size_is_one_line():
+    """A base of any input size whose Dense sits after a Flatten: at another image size its
+    kernel would need another shape. One line says so, and no variable is left unmade."""
+    from keras.src.backend.common import global_state
+
+    base = as_base(sequential_model(), input_size=None)
+    with pytest.raises(ModelError) as info:
+        replace_head(base, CLASSES, cut_at="fc", image_size=(20, 20))
+    message = str(info.value)
+    assert "\n" not in message and "'fc' cannot run at this image size" in message
+    assert "shaped (1536, 8), the base's are (864, 8)" in message  # 16*16*6 and 12*12*6 inputs
+    assert not global_state.get_global_attribute("uninitialized_variables")
+    s = replace_head(base, CLASSES, cut_at="fc", image_size=(16, 16))  # its own size works
+    assert np.asarray(s.model(images())).shape == (4, 3)
+
+
 def test_base_model_is_not_modified():
     model = functional_model()
     before = [w.copy() for w in model.get_weights()]

@@ -559,7 +559,7 @@ def not_the_files_fault(err: BaseException) -> bool:
 
 
 # What a model worker does once its answer is out (`writes_after`): checking a converted Keras 2
-# model against tf_keras (1.7 CPU-s for a Teachable Machine export, whose answer took 0.6 s)
+# model against tf_keras (1.7 CPU-s for a Teachable Machine export, whose answer took 0.3 s)
 # and saving its checked Keras 3 copy (0.3 s). None outside `writes_after`: then they run at once.
 _AFTER: list[Callable[[], None]] | None = None
 

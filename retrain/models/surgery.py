@@ -28,7 +28,9 @@ from retrain.models.keras_helpers import (
     count_params,
     is_model,
     iter_layers,
+    make_from,
     output_leaf,
+    variables_made_after,
 )
 from retrain.training.config import (
     FreezeSpec,  # the one parser of the freeze text (re-exported here)
@@ -187,13 +189,7 @@ class _Replay:
             self.copies[id(op)] = copy
         out = copy(*args, **kwargs)
         if first and op.weights:
-            try:
-                copy.set_weights(op.get_weights())
-            except ValueError as err:
-                raise ModelError(
-                    f"Layer '{op.name}' cannot run at this image size ({err}). "
-                    "Use the base model's own input size."
-                ) from None
+            _made_from(copy, op)
         if op.name == self.cut_name:
             raise _CutReached(out)
         return out
@@ -213,6 +209,27 @@ class _Replay:
         copy = type(layer).from_config(config)
         copy.trainable = layer.trainable
         return copy
+
+
+def _made_from(copy: Any, layer: Any) -> None:
+    """Have the variables ``copy`` declared (`variables_made_after`) made from ``layer``'s
+    values, as a copy of each (the base stays as it is while the new model trains).
+
+    Raises:
+        ModelError: they differ in shape: the layer cannot run at this image size.
+    """
+    mine, theirs = copy.weights, layer.weights
+    needs, has = [tuple(v.shape) for v in mine], [tuple(v.shape) for v in theirs]
+    if needs != has:  # the first weight that differs, else (a count that differs) all
+        pairs = zip(needs, has, strict=False)
+        needed, found = next(((a, b) for a, b in pairs if a != b), (needs, has))
+        raise ModelError(
+            f"Layer '{layer.name}' cannot run at this image size (it would need weights "
+            f"shaped {needed}, the base's are {found}). Use the base model's own input size."
+        )
+    ops = _keras().ops
+    for variable, source in zip(mine, theirs, strict=True):
+        make_from(variable, ops.copy(source.value))
 
 
 def _is_float32_policy(dtype: Any) -> bool:
@@ -280,7 +297,8 @@ def _cut(base: BaseModel, image_size: tuple[int, int], cut_name: str) -> _Cut:
     inp, x, front = _front(base, image_size, taken)
     replay = _Replay(cut_name, {layer.name for layer in front} | {inp.name})
     try:
-        replay.run(base.model, x)
+        with variables_made_after():  # each copied variable made once, from the base's value
+            replay.run(base.model, x)
     except _CutReached as reached:
         cut_tensor = reached.tensor
     else:  # pragma: no cover - the cut is always one of the model's leaves
