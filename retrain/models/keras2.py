@@ -2,8 +2,8 @@
 equivalent Keras 3 model, whose outputs are checked against ``tf_keras``'s reading of the file.
 
 The rebuild reads the file's JSON config and weights with h5py (`rebuild_keras2_h5`: about
-0.3 s for a Teachable Machine export in a warm worker). The check (`check_conversion`) loads the file with
-``tf_keras`` (about 1.5 s more), so a model worker can do it after its answer
+0.3 s for a Teachable Machine export in a warm worker). The check (`check_conversion`) loads
+the file with ``tf_keras`` (about 1.5 s more), so a model worker can do it after its answer
 (`retrain.models.load`); everything else does it at once (`convert_keras2_h5`).
 """
 
