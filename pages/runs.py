@@ -3,6 +3,7 @@ finished run as a read-only link (and revoke it), clean up."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -99,13 +100,10 @@ def _reuse(run_id: str, config: dict, workspace: Path) -> None:
         choices["base"] = settings["base"]
         choices["base_label"] = spec_label(settings["base"])
     manifest = config.get("manifest_path")
-    if manifest and Path(manifest).is_file() and is_within(Path(manifest), workspace):
-        choices["dataset"] = manifest
-        try:  # the line the Dataset page gives it (with its image count)
-            choices["dataset_label"] = dataset_label(load_dataset_cached(manifest))
-        except RetrainError:  # a manifest that no longer reads: its name and classes
-            name = config.get("dataset_name") or Path(manifest).parent.name
-            choices["dataset_label"] = f"{name}: {len(config.get('class_names') or [])} classes"
+    if manifest and is_within(Path(manifest), workspace):
+        with contextlib.suppress(RetrainError):  # a dataset gone or unreadable is not taken
+            dataset = load_dataset_cached(manifest)
+            choices.update(dataset=manifest, dataset_label=dataset_label(dataset))
     remember(**choices)
 
 

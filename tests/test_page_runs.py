@@ -151,6 +151,18 @@ def test_reuse_names_the_dataset_as_the_dataset_page_does(tmp_path):
     )
     assert at.session_state["base_label"] == "Digits CNN (built-in, digits 0-4)"
 
+    # A run whose dataset no longer reads leaves the session's dataset as it was.
+    broken = workspace / "datasets" / "gone" / "manifest.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json")
+    _fake_run(workspace, "run-e", 0.7, manifest_path=str(broken), dataset_name="gone")
+    at.run()
+    at.selectbox(key="runs_pick").select("run-e").run()
+    at.button(key="runs_reuse").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["run_id"] == "run-e"
+    assert at.session_state["dataset"] == str(dataset.manifest_path)
+
 
 def test_delete_needs_confirmation_and_removes_the_run():
     at, workspace = _open([("run-a", 0.6, "done"), ("run-b", 0.9, "done")])
