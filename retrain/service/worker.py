@@ -140,7 +140,8 @@ def warm() -> None:
     (``RETRAIN_PRELOAD``, comma-separated BASE specs; default the built-in starter model), so
     the first request does not pay for them. With a built-in model it also writes the host's
     sample digits (`sample.sample_dataset`), so the first "Use sample dataset" click in the web
-    server only reads them."""
+    server only reads them. Both a local worker and a Ray actor warm here, and end with
+    `settle_heap`."""
     threads = os.environ.get("RETRAIN_WORKER_THREADS")
     if threads:
         from retrain.training import devices
@@ -173,6 +174,7 @@ def warm() -> None:
             describe_ahead(spec)
         except RetrainError as err:
             print(f"preload of {spec} skipped: {err}", flush=True)
+    settle_heap()  # last: what warming made stays out of full collections (a Ray actor too)
 
 
 def settle_heap() -> None:
@@ -242,7 +244,6 @@ def main() -> None:
     if not record.exists():  # started by hand, not by the pool
         write_json(record, {**me, "since": time.time(), "lane": lane})
     warm()
-    settle_heap()
     if record.exists():  # say it is warm (benchmarks and status wait for this)
         write_json(record, {**(read_json(record) or me), "ready": time.time()})
     idle_limit = env_number("RETRAIN_MODEL_WORKER_IDLE_S", 3600.0)
