@@ -144,9 +144,8 @@ def spec_label(spec: str) -> str:
 
 
 def _zoo_label(entry: ZooEntry, weights: str) -> str:
-    if weights.lower() in ("imagenet", "none"):
-        return f"{entry.name} ({'ImageNet' if weights.lower() == 'imagenet' else 'random weights'})"
-    return f"{entry.name} ({Path(weights).name})"
+    named = {"imagenet": "ImageNet", "none": "random weights"}.get(weights.lower())
+    return f"{entry.name} ({named or Path(weights).name})"
 
 
 def _load_zoo(spec: str) -> BaseModel:
