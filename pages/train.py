@@ -200,7 +200,7 @@ def _config_form(manifest: str, base: str, surgery: dict, max_epochs: int | None
             on_change="rerun",
         )
         if not more.open:
-            values.update({n: st.session_state.get(n, FIELDS[n].default) for n in shown})
+            values.update({n: st.session_state.get(n, _default(n)) for n in shown})
             continue
         with more:
             if "class_weights" in names:
@@ -227,7 +227,7 @@ def _changed_words(values: dict[str, Any], names: tuple[str, ...]) -> str:
     "fine-tune epochs 0, optimizer sgd"; empty when none does."""
     words = []
     for name in names:
-        if name not in values or values[name] == FIELDS[name].default:
+        if name not in values or values[name] == _default(name):
             continue
         label = _label(name).split(" (")[0]  # "Fine-tune epochs (empty = automatic)"
         value = "automatic" if values[name] is None else values[name]
