@@ -112,8 +112,12 @@ def _copy(record: dict, workspace) -> None:
         except RetrainError as err:
             st.error(str(err))
         else:
-            st.success("Copied: it is your base model now.")
-            _open_own_workspace()
+            st.session_state["_shared_copied"] = record["share_id"]
+    # Drawn from the session, not from the click: the next click ("Open my workspace") reruns
+    # the page with "Copy" unclicked, and a button drawn only after that click was never reached.
+    if st.session_state.get("_shared_copied") == record["share_id"]:
+        st.success("Copied: it is your base model now.")
+        _open_own_workspace()
 
 
 workspace = ensure_session()

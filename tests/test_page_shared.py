@@ -143,6 +143,11 @@ def test_copy_to_my_workspace_gives_the_visitor_a_base_model(monkeypatch, owner)
     assert saved["base"] == str(base)
     assert _files(owner) == owner_files
     assert "Copied" in at.success[0].value
+    # "Open my workspace" under it works: its click reruns the page with "Copy" unclicked.
+    # (The browser then shows the visitor's Dataset page; AppTest keeps the page it ran.)
+    at.button(key="shared_open_own").click().run()
+    assert not at.exception, at.exception
+    assert "share" not in at.query_params
 
 
 def test_try_it_classifies_the_visitors_image(monkeypatch, make_run, owner):
